@@ -1,0 +1,115 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, get
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.response import Response
+
+from . import __version__
+from .config import Config, load_config
+from .plugins import Plugins
+from .services import Services
+from .services.accounts import Accounts
+from .services.billing import Billing
+from .services.catalog import Catalog
+from .services.conversations import Conversations
+from .services.generations import Generations
+
+log = logging.getLogger("chatgate")
+
+
+def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installed: bool = True) -> Litestar:
+    """Build the gateway for ``config``.
+
+    Builds a fresh plugin manager (every installed plugin, plus
+    ``extra_plugins``), instantiates what the configuration selects and
+    mounts the enabled surfaces. The store, providers and surfaces are opened
+    and closed by the app's lifespan.
+
+    Raises:
+        PluginError: a plugin failed to load, or two claim one name.
+        ConfigError: the configuration names unknown plugins or bad options.
+    """
+    plugins = Plugins.load(extra_plugins, installed=installed)
+    setup = plugins.configure(config)
+    store = setup.store.registered.cls(setup.store.options)
+    providers = {name: c.registered.cls(name, c.options) for name, c in setup.providers.items()}
+    billing = Billing(store)
+    generations = Generations(
+        store,
+        billing,
+        flush_interval=config.generation.flush_interval,
+        stale_after=config.generation.stale_after,
+    )
+    services = Services(
+        config=config,
+        catalog=Catalog(config.models, providers),
+        accounts=Accounts(store),
+        billing=billing,
+        generations=generations,
+        conversations=Conversations(store, generations),
+    )
+    surfaces = [c.registered.cls(c.options, services) for c in setup.surfaces.values()]
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            await store.open()
+            stack.push_async_callback(store.close)
+            for provider in providers.values():
+                await provider.open()
+                stack.push_async_callback(provider.aclose)
+            await generations.start()
+            stack.push_async_callback(generations.aclose)
+            for surface in surfaces:
+                await surface.startup()
+                stack.push_async_callback(surface.shutdown)
+            log.info(
+                "chatgate %s ready: store %s, providers %s, surfaces %s",
+                __version__,
+                store.name,
+                ", ".join(providers) or "none",
+                ", ".join(s.name for s in surfaces) or "none",
+            )
+            yield
+
+    @get("/healthz", summary="Liveness and readiness", tags=["health"])
+    async def healthz() -> Response[dict[str, Any]]:
+        """Whether the store answers, and which providers and surfaces are configured."""
+        store_health: dict[str, Any] = {**store.describe(), "ok": True}
+        try:
+            await store.ping()
+        except Exception as exc:
+            store_health.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        body = {
+            "status": "ok" if store_health["ok"] else "unavailable",
+            "version": __version__,
+            "store": store_health,
+            "providers": {name: p.describe() for name, p in providers.items()},
+            "surfaces": [s.name for s in surfaces],
+        }
+        return Response(body, status_code=200 if store_health["ok"] else 503)
+
+    handlers: list[Any] = [healthz]
+    for surface in surfaces:
+        handlers.extend(surface.route_handlers())
+    return Litestar(
+        route_handlers=handlers,
+        lifespan=[lifespan],
+        state=State({"services": services}),
+        openapi_config=OpenAPIConfig(title="chatgate", version=__version__, path="/schema"),
+        request_max_body_size=config.server.max_body_bytes,
+    )
+
+
+def app_from_environment() -> Litestar:
+    """The app for ``$CHATGATE_CONFIG`` (default ``./plugins.toml``); what ``chatgate serve`` runs."""
+    return create_app(load_config(os.environ.get("CHATGATE_CONFIG", "plugins.toml")))

@@ -1,0 +1,380 @@
+"""Loading and validating ``plugins.toml``.
+
+Validation reports every problem at once, one line each::
+
+    plugins.toml:14: providers.deepseek.timeout: expected a number, found "thirty" (a string)
+
+Core sections are checked here; each plugin's table is checked against that
+plugin's own ``Options`` struct by :func:`validate_options`, called once the
+installed plugins are known (see :mod:`core.plugins`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import msgspec
+
+from .errors import ConfigError, Problem
+
+ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+SECTIONS = ("server", "generation", "store", "providers", "models", "surfaces")
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``[server]``: where and how ``chatgate serve`` listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    max_body_bytes: int = 1_048_576
+    admin_token: str | None = None
+    """Guards the admin API and key-management page; unset disables them."""
+
+
+class GenerationConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``[generation]``: how replies are persisted while they are produced."""
+
+    flush_interval: float = 0.5
+    """Seconds between writes of a growing reply (bounds store writes per reply)."""
+    stale_after: float = 30.0
+    """A reply not written for this long is considered orphaned by a crash and marked interrupted."""
+
+    def __post_init__(self) -> None:
+        if self.flush_interval <= 0:
+            raise ValueError("flush_interval must be > 0")
+        if self.stale_after < 3 * self.flush_interval:
+            raise ValueError("stale_after must be at least 3 times flush_interval")
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``[models.<name>]``: a model clients may ask for, who serves it, and what it costs.
+
+    Prices are credits per million tokens.
+    """
+
+    provider: str
+    input_price: float = 0.0
+    output_price: float = 0.0
+    context_tokens: int = 16_384
+    max_output_tokens: int = 4_096
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.input_price < 0 or self.output_price < 0:
+            raise ValueError("prices must be >= 0")
+        if not 0 < self.max_output_tokens < self.context_tokens:
+            raise ValueError("max_output_tokens must be > 0 and below context_tokens")
+
+
+class PluginTable(msgspec.Struct, frozen=True):
+    """A plugin selection: which plugin, whether enabled, its still unvalidated options."""
+
+    key: str
+    plugin: str
+    enabled: bool
+    options: dict[str, Any]
+    plugin_key: str
+    """Where the plugin name came from: ``<key>.plugin``, or ``<key>`` when it defaulted to the table name."""
+
+
+class Config(msgspec.Struct, frozen=True):
+    """A loaded ``plugins.toml`` whose core sections are valid."""
+
+    path: str
+    server: ServerConfig
+    generation: GenerationConfig
+    store: PluginTable
+    providers: dict[str, PluginTable]
+    surfaces: dict[str, PluginTable]
+    models: dict[str, ModelConfig]
+    text: str = ""
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, substitute and validate ``path``; raise :class:`ConfigError` listing every problem."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [Problem(file, "", "a configuration file (pass --config or set CHATGATE_CONFIG)", "no such file")]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(file, "", "a readable UTF-8 file", str(exc))]) from None
+    return parse_config(text, file, os.environ if env is None else env)
+
+
+def parse_config(text: str, file: str, env: Mapping[str, str]) -> Config:
+    """Validate configuration ``text`` (named ``file`` in messages)."""
+    try:
+        raw = msgspec.toml.decode(text)
+    except msgspec.DecodeError as exc:
+        message = str(exc)
+        match = re.search(r"line (\d+)", message)
+        line = int(match.group(1)) if match else None
+        raise ConfigError([Problem(file, "", "valid TOML", message, line)]) from None
+    report = Report(file, text)
+    raw = substitute_env(raw, env, report, ())
+    for key in raw:
+        if key not in SECTIONS:
+            report.unknown((key,), SECTIONS)
+
+    server = report.convert(raw.get("server", {}), ServerConfig, ("server",))
+    generation = report.convert(raw.get("generation", {}), GenerationConfig, ("generation",))
+    store = plugin_table(report, raw.get("store"), ("store",), selectable=False)
+    providers = plugin_tables(report, raw.get("providers", {}), "providers", selectable=False)
+    surfaces = plugin_tables(report, raw.get("surfaces", {}), "surfaces", selectable=True)
+    models: dict[str, ModelConfig] = {}
+    model_tables = raw.get("models", {})
+    if report.is_table(model_tables, ("models",)):
+        for name, table in model_tables.items():
+            model = report.convert(table, ModelConfig, ("models", name))
+            if model is None:
+                continue
+            models[name] = model
+            if model.provider not in providers:
+                report.add(
+                    ("models", name, "provider"),
+                    f"one of the configured providers ({', '.join(providers) or 'none'})",
+                    describe_value(model.provider),
+                )
+    if store is None and "store" not in raw:
+        report.add(("store",), "a [store] table naming a store plugin", "nothing")
+    report.raise_if_any()
+    # Every section converted, since no problem was reported.
+    assert server is not None
+    assert generation is not None
+    assert store is not None
+    return Config(file, server, generation, store, providers, surfaces, models, text)
+
+
+def validate_options(config: Config, table: PluginTable, options_type: type[Any]) -> Any:
+    """Convert a plugin's table to its ``Options`` struct; raise :class:`ConfigError` on problems."""
+    report = Report(config.path, config.text)
+    options = report.convert(table.options, options_type, tuple(table.key.split(".")))
+    report.raise_if_any()
+    return options
+
+
+class Report:
+    """Collects configuration problems with their key paths and lines."""
+
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        self.text = text
+        self.problems: list[Problem] = []
+
+    def add(self, path: tuple[str, ...], expected: str, found: str) -> None:
+        self.problems.append(Problem(self.file, dotted(path), expected, found, locate(self.text, path)))
+
+    def unknown(self, path: tuple[str, ...], known: tuple[str, ...] | list[str]) -> None:
+        *_, name = path
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        expected = f"one of the keys {', '.join(known)}" if known else "no keys here"
+        self.add(path, expected + hint, f'unknown key "{name}"')
+
+    def is_table(self, value: Any, path: tuple[str, ...]) -> bool:
+        if isinstance(value, dict):
+            return True
+        self.add(path, "a table", describe_value(value))
+        return False
+
+    def convert(self, value: Any, struct: type[Any], path: tuple[str, ...]) -> Any:
+        """Validate ``value`` against ``struct`` field by field, so every bad key is reported."""
+        if not self.is_table(value, path):
+            return None
+        fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+        before = len(self.problems)
+        for key, item in value.items():
+            field = fields.get(key)
+            if field is None:
+                self.unknown((*path, key), list(fields))
+                continue
+            try:
+                msgspec.convert(item, field.type, strict=False)
+            except msgspec.ValidationError as exc:
+                self.validation_error((*path, key), field.type, item, exc)
+        for name, field in fields.items():
+            required = field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT
+            if required and name not in value:
+                self.add((*path, name), f"{describe_type(field.type)} (required)", "nothing")
+        if len(self.problems) > before:
+            return None
+        try:
+            return msgspec.convert(value, struct, strict=False)
+        except msgspec.ValidationError as exc:  # a __post_init__ check spanning fields
+            self.add(path, str(exc).split(" - at ")[0].rstrip("."), "values that break it")
+            return None
+
+    def validation_error(
+        self, path: tuple[str, ...], tp: Any, item: Any, exc: msgspec.ValidationError
+    ) -> None:
+        message = str(exc)
+        inner = re.search(r" - at `\$((?:\.[^`.\[]+|\[[^\]]+\])*)`", message)
+        sub = tuple(re.findall(r"\.([^.\[]+)|\[([^\]]+)\]", inner.group(1))) if inner else ()
+        subpath = tuple(a or b for a, b in sub)
+        target = item
+        for part in subpath:
+            target = target[int(part)] if isinstance(target, list) else target.get(part)
+        unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
+        missing = re.match(r"Object missing required field `([^`]+)`", message)
+        if unknown:
+            self.add((*path, *subpath, unknown.group(1)), "no such key", f'unknown key "{unknown.group(1)}"')
+        elif missing:
+            self.add((*path, *subpath, missing.group(1)), "a value (required)", "nothing")
+        elif subpath:
+            self.add((*path, *subpath), message.split(" - at ")[0], describe_value(target))
+        else:
+            self.add(path, describe_type(tp), describe_value(item))
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError(sorted(self.problems, key=lambda p: p.line or 1 << 30))
+
+
+def plugin_tables(report: Report, value: Any, section: str, *, selectable: bool) -> dict[str, PluginTable]:
+    if not report.is_table(value, (section,)):
+        return {}
+    tables = {}
+    for name, table in value.items():
+        parsed = plugin_table(report, table, (section, name), selectable=selectable, default_plugin=name)
+        if parsed is not None:
+            tables[name] = parsed
+    return tables
+
+
+def plugin_table(
+    report: Report,
+    value: Any,
+    path: tuple[str, ...],
+    *,
+    selectable: bool,
+    default_plugin: str | None = None,
+) -> PluginTable | None:
+    """Split a plugin table into the selection keys (``plugin``, ``enabled``) and its options."""
+    if value is None or not report.is_table(value, path):
+        return None
+    options = dict(value)
+    plugin = options.pop("plugin", default_plugin)
+    enabled = options.pop("enabled", True) if selectable else True
+    if not isinstance(plugin, str):
+        report.add((*path, "plugin"), "the name of an installed plugin (a string)", describe_value(plugin))
+        return None
+    if not isinstance(enabled, bool):
+        report.add((*path, "enabled"), "true or false", describe_value(enabled))
+        return None
+    plugin_key = dotted((*path, "plugin")) if "plugin" in value else dotted(path)
+    return PluginTable(dotted(path), plugin, enabled, options, plugin_key)
+
+
+def substitute_env(value: Any, env: Mapping[str, str], report: Report, path: tuple[str, ...]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the tree."""
+    if isinstance(value, dict):
+        return {k: substitute_env(v, env, report, (*path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_env(v, env, report, (*path, str(i))) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        report.add(path, f"environment variable {name} to be set", "it unset")
+        return ""
+
+    return ENV_VAR.sub(replace, value)
+
+
+def dotted(path: tuple[str, ...]) -> str:
+    return ".".join(f'"{p}"' if not re.fullmatch(r"[A-Za-z0-9_-]+", p) else p for p in path)
+
+
+def locate(text: str, path: tuple[str, ...]) -> int | None:
+    """The line that defines ``path`` in the TOML ``text``, best effort (headers and bare keys)."""
+    if not text or not path:
+        return None
+    lines = text.splitlines()
+    for split in range(len(path), 0, -1):
+        header, keys = path[:split], path[split:]
+        header_re = re.compile(r"^\s*\[\s*" + r"\s*\.\s*".join(map(key_pattern, header)) + r"\s*\]\s*(#.*)?$")
+        for number, line in enumerate(lines, 1):
+            if not header_re.match(line):
+                continue
+            if not keys:
+                return number
+            key_re = re.compile(r"^\s*" + r"\s*\.\s*".join(map(key_pattern, keys[:1])) + r"\s*=")
+            for offset, body in enumerate(lines[number:], number + 1):
+                if body.lstrip().startswith("["):
+                    break
+                if key_re.match(body):
+                    return offset
+            return number
+    key_re = re.compile(r"^\s*" + key_pattern(path[0]) + r"\s*=")
+    return next((n for n, line in enumerate(lines, 1) if key_re.match(line)), None)
+
+
+def key_pattern(key: str) -> str:
+    return "(?:" + re.escape(key) + '|"' + re.escape(key) + "\"|'" + re.escape(key) + "')"
+
+
+def describe_value(value: Any) -> str:
+    """How a TOML value reads in an error message: ``"thirty" (a string)``."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f'"{value}" (a string)'
+    if isinstance(value, int):
+        return f"{value} (an integer)"
+    if isinstance(value, float):
+        return f"{value} (a number)"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def describe_type(tp: Any) -> str:
+    """How a field's type reads in an error message: ``a number``, ``one of "a", "b"``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return "any value"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + ", ".join(f'"{a}"' if isinstance(a, str) else str(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        options = [describe_type(a) for a in get_args(tp) if a is not type(None)]
+        return " or ".join(options)
+    if origin in (list, tuple, set, frozenset):
+        args = get_args(tp)
+        return f"a list of {plural(describe_type(args[0]))}" if args else "a list"
+    if origin is dict or tp is dict:
+        return "a table"
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return "a table"
+    return getattr(tp, "__name__", str(tp))
+
+
+def plural(description: str) -> str:
+    for article in ("an ", "a "):
+        if description.startswith(article):
+            return description[len(article) :] + "s"
+    return description

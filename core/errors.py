@@ -1,0 +1,182 @@
+"""Errors raised by chatgate.
+
+Exception tree::
+
+    ChatgateError
+    ├── ConfigError            a bad plugins.toml; carries one Problem per line
+    ├── PluginError            a plugin failed to import or two claim one name
+    ├── UnknownModel           a client asked for a model not in the catalog
+    ├── UnknownProvider        a client named a provider instance not configured
+    ├── ContextTooLong         the newest input alone exceeds the context budget
+    ├── StoreError
+    │   ├── NotFound           the row does not exist (or is not the caller's)
+    │   └── InsufficientBalance  a charge would take a balance below its floor
+    └── ProviderError          an upstream failed; ``status`` is the HTTP status to answer
+        ├── BadRequest             400: the upstream rejected the request
+        ├── AuthenticationFailed   401 upstream: the provider's own key is wrong
+        ├── UpstreamBalanceExhausted  402 upstream: the operator's account is empty
+        ├── RateLimited            429, retryable, ``retry_after`` seconds when known
+        ├── Unavailable            5xx, connection failures, malformed answers; retryable
+        └── Timeout                no answer within the configured time; retryable
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ChatgateError(Exception):
+    """Base class of every error chatgate raises on purpose."""
+
+
+class Problem(msgspec.Struct, frozen=True):
+    """One thing wrong with a configuration file, rendered as one line."""
+
+    file: str
+    key: str
+    expected: str
+    found: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        key = f" {self.key}:" if self.key else ""
+        return f"{where}:{key} expected {self.expected}, found {self.found}"
+
+
+class ConfigError(ChatgateError):
+    """The configuration is invalid; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class PluginError(ChatgateError):
+    """A plugin could not be loaded, or two plugins claim the same name."""
+
+
+class StoreError(ChatgateError):
+    """Base class of store failures the caller can act on."""
+
+
+class NotFound(StoreError):
+    """The requested row does not exist."""
+
+
+class InsufficientBalance(StoreError):
+    """A charge would take the balance below the allowed floor."""
+
+    def __init__(self, balance: int, amount: int) -> None:
+        self.balance = balance
+        self.amount = amount
+        super().__init__(f"balance {balance} cannot cover a charge of {-amount}")
+
+
+class ProviderError(ChatgateError):
+    """An upstream failure, typed so surfaces can map it to their own error shapes.
+
+    Attributes:
+        status: the HTTP status a surface should answer with.
+        code: a short machine-readable code (``rate_limit_exceeded`` ...).
+        retryable: whether trying again (later, or elsewhere) may succeed.
+        upstream_status: the status the upstream answered, when there was one.
+    """
+
+    status = 502
+    code = "upstream_error"
+    retryable = False
+
+    def __init__(self, message: str, *, upstream_status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.upstream_status = upstream_status
+
+
+class BadRequest(ProviderError):
+    """The upstream rejected the request as malformed or invalid (400/422)."""
+
+    status = 400
+    code = "invalid_request_error"
+
+
+class AuthenticationFailed(ProviderError):
+    """The upstream rejected the provider's credentials; the operator must fix the key."""
+
+    status = 502
+    code = "upstream_authentication_failed"
+
+
+class UpstreamBalanceExhausted(ProviderError):
+    """The operator's account at the upstream has no balance left (DeepSeek 402)."""
+
+    status = 502
+    code = "upstream_insufficient_balance"
+
+
+class RateLimited(ProviderError):
+    """The upstream is rate limiting; ``retry_after`` is in seconds when it said."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    retryable = True
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, upstream_status: int | None = 429
+    ) -> None:
+        super().__init__(message, upstream_status=upstream_status)
+        self.retry_after = retry_after
+
+
+class Unavailable(ProviderError):
+    """The upstream failed or could not be reached (5xx, connection error, broken stream)."""
+
+    status = 503
+    code = "upstream_unavailable"
+    retryable = True
+
+
+class Timeout(ProviderError):
+    """The upstream did not answer within the configured time."""
+
+    status = 504
+    code = "upstream_timeout"
+    retryable = True
+
+
+PROVIDER_ERRORS: dict[str, type[ProviderError]] = {
+    "bad_request": BadRequest,
+    "authentication": AuthenticationFailed,
+    "insufficient_balance": UpstreamBalanceExhausted,
+    "rate_limited": RateLimited,
+    "unavailable": Unavailable,
+    "timeout": Timeout,
+}
+"""Provider errors by the short names operators write in configuration."""
+
+
+class UnknownModel(ChatgateError):
+    """A client asked for a model the catalog does not have."""
+
+    def __init__(self, model: str, known: list[str]) -> None:
+        self.model = model
+        self.known = known
+        super().__init__(f"model {model!r} does not exist; available: {', '.join(known) or 'none'}")
+
+
+class UnknownProvider(ChatgateError):
+    """A client named a provider instance that is not configured."""
+
+    def __init__(self, provider: str, known: list[str]) -> None:
+        self.provider = provider
+        self.known = known
+        super().__init__(f"provider {provider!r} is not configured; configured: {', '.join(known) or 'none'}")
+
+
+class ContextTooLong(ChatgateError):
+    """The newest input alone does not fit the model's context budget."""
+
+    def __init__(self, tokens: int, budget: int) -> None:
+        self.tokens = tokens
+        self.budget = budget
+        super().__init__(f"the input needs about {tokens} tokens but the model's context budget is {budget}")

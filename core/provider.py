@@ -1,0 +1,105 @@
+"""The provider interface: one chat request in, an async stream of events out."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from typing import Any, ClassVar
+
+import msgspec
+
+from .errors import Unavailable
+from .types import ChatRequest, ContentDelta, Finish, ProviderEvent, ReasoningDelta, ToolCallDelta
+
+
+class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """Options of a plugin that takes none."""
+
+
+class Provider(abc.ABC):
+    """Base class of model providers.
+
+    A provider plugin subclasses this, sets ``name`` (what ``plugin = "..."``
+    names in plugins.toml) and ``Options`` (a ``msgspec.Struct`` its table is
+    validated against), and returns the class from the
+    ``register_providers`` hook. chatgate creates one instance per configured
+    provider instance, calls :meth:`open` at start-up and :meth:`aclose` at
+    shutdown.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+
+    def __init__(self, instance: str, options: Any) -> None:
+        self.instance = instance
+        self.options = options
+
+    async def open(self) -> None:
+        """Acquire resources (HTTP connection pools); called once before the first request."""
+
+    async def aclose(self) -> None:
+        """Release every resource :meth:`open` acquired; called once at shutdown."""
+
+    @abc.abstractmethod
+    def stream(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
+        """Generate a reply to ``request``.
+
+        Promises:
+            * yields content, reasoning and tool-call deltas in order, then
+              exactly one :class:`~core.types.Finish` carrying the usage;
+            * raises a :class:`~core.errors.ProviderError` subclass on failure,
+              never a bare library exception;
+            * stops all work (closes its upstream request) as soon as the
+              consumer stops reading: implement it as an async generator whose
+              ``finally`` releases the upstream, and consumers close it with
+              ``contextlib.aclosing`` or by cancelling the consuming task.
+        """
+
+    def models(self) -> Sequence[str]:
+        """Model names this instance serves without configuration (may be empty)."""
+        return ()
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/healthz`` shows about this instance. Never include secrets."""
+        return {"plugin": self.name}
+
+
+class Completion(msgspec.Struct, frozen=True):
+    """A whole reply, gathered from a stream by :func:`complete`."""
+
+    content: str
+    reasoning: str
+    tool_calls: tuple[ToolCallDelta, ...]
+    finish: Finish
+
+
+async def complete(provider: Provider, request: ChatRequest) -> Completion:
+    """Run ``request`` to the end and return the gathered reply."""
+    content: list[str] = []
+    reasoning: list[str] = []
+    calls: dict[int, ToolCallDelta] = {}
+    async with aclosing(provider.stream(request)) as events:
+        async for event in events:
+            match event:
+                case ContentDelta(text=text):
+                    content.append(text)
+                case ReasoningDelta(text=text):
+                    reasoning.append(text)
+                case ToolCallDelta() as part:
+                    calls[part.index] = merge_tool_call(calls.get(part.index), part)
+                case Finish() as finish:
+                    return Completion("".join(content), "".join(reasoning), tuple(calls.values()), finish)
+    raise Unavailable(f"provider {provider.instance!r} ended its stream without a finish event")
+
+
+def merge_tool_call(into: ToolCallDelta | None, part: ToolCallDelta) -> ToolCallDelta:
+    """Fold one streamed tool-call fragment into the call gathered so far."""
+    if into is None:
+        return part
+    return ToolCallDelta(
+        index=into.index,
+        id=into.id or part.id,
+        name=into.name or part.name,
+        arguments=into.arguments + part.arguments,
+    )

@@ -1,0 +1,24 @@
+"""Behaviour shared by every surface: identities, catalog, billing, context, generations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Config
+from .accounts import Accounts
+from .billing import Billing
+from .catalog import Catalog
+from .conversations import Conversations
+from .generations import Generations
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything a surface may use. Surfaces reach the store and providers only through these."""
+
+    config: Config
+    catalog: Catalog
+    accounts: Accounts
+    billing: Billing
+    generations: Generations
+    conversations: Conversations

@@ -1,0 +1,82 @@
+"""Who is calling: API keys and email identities."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from ..store import ApiKey, Store, User
+
+KEY_PREFIX = "sk-cg-"
+PREFIX_LENGTH = len(KEY_PREFIX) + 6
+
+
+def hash_key(secret: str) -> str:
+    """The stored form of a key. Keys carry 256 random bits, so a fast hash is enough."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def normalize_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def email_allowed(email: str, patterns: list[str] | tuple[str, ...]) -> bool:
+    """Whether ``email`` matches an allow-list of exact addresses, ``*@domain`` patterns or ``*``."""
+    email = normalize_email(email)
+    domain = email.rpartition("@")[2]
+    for pattern in patterns:
+        pattern = normalize_email(pattern)
+        if pattern == "*" or pattern == email or (pattern.startswith("*@") and pattern[2:] == domain):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: the user, and the key used when there was one."""
+
+    user: User
+    key: ApiKey | None = None
+
+
+class Accounts:
+    """Users and their API keys."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def create_key(self, email: str, name: str = "") -> tuple[ApiKey, str]:
+        """Create a key for the user with ``email`` (created if new). The secret is returned only here."""
+        user = await self.store.ensure_user(normalize_email(email))
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        key = await self.store.create_api_key(user.id, name, secret[:PREFIX_LENGTH], hash_key(secret))
+        return key, secret
+
+    async def authenticate(self, secret: str) -> Caller | None:
+        """The caller a key belongs to, or None when it is unknown or revoked."""
+        if not secret.startswith(KEY_PREFIX):
+            return None
+        key = await self.store.find_api_key(hash_key(secret))
+        if key is None or not key.active:
+            return None
+        return Caller(await self.store.get_user(key.user_id), key)
+
+    async def find_user(self, email: str) -> User | None:
+        """The user with ``email``, or None; never creates one."""
+        return await self.store.find_user(normalize_email(email))
+
+    async def user_for_email(self, email: str) -> User:
+        """The user with ``email``, created on first use. Allow-lists are the surface's to check."""
+        return await self.store.ensure_user(normalize_email(email))
+
+
+def api_key_from(headers: dict[str, str] | object) -> str | None:
+    """The key a request carries in ``Authorization: Bearer`` or ``X-API-Key``, or None."""
+    get = getattr(headers, "get")  # noqa: B009 - Litestar headers and dicts alike
+    auth = get("authorization") or ""
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return str(token.strip())
+    key = get("x-api-key")
+    return str(key).strip() if key else None

@@ -1,0 +1,114 @@
+"""Charging usage to users' balances at the per-model prices of ``plugins.toml``.
+
+A request reserves its worst-case cost before it goes upstream (so
+concurrent requests can never overdraw a balance) and settles to the real
+usage when it ends, however it ends. Every request leaves exactly one ledger
+entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from ..store import LedgerDraft, LedgerEntry, LedgerSettlement, Store
+from ..tokens import estimate_prompt_tokens
+from ..types import ChatRequest, Usage
+from .catalog import Route
+
+MICRO = 1_000_000
+"""Micro-credits per credit: balances are integers, so ledgers add up exactly."""
+
+
+def parse_amount(text: str | float) -> int:
+    """Credits as written by a human (``"12.5"``) to micro-credits; at most 6 decimals.
+
+    Raises:
+        ValueError: not a finite number with at most 6 decimals.
+    """
+    try:
+        value = Decimal(str(text).strip())
+    except InvalidOperation:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not value.is_finite():
+        raise ValueError(f"{text!r} is not a finite number")
+    micro = value * MICRO
+    if micro != micro.to_integral_value():
+        raise ValueError(f"{text!r} has more than 6 decimals")
+    return int(micro)
+
+
+def format_amount(micro: int) -> str:
+    """Micro-credits as credits with 6 decimals: ``12.500000``."""
+    sign = "-" if micro < 0 else ""
+    whole, frac = divmod(abs(micro), MICRO)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A worst-case charge held on a balance until the request settles."""
+
+    entry: LedgerEntry
+    route: Route
+    started: float
+
+
+class Billing:
+    """Prices, reservations and settlements."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @staticmethod
+    def cost(route: Route, prompt_tokens: int, completion_tokens: int) -> int:
+        """Micro-credits for this many tokens; prices are credits per million tokens, rounded up."""
+        price = Decimal(str(route.config.input_price)) * prompt_tokens
+        price += Decimal(str(route.config.output_price)) * completion_tokens
+        return math.ceil(price)
+
+    def worst_case(self, route: Route, request: ChatRequest) -> int:
+        """The most ``request`` can cost: its estimated prompt plus the longest allowed reply."""
+        prompt = estimate_prompt_tokens(request.messages)
+        reply = min(request.max_tokens or route.config.max_output_tokens, route.config.max_output_tokens)
+        return self.cost(route, prompt, reply)
+
+    async def reserve(
+        self, user_id: int, route: Route, request: ChatRequest, *, key_id: int | None, started: float
+    ) -> Reservation:
+        """Hold the worst-case cost.
+
+        Raises:
+            InsufficientBalance: the balance cannot cover it; nothing was written.
+        """
+        draft = LedgerDraft(
+            user_id=user_id,
+            amount=-self.worst_case(route, request),
+            kind="reservation",
+            key_id=key_id,
+            model=route.model,
+            provider=route.provider.instance,
+            outcome="pending",
+        )
+        return Reservation(await self.store.post_ledger(draft, floor=0), route, started)
+
+    async def settle(
+        self, reservation: Reservation, usage: Usage, *, outcome: str, latency_ms: int
+    ) -> LedgerEntry:
+        """Turn a reservation into the charge for the tokens actually used."""
+        settlement = LedgerSettlement(
+            amount=-self.cost(reservation.route, usage.prompt_tokens, usage.completion_tokens),
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            latency_ms=latency_ms,
+            outcome=outcome,
+        )
+        return await self.store.settle_ledger(reservation.entry.id, settlement)
+
+    async def top_up(self, user_id: int, amount: int, note: str | None = None) -> LedgerEntry:
+        """Add credits to a balance (negative ``amount`` takes them away, never below zero)."""
+        draft = LedgerDraft(
+            user_id=user_id, amount=amount, kind="topup" if amount >= 0 else "adjustment", note=note
+        )
+        return await self.store.post_ledger(draft, floor=0)

@@ -1,0 +1,49 @@
+"""Which provider instance serves which model, at what price and context size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..errors import UnknownModel, UnknownProvider
+from ..provider import Provider
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request for ``model`` goes, and the model's configured limits and prices."""
+
+    model: str
+    config: ModelConfig
+    provider: Provider
+
+    @property
+    def input_budget(self) -> int:
+        """Tokens the prompt may use, leaving room for the longest reply."""
+        return self.config.context_tokens - self.config.max_output_tokens
+
+
+class Catalog:
+    """The models of ``[models]`` and the configured provider instances."""
+
+    def __init__(self, models: dict[str, ModelConfig], providers: dict[str, Provider]) -> None:
+        self.models = models
+        self.providers = providers
+        self._by_lower = {name.lower(): p for name, p in providers.items()}
+
+    def route(self, model: str, provider: str | None = None) -> Route:
+        """Resolve a model, optionally on an explicitly named provider instance (case-insensitive).
+
+        Raises:
+            UnknownProvider: ``provider`` is not a configured instance.
+            UnknownModel: ``model`` is not in the catalog.
+        """
+        chosen: Provider | None = None
+        if provider is not None:
+            chosen = self._by_lower.get(provider.lower())
+            if chosen is None:
+                raise UnknownProvider(provider, sorted(self.providers))
+        config = self.models.get(model)
+        if config is None:
+            raise UnknownModel(model, sorted(self.models))
+        return Route(model, config, chosen or self.providers[config.provider])

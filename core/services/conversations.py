@@ -1,0 +1,71 @@
+"""Conversations and their messages, as surfaces see them: owner-checked and live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from ..errors import NotFound
+from ..store import Conversation, ConversationPatch, Message, Store
+from .generations import Generations
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A conversation's messages, oldest first; the reply being generated shows its partial text."""
+
+    messages: list[Message]
+    generating: bool
+
+
+class Conversations:
+    """Owner-checked access to conversations: someone else's id is :class:`NotFound`, like a missing one."""
+
+    def __init__(self, store: Store, generations: Generations) -> None:
+        self.store = store
+        self.generations = generations
+
+    async def create(
+        self, user_id: int, kind: str, name: str = "", series_id: int | None = None
+    ) -> Conversation:
+        return await self.store.create_conversation(user_id, kind, name, series_id)
+
+    async def list(
+        self, user_id: int, kind: str | None = None, series_id: int | None = None
+    ) -> list[Conversation]:
+        return await self.store.list_conversations(user_id, kind, series_id)
+
+    async def latest(self, user_id: int, kind: str) -> Conversation | None:
+        """The user's most recently started conversation of ``kind``, if any."""
+        found = await self.store.list_conversations(user_id, kind)
+        return found[-1] if found else None
+
+    async def get(self, user_id: int, conversation_id: int) -> Conversation:
+        conversation = await self.store.get_conversation(conversation_id)
+        if conversation.user_id != user_id:
+            raise NotFound(f"conversation {conversation_id} not found")
+        return conversation
+
+    async def update(self, user_id: int, conversation_id: int, patch: ConversationPatch) -> Conversation:
+        await self.get(user_id, conversation_id)
+        return await self.store.update_conversation(conversation_id, patch)
+
+    async def delete(self, user_id: int, conversation_id: int) -> Conversation:
+        """Delete a conversation with its messages, interrupting its reply first."""
+        await self.get(user_id, conversation_id)
+        await self.generations.interrupt(conversation_id)
+        return await self.store.delete_conversation(conversation_id)
+
+    async def transcript(self, conversation_id: int) -> Transcript:
+        messages = await self.store.list_messages(conversation_id)
+        live = self.generations.current(conversation_id)
+        if live is None:
+            return Transcript(messages, generating=False)
+        overlaid = [
+            msgspec.structs.replace(m, content=live.content, reasoning=live.reasoning)
+            if m.id == live.message_id
+            else m
+            for m in messages
+        ]
+        return Transcript(overlaid, generating=True)

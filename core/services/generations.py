@@ -1,0 +1,277 @@
+"""Running replies as cancellable tasks that persist their progress.
+
+One :class:`Generation` per reply being produced. It consumes a provider
+stream in its own task, so a reply outlives the HTTP request that started
+it; keeps the partial reply in memory for live followers; and is written to
+the store by the runner's ticker at most every ``flush_interval`` seconds
+(and at least every ``stale_after / 3`` seconds, a heartbeat that tells
+other processes it is alive), then once more when it ends: ``complete``,
+``interrupted`` (cancelled) or ``error`` (the provider failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from ..errors import ProviderError, Unavailable
+from ..provider import merge_tool_call
+from ..store import Message, MessagePatch, MessageStatus, Store, utcnow
+from ..tokens import estimate_prompt_tokens, estimate_tokens
+from ..types import ChatRequest, ContentDelta, Finish, ProviderEvent, ReasoningDelta, ToolCallDelta, Usage
+from .billing import Billing, Reservation
+from .catalog import Route
+
+log = logging.getLogger("chatgate.generations")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a generation ended."""
+
+    status: MessageStatus
+    message: Message
+    usage: Usage
+    finish_reason: str | None
+    error: ProviderError | None
+    tool_calls: tuple[ToolCallDelta, ...]
+
+
+@dataclass(eq=False)
+class Generation:
+    """A reply being produced for one conversation. Read it; do not mutate it."""
+
+    conversation_id: int
+    message_id: int
+    route: Route
+    request: ChatRequest
+    reservation: Reservation | None
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: dict[int, ToolCallDelta] = field(default_factory=dict)
+    events: list[ProviderEvent] = field(default_factory=list)
+    done: bool = False
+    interrupted: bool = False
+    task: asyncio.Task[None] | None = None
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _outcome: asyncio.Future[Outcome] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _dirty: bool = False
+    _written_at: float = field(default_factory=time.monotonic)
+
+    async def follow(self) -> AsyncIterator[ProviderEvent]:
+        """Every event of this generation from its start, then live until it ends."""
+        seen = 0
+        while True:
+            while seen < len(self.events):
+                seen += 1
+                yield self.events[seen - 1]
+            if self.done:
+                return
+            await self._wakeup.wait()
+
+    async def wait(self) -> Outcome:
+        """Wait for the end. Cancelling the waiter does not cancel the generation."""
+        return await asyncio.shield(self._outcome)
+
+    def _publish(self, event: ProviderEvent) -> None:
+        match event:
+            case ContentDelta(text=text):
+                self.content += text
+            case ReasoningDelta(text=text):
+                self.reasoning += text
+            case ToolCallDelta() as part:
+                self.tool_calls[part.index] = merge_tool_call(self.tool_calls.get(part.index), part)
+        self.events.append(event)
+        self._dirty = True
+        self._wake()
+
+    def _wake(self) -> None:
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
+
+
+class Generations:
+    """Starts, tracks, persists and interrupts generations; at most one per conversation."""
+
+    def __init__(self, store: Store, billing: Billing, *, flush_interval: float, stale_after: float) -> None:
+        self.store = store
+        self.billing = billing
+        self.flush_interval = flush_interval
+        self.stale_after = stale_after
+        self._running: dict[int, Generation] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Mark replies orphaned by a crash as interrupted and start persisting."""
+        await self.sweep()
+        self._ticker = asyncio.create_task(self._tick(), name="chatgate-generation-ticker")
+
+    async def aclose(self) -> None:
+        """Interrupt every running generation (persisting it) and stop the ticker."""
+        await asyncio.gather(*(self.interrupt(cid) for cid in list(self._running)))
+        if self._ticker:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    def current(self, conversation_id: int) -> Generation | None:
+        """The generation running for a conversation, if any."""
+        return self._running.get(conversation_id)
+
+    async def run(
+        self,
+        conversation_id: int,
+        message_id: int,
+        route: Route,
+        request: ChatRequest,
+        *,
+        reservation: Reservation | None = None,
+    ) -> Generation:
+        """Start producing the reply stored as ``message_id``, interrupting the conversation's current one.
+
+        The caller appended the assistant message (status ``generating``)
+        and, when billing applies, reserved its cost; the generation settles
+        the reservation whatever the outcome.
+        """
+        async with self._lock(conversation_id):
+            await self._interrupt_locked(conversation_id)
+            generation = Generation(conversation_id, message_id, route, request, reservation)
+            self._running[conversation_id] = generation
+            generation.task = asyncio.create_task(
+                self._produce(generation), name=f"chatgate-gen-{message_id}"
+            )
+            return generation
+
+    async def interrupt(self, conversation_id: int) -> bool:
+        """Stop the conversation's running generation, if any, and wait until it is persisted."""
+        async with self._lock(conversation_id):
+            return await self._interrupt_locked(conversation_id)
+
+    async def sweep(self) -> int:
+        """Mark ``generating`` replies that stopped being written (a crashed process) as interrupted."""
+        count = await self.store.interrupt_stale_generations(utcnow() - timedelta(seconds=self.stale_after))
+        if count:
+            log.warning("marked %d reply(ies) left generating by a stopped process as interrupted", count)
+        return count
+
+    def _lock(self, conversation_id: int) -> asyncio.Lock:
+        return self._locks.setdefault(conversation_id, asyncio.Lock())
+
+    async def _interrupt_locked(self, conversation_id: int) -> bool:
+        generation = self._running.get(conversation_id)
+        if generation is None or generation.task is None:
+            return False
+        generation.interrupted = True
+        generation.task.cancel()
+        await generation.wait()
+        return True
+
+    async def _produce(self, generation: Generation) -> None:
+        started = time.monotonic()
+        finish: Finish | None = None
+        error: ProviderError | None = None
+        status: MessageStatus = "complete"
+        try:
+            provider = generation.route.provider
+            async with aclosing(provider.stream(generation.request)) as events:
+                async for event in events:
+                    if isinstance(event, Finish):
+                        finish = event
+                    generation._publish(event)
+            if finish is None:
+                raise Unavailable(f"provider {provider.instance!r} ended the reply without finishing it")
+        except asyncio.CancelledError:
+            status = "interrupted"
+        except ProviderError as exc:
+            status, error = "error", exc
+        except Exception as exc:  # a provider bug must not lose the conversation
+            log.exception("provider %r failed unexpectedly", generation.route.provider.instance)
+            status, error = "error", Unavailable(f"internal error in provider: {type(exc).__name__}")
+        # Finalising must complete even when shutdown cancels us again.
+        await asyncio.shield(self._finish(generation, status, finish, error, started))
+
+    async def _finish(
+        self,
+        generation: Generation,
+        status: MessageStatus,
+        finish: Finish | None,
+        error: ProviderError | None,
+        started: float,
+    ) -> None:
+        usage = finish.usage if finish else self._estimate_usage(generation)
+        message: Message | None = None
+        try:
+            async with generation._write_lock:
+                generation.done = True
+                message = await self.store.update_message(
+                    generation.message_id,
+                    MessagePatch(
+                        content=generation.content,
+                        reasoning=generation.reasoning,
+                        status=status,
+                        prompt_tokens=usage.prompt_tokens,
+                        completion_tokens=usage.completion_tokens,
+                        error=error.message if error else None,
+                    ),
+                )
+            if generation.reservation is not None:
+                latency_ms = round((time.monotonic() - started) * 1000)
+                outcome = "ok" if status == "complete" else status
+                await self.billing.settle(
+                    generation.reservation, usage, outcome=outcome, latency_ms=latency_ms
+                )
+        except Exception as exc:
+            log.exception("could not persist the end of reply %d", generation.message_id)
+            if not generation._outcome.done():
+                generation._outcome.set_exception(exc)
+        finally:
+            generation.done = True
+            generation._wake()
+            if self._running.get(generation.conversation_id) is generation:
+                del self._running[generation.conversation_id]
+        if message is not None and not generation._outcome.done():
+            reason = finish.reason if finish else None
+            calls = tuple(generation.tool_calls.values())
+            generation._outcome.set_result(Outcome(status, message, usage, reason, error, calls))
+
+    @staticmethod
+    def _estimate_usage(generation: Generation) -> Usage:
+        """Usage of a reply that ended without the provider's count: only what was produced."""
+        reasoning = estimate_tokens(generation.reasoning)
+        produced = estimate_tokens(generation.content) + reasoning
+        sent = estimate_prompt_tokens(generation.request.messages) if generation.events else 0
+        return Usage(prompt_tokens=sent, completion_tokens=produced, reasoning_tokens=reasoning)
+
+    async def _tick(self) -> None:
+        heartbeat = self.stale_after / 3
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            now = time.monotonic()
+            for generation in list(self._running.values()):
+                if generation._dirty or now - generation._written_at >= heartbeat:
+                    await self._flush(generation, now)
+
+    async def _flush(self, generation: Generation, now: float) -> None:
+        async with generation._write_lock:
+            if generation.done:
+                return
+            generation._dirty = False
+            generation._written_at = now
+            try:
+                await self.store.update_message(
+                    generation.message_id,
+                    MessagePatch(content=generation.content, reasoning=generation.reasoning),
+                )
+            except Exception:
+                generation._dirty = True  # try again next tick; the final write carries everything anyway
+                log.exception("could not persist partial reply %d", generation.message_id)

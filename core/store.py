@@ -1,0 +1,303 @@
+"""The store interface and the records it keeps.
+
+Amounts of money are integers in micro-credits (1 credit = 1_000_000), so a
+ledger always adds up exactly. Timestamps are timezone-aware UTC datetimes
+with millisecond precision.
+"""
+
+from __future__ import annotations
+
+import abc
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from .provider import NoOptions
+
+MessageRole = Literal["user", "assistant", "system"]
+MessageStatus = Literal["generating", "complete", "interrupted", "error"]
+LedgerKind = Literal["charge", "topup", "reservation", "adjustment"]
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, truncated to milliseconds (what stores keep)."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class User(msgspec.Struct, frozen=True):
+    """A person, identified by a lower-cased email address."""
+
+    id: int
+    email: str
+    balance: int
+    created_at: datetime
+
+
+class ApiKey(msgspec.Struct, frozen=True):
+    """An API key. Only its hash is stored; ``prefix`` identifies it to humans."""
+
+    id: int
+    user_id: int
+    name: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+class LedgerDraft(msgspec.Struct, frozen=True):
+    """A ledger entry to post. ``amount`` < 0 is a charge, > 0 a top-up."""
+
+    user_id: int
+    amount: int
+    kind: LedgerKind
+    key_id: int | None = None
+    model: str | None = None
+    provider: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: int | None = None
+    outcome: str | None = None
+    note: str | None = None
+
+
+class LedgerSettlement(msgspec.Struct, frozen=True):
+    """What a reservation becomes once the real cost is known."""
+
+    amount: int
+    kind: LedgerKind = "charge"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: int | None = None
+    outcome: str | None = None
+
+
+class LedgerEntry(msgspec.Struct, frozen=True):
+    """One posted change of a balance; ``balance_after`` is the balance right after it."""
+
+    id: int
+    user_id: int
+    amount: int
+    balance_after: int
+    kind: LedgerKind
+    key_id: int | None
+    model: str | None
+    provider: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: int | None
+    outcome: str | None
+    note: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Conversation(msgspec.Struct, frozen=True):
+    """A thread of messages owned by one user.
+
+    ``kind`` is the surface's namespace (``email``, ``topic`` ...); ``summary``
+    is the rolling summary of messages up to ``summary_until`` (a message id)
+    that no longer fit the context budget.
+    """
+
+    id: int
+    user_id: int
+    kind: str
+    name: str
+    favorite: bool
+    series_id: int | None
+    summary: str
+    summary_until: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ConversationPatch(msgspec.Struct, frozen=True):
+    """Fields of a conversation to change; UNSET fields stay as they are."""
+
+    name: str | UnsetType = UNSET
+    favorite: bool | UnsetType = UNSET
+    summary: str | UnsetType = UNSET
+    summary_until: int | UnsetType | None = UNSET
+
+
+class MessageDraft(msgspec.Struct, frozen=True):
+    """A message to append to a conversation."""
+
+    role: MessageRole
+    content: str = ""
+    reasoning: str = ""
+    status: MessageStatus = "complete"
+    model: str | None = None
+
+
+class MessagePatch(msgspec.Struct, frozen=True):
+    """Fields of a message to change; UNSET fields stay as they are."""
+
+    content: str | UnsetType = UNSET
+    reasoning: str | UnsetType = UNSET
+    status: MessageStatus | UnsetType = UNSET
+    model: str | UnsetType | None = UNSET
+    prompt_tokens: int | UnsetType = UNSET
+    completion_tokens: int | UnsetType = UNSET
+    error: str | UnsetType | None = UNSET
+
+
+class Message(msgspec.Struct, frozen=True):
+    """A stored message. ``error`` says what failed when ``status`` is ``error``."""
+
+    id: int
+    conversation_id: int
+    role: MessageRole
+    content: str
+    reasoning: str
+    status: MessageStatus
+    model: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Store(abc.ABC):
+    """Base class of storage backends.
+
+    A store plugin subclasses this, sets ``name`` and ``Options`` and returns
+    the class from the ``register_stores`` hook. Every method is safe to call
+    concurrently from many tasks (and, for stores that allow it, from many
+    processes). Multi-row writes are atomic. Lookups of a missing id raise
+    :class:`~core.errors.NotFound`. Every store passes
+    :class:`core.testing.store_suite.StoreConformance`.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    # lifecycle
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and bring the schema to the current version (forward migrations)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release every connection; the store may be opened again afterwards."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise if the backend cannot answer a trivial query."""
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/healthz`` shows about the store. Never include secrets."""
+        return {"plugin": self.name}
+
+    # users
+    @abc.abstractmethod
+    async def ensure_user(self, email: str) -> User:
+        """The user with this email (compared case-insensitively), created with balance 0 if new."""
+
+    @abc.abstractmethod
+    async def get_user(self, user_id: int) -> User:
+        """The user with this id."""
+
+    @abc.abstractmethod
+    async def find_user(self, email: str) -> User | None:
+        """The user with this email (case-insensitive), or None."""
+
+    @abc.abstractmethod
+    async def list_users(self) -> list[User]:
+        """All users, by id."""
+
+    # API keys
+    @abc.abstractmethod
+    async def create_api_key(self, user_id: int, name: str, prefix: str, key_hash: str) -> ApiKey:
+        """Store a new key by its hash."""
+
+    @abc.abstractmethod
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        """The key with this hash, revoked or not, or None."""
+
+    @abc.abstractmethod
+    async def list_api_keys(self, user_id: int | None = None) -> list[ApiKey]:
+        """Keys of one user, or of everyone, by id."""
+
+    @abc.abstractmethod
+    async def revoke_api_key(self, key_id: int) -> ApiKey:
+        """Mark a key revoked (idempotent) and return it."""
+
+    # ledger
+    @abc.abstractmethod
+    async def post_ledger(self, draft: LedgerDraft, *, floor: int | None = 0) -> LedgerEntry:
+        """Add ``draft.amount`` to the user's balance and record the entry, atomically.
+
+        Raises :class:`~core.errors.InsufficientBalance` (and changes nothing)
+        when the balance would end below ``floor``; ``floor=None`` allows any
+        balance (a settlement that found the reply cost more than reserved).
+        """
+
+    @abc.abstractmethod
+    async def settle_ledger(self, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
+        """Replace an entry's amount and details, moving the balance by the difference, atomically."""
+
+    @abc.abstractmethod
+    async def list_ledger(self, user_id: int, limit: int = 100) -> list[LedgerEntry]:
+        """A user's newest ledger entries first."""
+
+    # conversations
+    @abc.abstractmethod
+    async def create_conversation(
+        self, user_id: int, kind: str, name: str = "", series_id: int | None = None
+    ) -> Conversation:
+        """Start a conversation."""
+
+    @abc.abstractmethod
+    async def get_conversation(self, conversation_id: int) -> Conversation:
+        """The conversation with this id."""
+
+    @abc.abstractmethod
+    async def list_conversations(
+        self, user_id: int, kind: str | None = None, series_id: int | None = None
+    ) -> list[Conversation]:
+        """A user's conversations, optionally of one kind and series, oldest first."""
+
+    @abc.abstractmethod
+    async def update_conversation(self, conversation_id: int, patch: ConversationPatch) -> Conversation:
+        """Change the set fields and ``updated_at``; return the updated row."""
+
+    @abc.abstractmethod
+    async def delete_conversation(self, conversation_id: int) -> Conversation:
+        """Delete a conversation and all its messages; return what was deleted."""
+
+    # messages
+    @abc.abstractmethod
+    async def append_message(self, conversation_id: int, draft: MessageDraft) -> Message:
+        """Append a message and move the conversation's ``updated_at``, atomically."""
+
+    @abc.abstractmethod
+    async def update_message(self, message_id: int, patch: MessagePatch) -> Message:
+        """Change the set fields and ``updated_at``; return the updated row."""
+
+    @abc.abstractmethod
+    async def get_message(self, message_id: int) -> Message:
+        """The message with this id."""
+
+    @abc.abstractmethod
+    async def list_messages(self, conversation_id: int) -> list[Message]:
+        """A conversation's messages, oldest first."""
+
+    @abc.abstractmethod
+    async def interrupt_stale_generations(self, updated_before: datetime) -> int:
+        """Mark ``generating`` messages not updated since ``updated_before`` as ``interrupted``.
+
+        Returns how many were marked. Runs at start-up and periodically, so a
+        crash never leaves a reply "generating" forever.
+        """

@@ -1,0 +1,121 @@
+"""Domain types shared by every surface, provider and store.
+
+Surfaces convert their wire formats to and from these; providers consume a
+:class:`ChatRequest` and produce a stream of :data:`ProviderEvent`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A complete tool call made by the assistant in an earlier turn."""
+
+    id: str
+    name: str
+    arguments: str
+    type: str = "function"
+
+
+class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One message of a conversation as sent to a provider.
+
+    ``reasoning`` carries an assistant turn's reasoning; providers decide
+    whether the upstream wants it back (DeepSeek keeps it on tool-call turns
+    only). ``extra`` holds fields a client sent that core does not model.
+    """
+
+    role: Role
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    reasoning: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    extra: dict[str, Any] = {}
+
+
+class ChatRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A provider-neutral chat request.
+
+    Sampling parameters left as ``None`` are not sent upstream, so the
+    upstream's own defaults apply. ``extra`` is passed through verbatim
+    (unknown fields real clients send, provider-specific switches).
+    """
+
+    model: str
+    messages: tuple[ChatMessage, ...]
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    response_format: dict[str, Any] | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    user: str | None = None
+    extra: dict[str, Any] = {}
+
+
+class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Token usage of one generation.
+
+    ``completion_tokens`` includes ``reasoning_tokens`` (DeepSeek and OpenAI
+    both count them so). ``cached_tokens`` are prompt tokens served from the
+    upstream's context cache. ``extra`` keeps upstream-specific counters.
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    extra: dict[str, Any] = {}
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class ContentDelta(msgspec.Struct, frozen=True, tag="content"):
+    """A piece of the reply text."""
+
+    text: str
+
+
+class ReasoningDelta(msgspec.Struct, frozen=True, tag="reasoning"):
+    """A piece of the model's reasoning ("think")."""
+
+    text: str
+
+
+class ToolCallDelta(msgspec.Struct, frozen=True, tag="tool_call", omit_defaults=True):
+    """A fragment of a tool call, as OpenAI-style streams deliver them.
+
+    Fragments with the same ``index`` belong to the same call; ``id`` and
+    ``name`` arrive on the first fragment, ``arguments`` piecewise.
+    """
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "insufficient_system_resource"]
+
+
+class Finish(msgspec.Struct, frozen=True, tag="finish"):
+    """The last event of every successful stream."""
+
+    reason: FinishReason
+    usage: Usage
+
+
+ProviderEvent = ContentDelta | ReasoningDelta | ToolCallDelta | Finish
+"""What a provider's stream yields: deltas, then exactly one :class:`Finish`."""

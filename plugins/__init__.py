@@ -1,0 +1,1 @@
+"""API surfaces: each package adapts one HTTP dialect to core services."""
