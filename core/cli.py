@@ -120,9 +120,9 @@ def amount(text: str) -> int:
 
 
 def configure(path: str) -> tuple[Config, Plugins, Setup]:
-    config = load_config(path)
     plugins = Plugins.load()
-    return config, plugins, plugins.configure(config)
+    config, setup = plugins.check(path)
+    return config, plugins, setup
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -147,12 +147,21 @@ def parse_config(text: str, file: str, env: Mapping[str, str]) -> Config:
                 )
     if store is None and "store" not in raw:
         report.add(("store",), "a [store] table naming a store plugin", "nothing")
-    report.raise_if_any()
-    # Every section converted, since no problem was reported.
-    assert server is not None
-    assert generation is not None
+    if store is None:
+        report.raise_if_any()  # without a store table there is no partial configuration to offer
     assert store is not None
-    return Config(file, server, generation, store, providers, surfaces, models, text)
+    config = Config(
+        path=file,
+        server=server or ServerConfig(),
+        generation=generation or GenerationConfig(),
+        store=store,
+        providers=providers,
+        surfaces=surfaces,
+        models=models,
+        text=text,
+    )
+    report.raise_if_any(partial=config)
+    return config
 
 
 def validate_options(config: Config, table: PluginTable, options_type: type[Any]) -> Any:
@@ -235,9 +244,14 @@ class Report:
         else:
             self.add(path, describe_type(tp), describe_value(item))
 
-    def raise_if_any(self) -> None:
+    def raise_if_any(self, partial: Config | None = None) -> None:
         if self.problems:
-            raise ConfigError(sorted(self.problems, key=lambda p: p.line or 1 << 30))
+            raise ConfigError(sort_problems(self.problems), partial)
+
+
+def sort_problems(problems: list[Problem]) -> list[Problem]:
+    """Problems in the order of the file's lines (those without a line last)."""
+    return sorted(problems, key=lambda p: p.line or 1 << 30)
 
 
 def plugin_tables(report: Report, value: Any, section: str, *, selectable: bool) -> dict[str, PluginTable]:

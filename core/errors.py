@@ -22,6 +22,8 @@ Exception tree::
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 
@@ -47,8 +49,10 @@ class Problem(msgspec.Struct, frozen=True):
 class ConfigError(ChatgateError):
     """The configuration is invalid; ``problems`` lists every problem found."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], partial: Any = None) -> None:
         self.problems = problems
+        self.partial = partial
+        """The configuration with defaults where sections were bad, so plugin tables can still be checked."""
         super().__init__("\n".join(str(p) for p in problems))
 
 

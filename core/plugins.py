@@ -16,7 +16,7 @@ from typing import Any, Generic, Literal, TypeVar
 import pluggy
 
 from . import hookspecs
-from .config import Config, PluginTable, Report, validate_options
+from .config import Config, PluginTable, Report, load_config, sort_problems, validate_options
 from .errors import ConfigError, PluginError, Problem
 from .provider import Provider
 from .store import Store
@@ -113,6 +113,24 @@ class Plugins:
         rows += [("surface", r) for r in self.surfaces.values()]
         return sorted(rows, key=lambda row: (row[0], row[1].name))
 
+    def check(self, path: str) -> tuple[Config, Setup]:
+        """Load ``path`` and configure it, reporting core and plugin problems together.
+
+        Raises:
+            ConfigError: every problem of the file, in line order.
+        """
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            if exc.partial is None:
+                raise
+            try:
+                self.configure(exc.partial)
+            except ConfigError as more:
+                raise ConfigError(sort_problems(exc.problems + more.problems)) from None
+            raise
+        return config, self.configure(config)
+
     def configure(self, config: Config) -> Setup:
         """Match the configuration's tables to registered classes and validate their options.
 
@@ -143,7 +161,7 @@ class Plugins:
         surfaces = {name: pick(t, self.surfaces, "surface") for name, t in config.surfaces.items()}
         problems.extend(report.problems)
         if problems:
-            raise ConfigError(sorted(problems, key=lambda p: p.line or 1 << 30))
+            raise ConfigError(sort_problems(problems))
         assert store is not None
         return Setup(
             store=store,

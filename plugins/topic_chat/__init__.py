@@ -8,7 +8,6 @@ from typing import Any
 
 import msgspec
 from litestar import Request, get
-from litestar.params import Parameter
 from litestar.response import Response
 from litestar.types import ControllerRouterHandler
 
@@ -66,13 +65,14 @@ class TopicChatSurface(Surface):
             return caller
 
         @get("/chat/topic", tags=["topic-chat"], summary="List the caller's topics")
-        async def list_topics(
-            request: Request[Any, Any, Any],
-            series_id: int | None = Parameter(query="seriesId", default=None),
-        ) -> Response[Any]:
+        async def list_topics(request: Request[Any, Any, Any]) -> Response[Any]:
             caller = await authenticate(request)
             if isinstance(caller, Response):
                 return caller
+            raw_series = request.query_params.get("seriesId")
+            if raw_series is not None and not raw_series.lstrip("-").isdigit():
+                return failure(400, f"query parameter 'seriesId' must be an integer, got {raw_series!r}")
+            series_id = int(raw_series) if raw_series is not None else None
             topics = await services.conversations.list(caller.user.id, KIND, series_id)
             return Response([topic(t) for t in topics])
 

@@ -1,0 +1,605 @@
+"""The conformance suite every store passes.
+
+Subclass :class:`StoreConformance` in a test module and define one fixture,
+``open_store``, returning an async callable that opens a *new* store
+instance on the test's fresh database::
+
+    from core.testing.store_suite import OpenStore, StoreConformance
+
+    class TestMyStore(StoreConformance):
+        @pytest.fixture
+        def open_store(self, tmp_path: Path) -> OpenStore:
+            async def open_store() -> Store:
+                store = MyStore(MyStore.Options(path=str(tmp_path / "db")))
+                await store.open()
+                return store
+
+            return open_store
+
+Calling it twice gives two instances sharing data, like two server workers.
+The suite closes every instance it opened. It needs pytest-asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
+from datetime import timedelta
+
+import pytest
+import pytest_asyncio
+
+from core.errors import InsufficientBalance, NotFound
+from core.store import (
+    ConversationPatch,
+    LedgerDraft,
+    LedgerEntry,
+    LedgerSettlement,
+    MessageDraft,
+    MessagePatch,
+    MessageRole,
+    Store,
+    User,
+    utcnow,
+)
+
+OpenStore = Callable[[], Awaitable[Store]]
+"""What ``open_store`` returns: opens a new store instance on the test's database."""
+
+MISSING = 987_654_321
+"""An id no test creates."""
+
+
+async def tick() -> None:
+    """Wait until utcnow() is certainly past every timestamp written so far (stores keep ms)."""
+    await asyncio.sleep(0.005)
+
+
+def not_found(kind: str, row_id: int) -> AbstractContextManager[pytest.ExceptionInfo[NotFound]]:
+    """Expect NotFound with a message naming the kind of row and its id."""
+    return pytest.raises(NotFound, match=rf"(?i)\b{kind}\b.*\b{row_id}\b")
+
+
+async def funded_user(store: Store, email: str, balance: int) -> User:
+    """A new user whose balance was set by one top-up."""
+    user = await store.ensure_user(email)
+    await store.post_ledger(LedgerDraft(user_id=user.id, amount=balance, kind="topup"))
+    return await store.get_user(user.id)
+
+
+def charge(user: User, amount: int) -> LedgerDraft:
+    return LedgerDraft(user_id=user.id, amount=-amount, kind="charge")
+
+
+class StoreConformance:
+    """Tests every store must pass: the behaviour :class:`~core.store.Store` promises.
+
+    Where the interface leaves a choice, the suite pins it down: creating a
+    row for a missing user raises NotFound; ``balance_after`` of a settled
+    entry is the user's balance right after the settlement.
+    """
+
+    @pytest_asyncio.fixture
+    async def connect_store(self, open_store: OpenStore) -> AsyncIterator[OpenStore]:
+        """``open_store``, remembering each instance so teardown closes it."""
+        opened: list[Store] = []
+
+        async def connect() -> Store:
+            store = await open_store()
+            opened.append(store)
+            return store
+
+        yield connect
+        for store in opened:
+            await store.close()
+
+    @pytest_asyncio.fixture
+    async def store(self, connect_store: OpenStore) -> Store:
+        return await connect_store()
+
+    # lifecycle
+
+    @pytest.mark.asyncio
+    async def test_ping_and_describe(self, store: Store) -> None:
+        await store.ping()
+        assert store.describe()["plugin"] == store.name
+
+    @pytest.mark.asyncio
+    async def test_data_survives_close_and_reopen(self, store: Store, connect_store: OpenStore) -> None:
+        user = await funded_user(store, "keep@example.com", 500)
+        key = await store.create_api_key(user.id, "laptop", "cg-keep", "hash-keep")
+        conversation = await store.create_conversation(user.id, "topic", "kept")
+        message = await store.append_message(conversation.id, MessageDraft(role="user", content="hello"))
+        conversation = await store.get_conversation(conversation.id)
+        ledger = await store.list_ledger(user.id)
+
+        await store.close()
+        await store.open()
+        other = await connect_store()
+        for instance in (store, other):
+            assert await instance.get_user(user.id) == user
+            assert await instance.find_api_key("hash-keep") == key
+            assert await instance.get_conversation(conversation.id) == conversation
+            assert await instance.list_messages(conversation.id) == [message]
+            assert await instance.list_ledger(user.id) == ledger
+
+    # users
+
+    @pytest.mark.asyncio
+    async def test_ensure_user_creates_with_zero_balance(self, store: Store) -> None:
+        before = utcnow()
+        user = await store.ensure_user("new@example.com")
+        assert user.email == "new@example.com"
+        assert user.balance == 0
+        assert user.created_at.utcoffset() == timedelta(0)
+        assert before <= user.created_at <= utcnow()
+
+    @pytest.mark.asyncio
+    async def test_emails_are_lowercased_and_compared_case_insensitively(self, store: Store) -> None:
+        user = await store.ensure_user("  Alice@Example.COM ")
+        assert user.email == "alice@example.com"
+        assert await store.ensure_user("alice@example.com") == user
+        assert await store.ensure_user("ALICE@EXAMPLE.COM") == user
+        assert await store.find_user("aLiCe@example.com") == user
+        assert await store.find_user("bob@example.com") is None
+        assert await store.list_users() == [user]
+
+    @pytest.mark.asyncio
+    async def test_get_and_list_users(self, store: Store) -> None:
+        zed = await store.ensure_user("zed@example.com")
+        amy = await store.ensure_user("amy@example.com")
+        assert await store.get_user(zed.id) == zed
+        assert await store.list_users() == [zed, amy]
+        with not_found("user", MISSING):
+            await store.get_user(MISSING)
+
+    @pytest.mark.asyncio
+    async def test_concurrent_ensure_user_creates_one_user(
+        self, store: Store, connect_store: OpenStore
+    ) -> None:
+        other = await connect_store()
+        users = await asyncio.gather(
+            *(instance.ensure_user("race@example.com") for _ in range(10) for instance in (store, other))
+        )
+        assert len({user.id for user in users}) == 1
+        assert len(await store.list_users()) == 1
+
+    # API keys
+
+    @pytest.mark.asyncio
+    async def test_create_and_find_api_key(self, store: Store) -> None:
+        user = await store.ensure_user("keys@example.com")
+        key = await store.create_api_key(user.id, "laptop", "cg-abc", "hash-1")
+        assert (key.user_id, key.name, key.prefix, key.revoked_at) == (user.id, "laptop", "cg-abc", None)
+        assert key.active
+        assert await store.find_api_key("hash-1") == key
+        assert await store.find_api_key("hash-unknown") is None
+
+    @pytest.mark.asyncio
+    async def test_list_api_keys_by_user_and_all(self, store: Store) -> None:
+        amy = await store.ensure_user("amy@example.com")
+        bob = await store.ensure_user("bob@example.com")
+        amy1 = await store.create_api_key(amy.id, "one", "cg-a1", "hash-a1")
+        bob1 = await store.create_api_key(bob.id, "one", "cg-b1", "hash-b1")
+        amy2 = await store.create_api_key(amy.id, "two", "cg-a2", "hash-a2")
+        assert await store.list_api_keys(amy.id) == [amy1, amy2]
+        assert await store.list_api_keys(bob.id) == [bob1]
+        assert await store.list_api_keys() == [amy1, bob1, amy2]
+        assert await store.list_api_keys(MISSING) == []
+
+    @pytest.mark.asyncio
+    async def test_revoke_api_key_is_idempotent(self, store: Store) -> None:
+        user = await store.ensure_user("keys@example.com")
+        key = await store.create_api_key(user.id, "laptop", "cg-abc", "hash-1")
+        await tick()
+        revoked = await store.revoke_api_key(key.id)
+        assert revoked.revoked_at is not None
+        assert not revoked.active
+        assert revoked.revoked_at > key.created_at
+        assert (revoked.id, revoked.user_id, revoked.name, revoked.prefix, revoked.created_at) == (
+            key.id,
+            key.user_id,
+            key.name,
+            key.prefix,
+            key.created_at,
+        )
+        await tick()
+        assert await store.revoke_api_key(key.id) == revoked
+        assert await store.find_api_key("hash-1") == revoked
+        assert await store.list_api_keys(user.id) == [revoked]
+
+    @pytest.mark.asyncio
+    async def test_api_key_missing_ids(self, store: Store) -> None:
+        with not_found("key", MISSING):
+            await store.revoke_api_key(MISSING)
+        with not_found("user", MISSING):
+            await store.create_api_key(MISSING, "orphan", "cg-x", "hash-x")
+        assert await store.list_api_keys() == []
+
+    # ledger
+
+    @pytest.mark.asyncio
+    async def test_post_ledger_moves_balance_and_records_entry(self, store: Store) -> None:
+        user = await store.ensure_user("pay@example.com")
+        key = await store.create_api_key(user.id, "k", "cg-k", "hash-k")
+        topup = await store.post_ledger(LedgerDraft(user_id=user.id, amount=1000, kind="topup", note="gift"))
+        assert (topup.user_id, topup.amount, topup.balance_after, topup.kind) == (
+            user.id,
+            1000,
+            1000,
+            "topup",
+        )
+        assert topup.note == "gift"
+        assert topup.created_at == topup.updated_at
+        draft = LedgerDraft(
+            user_id=user.id,
+            amount=-300,
+            kind="charge",
+            key_id=key.id,
+            model="deepseek-chat",
+            provider="deepseek",
+            prompt_tokens=11,
+            completion_tokens=22,
+            latency_ms=333,
+            outcome="ok",
+        )
+        spent = await store.post_ledger(draft)
+        assert spent.balance_after == 700
+        assert (spent.amount, spent.kind, spent.key_id, spent.model, spent.provider) == (
+            -300,
+            "charge",
+            key.id,
+            "deepseek-chat",
+            "deepseek",
+        )
+        assert (
+            spent.prompt_tokens,
+            spent.completion_tokens,
+            spent.latency_ms,
+            spent.outcome,
+            spent.note,
+        ) == (
+            11,
+            22,
+            333,
+            "ok",
+            None,
+        )
+        assert (await store.get_user(user.id)).balance == 700
+        assert await store.list_ledger(user.id) == [spent, topup]
+        assert await store.list_ledger(user.id, limit=1) == [spent]
+
+    @pytest.mark.asyncio
+    async def test_ledger_is_per_user(self, store: Store) -> None:
+        amy = await funded_user(store, "amy@example.com", 10)
+        bob = await funded_user(store, "bob@example.com", 20)
+        assert [entry.amount for entry in await store.list_ledger(amy.id)] == [10]
+        assert [entry.amount for entry in await store.list_ledger(bob.id)] == [20]
+        assert await store.list_ledger(MISSING) == []
+
+    @pytest.mark.asyncio
+    async def test_floor_rejection_changes_nothing(self, store: Store) -> None:
+        user = await funded_user(store, "pay@example.com", 100)
+        ledger = await store.list_ledger(user.id)
+        with pytest.raises(InsufficientBalance) as caught:
+            await store.post_ledger(charge(user, 101))
+        assert (caught.value.balance, caught.value.amount) == (100, -101)
+        assert (await store.get_user(user.id)).balance == 100
+        assert await store.list_ledger(user.id) == ledger
+        exact = await store.post_ledger(charge(user, 100))
+        assert exact.balance_after == 0
+
+    @pytest.mark.asyncio
+    async def test_custom_floor(self, store: Store) -> None:
+        user = await store.ensure_user("credit@example.com")
+        assert (await store.post_ledger(charge(user, 50), floor=-50)).balance_after == -50
+        with pytest.raises(InsufficientBalance):
+            await store.post_ledger(charge(user, 1), floor=-50)
+        assert (await store.get_user(user.id)).balance == -50
+
+    @pytest.mark.asyncio
+    async def test_no_floor_allows_negative_balance(self, store: Store) -> None:
+        user = await funded_user(store, "pay@example.com", 10)
+        entry = await store.post_ledger(charge(user, 25), floor=None)
+        assert entry.balance_after == -15
+        assert (await store.get_user(user.id)).balance == -15
+
+    @pytest.mark.asyncio
+    async def test_post_ledger_for_missing_user(self, store: Store) -> None:
+        with not_found("user", MISSING):
+            await store.post_ledger(LedgerDraft(user_id=MISSING, amount=5, kind="topup"))
+
+    @pytest.mark.asyncio
+    async def test_settle_ledger_down_and_up(self, store: Store) -> None:
+        user = await funded_user(store, "pay@example.com", 1000)
+        reservation = await store.post_ledger(
+            LedgerDraft(user_id=user.id, amount=-200, kind="reservation", model="m", provider="p")
+        )
+        other = await store.post_ledger(charge(user, 100))
+        assert other.balance_after == 700
+        await tick()
+
+        cheaper = await store.settle_ledger(
+            reservation.id,
+            LedgerSettlement(
+                amount=-150, prompt_tokens=10, completion_tokens=20, latency_ms=123, outcome="ok"
+            ),
+        )
+        assert (cheaper.id, cheaper.amount, cheaper.kind) == (reservation.id, -150, "charge")
+        assert (cheaper.prompt_tokens, cheaper.completion_tokens, cheaper.latency_ms, cheaper.outcome) == (
+            10,
+            20,
+            123,
+            "ok",
+        )
+        assert (cheaper.model, cheaper.provider, cheaper.created_at) == ("m", "p", reservation.created_at)
+        assert cheaper.updated_at > reservation.updated_at
+        assert cheaper.balance_after == 750  # the balance right after the settlement
+        assert (await store.get_user(user.id)).balance == 750
+
+        dearer = await store.settle_ledger(reservation.id, LedgerSettlement(amount=-260, outcome="long"))
+        assert (dearer.amount, dearer.balance_after, dearer.outcome) == (-260, 640, "long")
+        assert (await store.get_user(user.id)).balance == 640
+
+        ledger = await store.list_ledger(user.id)
+        assert len(ledger) == 3
+        assert ledger[:2] == [other, dearer]
+        assert sum(entry.amount for entry in ledger) == 640
+
+    @pytest.mark.asyncio
+    async def test_settle_missing_entry(self, store: Store) -> None:
+        with not_found("ledger", MISSING):
+            await store.settle_ledger(MISSING, LedgerSettlement(amount=-1))
+
+    # conversations
+
+    @pytest.mark.asyncio
+    async def test_create_conversation_defaults(self, store: Store) -> None:
+        user = await store.ensure_user("talk@example.com")
+        conversation = await store.create_conversation(user.id, "email")
+        assert (conversation.user_id, conversation.kind, conversation.name) == (user.id, "email", "")
+        assert (conversation.favorite, conversation.series_id) == (False, None)
+        assert (conversation.summary, conversation.summary_until) == ("", None)
+        assert conversation.created_at == conversation.updated_at
+        assert conversation.created_at.tzinfo is not None
+        assert conversation.created_at.utcoffset() == timedelta(0)
+        named = await store.create_conversation(user.id, "topic", "Rust", series_id=7)
+        assert (named.name, named.series_id) == ("Rust", 7)
+        assert await store.get_conversation(conversation.id) == conversation
+        with not_found("conversation", MISSING):
+            await store.get_conversation(MISSING)
+        with not_found("user", MISSING):
+            await store.create_conversation(MISSING, "email")
+
+    @pytest.mark.asyncio
+    async def test_list_conversations_filters_oldest_first(self, store: Store) -> None:
+        amy = await store.ensure_user("amy@example.com")
+        bob = await store.ensure_user("bob@example.com")
+        mail = await store.create_conversation(amy.id, "email")
+        rust7 = await store.create_conversation(amy.id, "topic", series_id=7)
+        go8 = await store.create_conversation(amy.id, "topic", series_id=8)
+        bobs = await store.create_conversation(bob.id, "topic", series_id=7)
+        rust7b = await store.create_conversation(amy.id, "topic", series_id=7)
+        assert await store.list_conversations(amy.id) == [mail, rust7, go8, rust7b]
+        assert await store.list_conversations(amy.id, kind="topic") == [rust7, go8, rust7b]
+        assert await store.list_conversations(amy.id, kind="topic", series_id=7) == [rust7, rust7b]
+        assert await store.list_conversations(amy.id, series_id=8) == [go8]
+        assert await store.list_conversations(amy.id, kind="nothing") == []
+        assert await store.list_conversations(bob.id) == [bobs]
+
+    @pytest.mark.asyncio
+    async def test_update_conversation_changes_only_set_fields(self, store: Store) -> None:
+        user = await store.ensure_user("talk@example.com")
+        conversation = await store.create_conversation(user.id, "topic", "old", series_id=3)
+        await tick()
+        renamed = await store.update_conversation(conversation.id, ConversationPatch(name="new"))
+        assert renamed.name == "new"
+        assert renamed.updated_at > conversation.updated_at
+        assert (renamed.favorite, renamed.summary, renamed.summary_until, renamed.series_id) == (
+            False,
+            "",
+            None,
+            3,
+        )
+        assert (renamed.id, renamed.user_id, renamed.kind, renamed.created_at) == (
+            conversation.id,
+            user.id,
+            "topic",
+            conversation.created_at,
+        )
+        starred = await store.update_conversation(conversation.id, ConversationPatch(favorite=True))
+        assert (starred.name, starred.favorite) == ("new", True)
+        summed = await store.update_conversation(
+            conversation.id, ConversationPatch(summary="so far", summary_until=41)
+        )
+        assert (summed.name, summed.favorite, summed.summary, summed.summary_until) == (
+            "new",
+            True,
+            "so far",
+            41,
+        )
+        cleared = await store.update_conversation(conversation.id, ConversationPatch(summary_until=None))
+        assert (cleared.summary, cleared.summary_until) == ("so far", None)
+        assert await store.get_conversation(conversation.id) == cleared
+        with not_found("conversation", MISSING):
+            await store.update_conversation(MISSING, ConversationPatch(name="x"))
+
+    @pytest.mark.asyncio
+    async def test_delete_conversation_deletes_its_messages(self, store: Store) -> None:
+        user = await store.ensure_user("talk@example.com")
+        doomed = await store.create_conversation(user.id, "topic", "doomed")
+        kept = await store.create_conversation(user.id, "topic", "kept")
+        doomed_messages = [
+            await store.append_message(doomed.id, MessageDraft(role="user", content=str(i))) for i in range(3)
+        ]
+        kept_message = await store.append_message(kept.id, MessageDraft(role="user", content="stay"))
+        doomed = await store.get_conversation(doomed.id)
+        kept = await store.get_conversation(kept.id)
+
+        assert await store.delete_conversation(doomed.id) == doomed
+        with not_found("conversation", doomed.id):
+            await store.get_conversation(doomed.id)
+        for message in doomed_messages:
+            with not_found("message", message.id):
+                await store.get_message(message.id)
+        assert await store.list_conversations(user.id) == [kept]
+        assert await store.list_messages(kept.id) == [kept_message]
+        with not_found("conversation", doomed.id):
+            await store.delete_conversation(doomed.id)
+
+    # messages
+
+    @pytest.mark.asyncio
+    async def test_append_message_moves_conversation_updated_at(self, store: Store) -> None:
+        user = await store.ensure_user("talk@example.com")
+        conversation = await store.create_conversation(user.id, "topic")
+        await tick()
+        message = await store.append_message(conversation.id, MessageDraft(role="user", content="hi"))
+        assert (message.conversation_id, message.role, message.content) == (conversation.id, "user", "hi")
+        assert (message.reasoning, message.status, message.model, message.error) == (
+            "",
+            "complete",
+            None,
+            None,
+        )
+        assert (message.prompt_tokens, message.completion_tokens) == (0, 0)
+        assert message.created_at == message.updated_at
+        assert message.created_at > conversation.created_at
+        bumped = await store.get_conversation(conversation.id)
+        assert bumped.updated_at >= message.created_at
+        assert bumped.updated_at > conversation.updated_at
+        assert await store.get_message(message.id) == message
+        with not_found("conversation", MISSING):
+            await store.append_message(MISSING, MessageDraft(role="user"))
+        with not_found("message", MISSING):
+            await store.get_message(MISSING)
+
+    @pytest.mark.asyncio
+    async def test_update_message_changes_only_set_fields(self, store: Store) -> None:
+        user = await store.ensure_user("talk@example.com")
+        conversation = await store.create_conversation(user.id, "topic")
+        draft = MessageDraft(role="assistant", status="generating", model="m1")
+        message = await store.append_message(conversation.id, draft)
+        await tick()
+        partial = await store.update_message(message.id, MessagePatch(content="partial"))
+        assert (partial.content, partial.reasoning, partial.status, partial.model) == (
+            "partial",
+            "",
+            "generating",
+            "m1",
+        )
+        assert partial.updated_at > message.updated_at
+        assert (partial.id, partial.role, partial.created_at) == (message.id, "assistant", message.created_at)
+        done = await store.update_message(
+            message.id, MessagePatch(reasoning="why", status="complete", prompt_tokens=5, completion_tokens=7)
+        )
+        assert (done.content, done.reasoning, done.status, done.model) == ("partial", "why", "complete", "m1")
+        assert (done.prompt_tokens, done.completion_tokens, done.error) == (5, 7, None)
+        failed = await store.update_message(
+            message.id, MessagePatch(status="error", error="boom", model=None)
+        )
+        assert (failed.status, failed.error, failed.model) == ("error", "boom", None)
+        assert (failed.content, failed.reasoning, failed.prompt_tokens, failed.completion_tokens) == (
+            "partial",
+            "why",
+            5,
+            7,
+        )
+        assert await store.get_message(message.id) == failed
+        with not_found("message", MISSING):
+            await store.update_message(MISSING, MessagePatch(content="x"))
+
+    @pytest.mark.asyncio
+    async def test_list_messages_oldest_first_per_conversation(self, store: Store) -> None:
+        user = await store.ensure_user("talk@example.com")
+        one = await store.create_conversation(user.id, "topic")
+        two = await store.create_conversation(user.id, "topic")
+        expected: dict[int, list[object]] = {one.id: [], two.id: []}
+        for i in range(6):
+            conversation_id = (one.id, two.id)[i % 2]
+            role: MessageRole = "user" if i // 2 % 2 == 0 else "assistant"
+            message = await store.append_message(conversation_id, MessageDraft(role=role, content=str(i)))
+            expected[conversation_id].append(message)
+        assert await store.list_messages(one.id) == expected[one.id]
+        assert await store.list_messages(two.id) == expected[two.id]
+
+    @pytest.mark.asyncio
+    async def test_interrupt_stale_generations(self, store: Store) -> None:
+        user = await store.ensure_user("talk@example.com")
+        conversation = await store.create_conversation(user.id, "topic")
+        stale = await store.append_message(
+            conversation.id, MessageDraft(role="assistant", status="generating")
+        )
+        touched = await store.append_message(
+            conversation.id, MessageDraft(role="assistant", status="generating")
+        )
+        finished = await store.append_message(conversation.id, MessageDraft(role="assistant", content="done"))
+        await tick()
+        cutoff = utcnow()
+        await tick()
+        await store.update_message(touched.id, MessagePatch(content="still streaming"))
+        fresh = await store.append_message(
+            conversation.id, MessageDraft(role="assistant", status="generating")
+        )
+
+        assert await store.interrupt_stale_generations(cutoff) == 1
+        interrupted = await store.get_message(stale.id)
+        assert interrupted.status == "interrupted"
+        assert interrupted.updated_at >= cutoff
+        assert (await store.get_message(touched.id)).status == "generating"
+        assert await store.get_message(finished.id) == finished
+        assert await store.get_message(fresh.id) == fresh
+        assert await store.interrupt_stale_generations(cutoff) == 0
+        assert await store.interrupt_stale_generations(utcnow() + timedelta(seconds=1)) == 2
+
+    # concurrency
+
+    @pytest.mark.asyncio
+    async def test_concurrent_appends_all_land(self, store: Store) -> None:
+        user = await store.ensure_user("talk@example.com")
+        conversation = await store.create_conversation(user.id, "topic")
+        appended = await asyncio.gather(
+            *(
+                store.append_message(conversation.id, MessageDraft(role="user", content=str(i)))
+                for i in range(50)
+            )
+        )
+        assert len({message.id for message in appended}) == 50
+        listed = await store.list_messages(conversation.id)
+        assert sorted(listed, key=lambda message: message.id) == listed
+        assert sorted(appended, key=lambda message: message.id) == listed
+        assert [m.created_at for m in listed] == sorted(m.created_at for m in listed)
+
+    @pytest.mark.asyncio
+    async def test_concurrent_charges_across_two_instances_add_up(
+        self, store: Store, connect_store: OpenStore
+    ) -> None:
+        other = await connect_store()
+        user = await funded_user(store, "pay@example.com", 1000)
+        entries = await asyncio.gather(
+            *((store, other)[i % 2].post_ledger(charge(user, 7)) for i in range(50))
+        )
+        assert (await store.get_user(user.id)).balance == 650
+        assert (await other.get_user(user.id)).balance == 650
+        # Serialised charges leave every intermediate balance exactly once.
+        assert sorted(entry.balance_after for entry in entries) == [1000 - 7 * k for k in range(50, 0, -1)]
+        ledger = await other.list_ledger(user.id)
+        assert len(ledger) == 51
+        assert sum(entry.amount for entry in ledger) == 650
+
+    @pytest.mark.asyncio
+    async def test_concurrent_charges_never_overdraw(self, store: Store, connect_store: OpenStore) -> None:
+        other = await connect_store()
+        user = await funded_user(store, "pay@example.com", 100)
+        results = await asyncio.gather(
+            *((store, other)[i % 2].post_ledger(charge(user, 10)) for i in range(50)), return_exceptions=True
+        )
+        posted = [result for result in results if isinstance(result, LedgerEntry)]
+        refused = [result for result in results if isinstance(result, InsufficientBalance)]
+        assert (len(posted), len(refused)) == (10, 40)
+        assert all(entry.balance_after >= 0 for entry in posted)
+        assert (await store.get_user(user.id)).balance == 0
+        ledger = await store.list_ledger(user.id)
+        assert len(ledger) == 11
+        assert sum(entry.amount for entry in ledger) == 0

@@ -1,0 +1,184 @@
+"""Fixtures shared by the whole suite: configurations, and gateways served on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from litestar import Litestar
+
+from core.app import create_app
+from core.config import load_config
+from core.services import Services
+
+BASE_CONFIG = """\
+[server]
+host = "127.0.0.1"
+
+[generation]
+flush_interval = 0.05
+stale_after = 1
+
+[store]
+plugin = "sqlite"
+path = "{db}"
+
+[providers.mock]
+first_token_delay = 0
+token_delay = 0
+models = ["mock-chat", "mock-reasoner"]
+thinking_models = ["mock-reasoner"]
+
+[models.mock-chat]
+provider = "mock"
+input_price = 1000
+output_price = 2000
+context_tokens = 4096
+max_output_tokens = 512
+
+[models.mock-reasoner]
+provider = "mock"
+
+[surfaces.openai_compat]
+[surfaces.email_socket]
+[surfaces.topic_chat]
+"""
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """Write a plugins.toml for this test: the base configuration, ``text`` appended, ``replace`` applied."""
+
+    def write(text: str = "", *, replace: dict[str, str] | None = None, name: str = "plugins.toml") -> Path:
+        body = BASE_CONFIG.format(db=tmp_path / "chatgate.db") + textwrap.dedent(text)
+        for old, new in (replace or {}).items():
+            assert old in body, old
+            body = body.replace(old, new)
+        path = tmp_path / name
+        path.write_text(body)
+        return path
+
+    return write
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def serving(app: Litestar) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a loopback port in this event loop; yield its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()  # start-up failed: raise its error here
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+class Gateway:
+    """A gateway served on loopback: its URL, an HTTP client and (for white-box checks) its services."""
+
+    def __init__(self, url: str, app: Litestar, client: httpx.AsyncClient) -> None:
+        self.url = url
+        self.app = app
+        self.client = client
+        self.services: Services = app.state.services
+
+
+@pytest.fixture
+async def gateway_factory() -> AsyncIterator[Callable[..., object]]:
+    """Start gateways for a config file; every one is shut down at the end of the test."""
+    stack: list[tuple[object, httpx.AsyncClient]] = []
+
+    async def start(config_path: Path, **kwargs: object) -> Gateway:
+        app = create_app(load_config(config_path), **kwargs)  # type: ignore[arg-type]
+        cm = serving(app)
+        url = await cm.__aenter__()
+        client = httpx.AsyncClient(base_url=url, timeout=10)
+        stack.append((cm, client))
+        return Gateway(url, app, client)
+
+    yield start
+    for cm, client in reversed(stack):
+        await client.aclose()
+        await cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def gateway(write_config: Callable[..., Path], gateway_factory: Callable[..., object]) -> Gateway:
+    """A gateway on the base test configuration."""
+    return await gateway_factory(write_config())  # type: ignore[no-any-return,misc]
+
+
+def chatgate(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, check: bool = False):
+    """Run the installed ``chatgate`` command; return the completed process."""
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-m", "core.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"chatgate {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start ``chatgate serve`` as a real process; returns its base URL once /healthz answers."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(config: Path, *extra: str, env: dict[str, str] | None = None) -> str:
+        port = free_port()
+        log = open(tmp_path / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "core.cli", "serve", "--config", str(config), "--port", str(port), *extra],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=tmp_path,
+        )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError((tmp_path / f"serve-{port}.log").read_text())
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("chatgate serve did not answer /healthz within 30 s")
+
+    yield start
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()

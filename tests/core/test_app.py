@@ -1,0 +1,98 @@
+"""The app factory: enabled surfaces only, health, schema, lifespan-managed resources."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+SURFACE_ROUTES = {
+    "openai_compat": ("GET", "/v1/models", None),
+    "email_socket": ("POST", "/api/record", {"email": "someone@example.com"}),
+    "topic_chat": ("GET", "/chat/topic", None),
+}
+
+
+async def status_of(client: httpx.AsyncClient, surface: str, key: str) -> int:
+    method, path, body = SURFACE_ROUTES[surface]
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = await client.request(method, path, json=body, headers=headers)
+    return response.status_code
+
+
+async def new_key(gateway) -> str:
+    _, secret = await gateway.services.accounts.create_key("owner@example.com")
+    return secret
+
+
+@pytest.mark.parametrize("disabled", sorted(SURFACE_ROUTES))
+async def test_a_disabled_surface_answers_404_while_the_others_work(disabled, write_config, gateway_factory):
+    config = write_config(replace={f"[surfaces.{disabled}]": f"[surfaces.{disabled}]\nenabled = false"})
+    gateway = await gateway_factory(config)
+    key = await new_key(gateway)
+    for surface in SURFACE_ROUTES:
+        expected = 404 if surface == disabled else 200
+        assert await status_of(gateway.client, surface, key) == expected, surface
+
+
+async def test_a_surface_without_a_table_is_not_mounted(write_config, gateway_factory):
+    config = write_config(replace={"[surfaces.email_socket]\n": ""})
+    gateway = await gateway_factory(config)
+    assert await status_of(gateway.client, "email_socket", "") == 404
+    assert (await gateway.client.get("/healthz")).json()["surfaces"] == ["openai_compat", "topic_chat"]
+
+
+async def test_healthz_reports_store_providers_and_surfaces_without_secrets(
+    write_config, gateway_factory, monkeypatch
+):
+    config = write_config(
+        replace={"\ntoken_delay = 0": '\ntoken_delay = 0\nfail_message = "${SECRET_FOR_TEST}"'}
+    )
+    monkeypatch.setenv("SECRET_FOR_TEST", "sk-very-secret-value")
+    gateway = await gateway_factory(config)
+    response = await gateway.client.get("/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["store"]["plugin"] == "sqlite"
+    assert body["store"]["ok"] is True
+    assert body["providers"]["mock"]["plugin"] == "mock"
+    assert body["surfaces"] == ["openai_compat", "email_socket", "topic_chat"]
+    assert "sk-very-secret-value" not in response.text
+
+
+async def test_healthz_answers_503_when_the_store_is_unreachable(gateway):
+    await gateway.services.accounts.store.close()
+    response = await gateway.client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["status"] == "unavailable"
+    assert response.json()["store"]["ok"] is False
+    await gateway.services.accounts.store.open()  # so shutdown closes a store that is open
+
+
+async def test_openapi_schema_lists_the_mounted_routes(gateway):
+    response = await gateway.client.get("/schema/openapi.json")
+    assert response.status_code == 200
+    paths = response.json()["paths"]
+    assert {"/healthz", "/v1/models", "/api/record", "/chat/topic"} <= set(paths)
+
+
+async def test_bodies_over_the_configured_limit_answer_413(write_config, gateway_factory):
+    gateway = await gateway_factory(
+        write_config(replace={'host = "127.0.0.1"': 'host = "127.0.0.1"\nmax_body_bytes = 100'})
+    )
+    response = await gateway.client.post("/api/record", json={"email": "a@example.com", "pad": "x" * 200})
+    assert response.status_code == 413
+
+
+async def test_providers_and_store_are_closed_at_shutdown(write_config, gateway_factory):
+    """The lifespan closes what it opened: a stopped gateway's store refuses work."""
+    from core.app import create_app
+    from core.config import load_config
+    from tests.conftest import serving
+
+    app = create_app(load_config(write_config()))
+    async with serving(app) as url, httpx.AsyncClient() as client:
+        assert (await client.get(url + "/healthz")).status_code == 200
+    store = app.state.services.accounts.store
+    with pytest.raises(Exception):  # noqa: B017, PT011 - any failure proves the connection is gone
+        await store.ping()

@@ -1,0 +1,230 @@
+"""The generation runner: a reply as a task that persists progress, can be followed and interrupted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from core.errors import Unavailable
+from core.services import Services
+from core.services.generations import Generation
+from core.store import MessageDraft
+from core.types import ChatMessage, ChatRequest, ContentDelta, Finish
+from stores.sqlite import SqliteStore
+from tests.conftest import serving
+
+SLOW = {"\ntoken_delay = 0\n": "\ntoken_delay = 0.02\n"}
+
+
+async def start_reply(
+    services: Services,
+    text: str = "Tell me about the sea",
+    *,
+    model: str = "mock-chat",
+    reserve: bool = False,
+) -> Generation:
+    """What a surface does: store the question, a generating reply, and run it."""
+    user = await services.accounts.user_for_email("writer@example.com")
+    conversation = await services.conversations.latest(user.id, "test")
+    if conversation is None:
+        conversation = await services.conversations.create(user.id, "test")
+    store = services.conversations.store
+    await store.append_message(conversation.id, MessageDraft(role="user", content=text))
+    reply = await store.append_message(conversation.id, MessageDraft(role="assistant", status="generating"))
+    route = services.catalog.route(model)
+    request = ChatRequest(model=model, messages=(ChatMessage(role="user", content=text),))
+    reservation = None
+    if reserve:
+        reservation = await services.billing.reserve(
+            user.id, route, request, key_id=None, started=time.monotonic()
+        )
+    return await services.generations.run(conversation.id, reply.id, route, request, reservation=reservation)
+
+
+async def test_a_reply_runs_to_completion_and_is_stored(gateway):
+    generation = await start_reply(gateway.services)
+    events = [event async for event in generation.follow()]
+    outcome = await generation.wait()
+    text = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    assert isinstance(events[-1], Finish)
+    assert outcome.status == "complete"
+    assert outcome.finish_reason == "stop"
+    stored = await gateway.services.conversations.store.get_message(generation.message_id)
+    assert stored.content == text != ""
+    assert stored.status == "complete"
+    assert stored.prompt_tokens == outcome.usage.prompt_tokens > 0
+    assert stored.completion_tokens == outcome.usage.completion_tokens > 0
+    assert gateway.services.generations.current(generation.conversation_id) is None
+
+
+async def test_reasoning_is_stored_apart_from_the_reply(gateway):
+    generation = await start_reply(gateway.services, model="mock-reasoner")
+    outcome = await generation.wait()
+    assert outcome.message.reasoning
+    assert outcome.message.content
+    assert outcome.message.reasoning not in outcome.message.content
+
+
+async def test_partial_replies_are_persisted_while_generating(write_config, gateway_factory):
+    gateway = await gateway_factory(write_config(replace=SLOW))
+    generation = await start_reply(gateway.services)
+    store = gateway.services.conversations.store
+    seen = []
+    while not generation.done:
+        message = await store.get_message(generation.message_id)
+        if message.status == "generating":
+            seen.append(message.content)
+        await asyncio.sleep(0.03)
+    final = (await generation.wait()).message.content
+    partials = [text for text in seen if text and text != final]
+    assert len(partials) >= 2, seen  # written repeatedly while growing ...
+    assert all(final.startswith(p) for p in partials)
+    assert partials == sorted(partials, key=len)  # ... and only ever growing
+
+
+async def test_late_followers_see_every_event_from_the_start(write_config, gateway_factory):
+    gateway = await gateway_factory(write_config(replace=SLOW))
+    generation = await start_reply(gateway.services)
+    await asyncio.sleep(0.15)
+    early, late = generation.follow(), generation.follow()
+    first = [e async for e in early]
+    second = [e async for e in late]
+    assert first == second
+    assert isinstance(first[-1], Finish)
+
+
+async def test_interrupting_keeps_the_partial_reply_and_stops_the_provider(write_config, gateway_factory):
+    gateway = await gateway_factory(write_config(replace=SLOW))
+    provider = gateway.services.catalog.providers["mock"]
+    generation = await start_reply(gateway.services, "Explain tides in detail please")
+    async for event in generation.follow():
+        if isinstance(event, ContentDelta) and len(generation.content) > 10:
+            break
+    assert await gateway.services.generations.interrupt(generation.conversation_id) is True
+    outcome = await generation.wait()
+    assert outcome.status == "interrupted"
+    assert outcome.message.status == "interrupted"
+    assert outcome.message.content == generation.content != ""
+    streamed = provider.tokens_streamed
+    await asyncio.sleep(0.1)
+    assert provider.tokens_streamed == streamed
+    assert provider.active_streams == 0
+    assert await gateway.services.generations.interrupt(generation.conversation_id) is False
+
+
+async def test_a_new_reply_interrupts_the_conversations_running_one(write_config, gateway_factory):
+    gateway = await gateway_factory(write_config(replace=SLOW))
+    first = await start_reply(gateway.services, "first question")
+    await asyncio.sleep(0.1)
+    second = await start_reply(gateway.services, "second question")
+    assert (await first.wait()).status == "interrupted"
+    assert (await second.wait()).status == "complete"
+
+
+async def test_a_provider_failure_marks_the_reply_error_and_keeps_what_was_said(
+    write_config, gateway_factory
+):
+    failing = {"\ntoken_delay = 0\n": '\ntoken_delay = 0\nfail = "unavailable"\nfail_after_tokens = 3\n'}
+    gateway = await gateway_factory(write_config(replace=failing))
+    generation = await start_reply(gateway.services)
+    outcome = await generation.wait()
+    assert outcome.status == "error"
+    assert isinstance(outcome.error, Unavailable)
+    assert outcome.message.status == "error"
+    assert outcome.message.error == outcome.error.message
+    assert outcome.message.content == generation.content != ""
+    messages = await gateway.services.conversations.store.list_messages(generation.conversation_id)
+    assert [m.role for m in messages] == ["user", "assistant"]  # the question survives the failure
+
+
+async def test_usage_is_settled_to_the_ledger_at_the_models_prices(gateway):
+    services = gateway.services
+    user = await services.accounts.user_for_email("writer@example.com")
+    await services.billing.top_up(user.id, 10_000_000)
+    generation = await start_reply(services, reserve=True)
+    outcome = await generation.wait()
+    route = services.catalog.route("mock-chat")
+    cost = services.billing.cost(route, outcome.usage.prompt_tokens, outcome.usage.completion_tokens)
+    # mock-chat costs 1000 credits per million input tokens and 2000 per million output tokens
+    assert cost == outcome.usage.prompt_tokens * 1000 + outcome.usage.completion_tokens * 2000
+    store = services.conversations.store
+    assert (await store.get_user(user.id)).balance == 10_000_000 - cost
+    entries = await store.list_ledger(user.id)
+    assert [e.kind for e in entries] == ["charge", "topup"]
+    charge = entries[0]
+    assert (charge.amount, charge.prompt_tokens, charge.completion_tokens) == (
+        -cost,
+        outcome.usage.prompt_tokens,
+        outcome.usage.completion_tokens,
+    )
+    assert charge.outcome == "ok"
+    assert charge.model == "mock-chat"
+    assert charge.provider == "mock"
+    assert charge.latency_ms is not None
+
+
+async def test_an_interrupted_reply_is_charged_only_for_what_was_produced(write_config, gateway_factory):
+    gateway = await gateway_factory(write_config(replace=SLOW))
+    services = gateway.services
+    user = await services.accounts.user_for_email("writer@example.com")
+    await services.billing.top_up(user.id, 10_000_000)
+    generation = await start_reply(services, reserve=True)
+    reserved = -generation.reservation.entry.amount
+    await asyncio.sleep(0.15)
+    await services.generations.interrupt(generation.conversation_id)
+    outcome = await generation.wait()
+    charge = (await services.conversations.store.list_ledger(user.id))[0]
+    assert charge.outcome == "interrupted"
+    assert 0 < -charge.amount < reserved
+    assert outcome.usage.completion_tokens > 0
+    assert (await services.conversations.store.get_user(user.id)).balance == 10_000_000 + charge.amount
+
+
+async def test_replies_a_crash_left_generating_are_marked_interrupted_at_start(write_config, gateway_factory):
+    config = write_config()
+    store = SqliteStore(SqliteStore.Options(path=str(config.parent / "chatgate.db")))
+    await store.open()
+    user = await store.ensure_user("crash@example.com")
+    conversation = await store.create_conversation(user.id, "test")
+    orphan = await store.append_message(conversation.id, MessageDraft(role="assistant", status="generating"))
+    await store.close()
+    await asyncio.sleep(1.1)  # stale_after = 1 in the test configuration
+    gateway = await gateway_factory(config)
+    message = await gateway.services.conversations.store.get_message(orphan.id)
+    assert message.status == "interrupted"
+
+
+async def test_a_running_reply_is_not_swept_because_it_keeps_a_heartbeat(write_config, gateway_factory):
+    slow_start = {"first_token_delay = 0": "first_token_delay = 1.6"}
+    gateway = await gateway_factory(write_config(replace=slow_start))
+    generation = await start_reply(gateway.services)
+    await asyncio.sleep(1.3)  # longer than stale_after, before any token arrived
+    assert await gateway.services.generations.sweep() == 0
+    assert (await generation.wait()).status == "complete"
+
+
+async def test_shutdown_interrupts_and_persists_running_replies(write_config):
+    from core.app import create_app
+    from core.config import load_config
+
+    app = create_app(load_config(write_config(replace=SLOW)))
+    async with serving(app):
+        generation = await start_reply(app.state.services)
+        await asyncio.sleep(0.1)
+    outcome = await generation.wait()
+    assert outcome.status == "interrupted"
+    store = SqliteStore(SqliteStore.Options(path=app.state.services.config.store.options["path"]))
+    await store.open()
+    try:
+        assert (await store.get_message(generation.message_id)).status == "interrupted"
+    finally:
+        await store.close()
+
+
+async def test_cancelling_a_waiter_does_not_cancel_the_reply(write_config, gateway_factory):
+    gateway = await gateway_factory(write_config(replace=SLOW))
+    generation = await start_reply(gateway.services)
+    waiter = asyncio.create_task(generation.wait())
+    await asyncio.sleep(0.05)
+    waiter.cancel()
+    assert (await generation.wait()).status == "complete"
