@@ -46,14 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(command=None)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    def command(name: str, run: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_, description=help_)
+    # Every command that reads the configuration takes --config after its own name.
+    configured = argparse.ArgumentParser(add_help=False)
+    configured.add_argument(
+        "--config",
+        default=os.environ.get("CHATGATE_CONFIG", "plugins.toml"),
+        help="configuration file (default: $CHATGATE_CONFIG or ./plugins.toml)",
+    )
+
+    def command(
+        name: str, run: Callable[[argparse.Namespace], int], help_: str, *, group: bool = False
+    ) -> argparse.ArgumentParser:
+        parents = [] if group else [configured]
+        sub = commands.add_parser(name, help=help_, description=help_, parents=parents)
         sub.set_defaults(command=name, run=run)
-        sub.add_argument(
-            "--config",
-            default=os.environ.get("CHATGATE_CONFIG", "plugins.toml"),
-            help="configuration file (default: $CHATGATE_CONFIG or ./plugins.toml)",
-        )
         return sub
 
     serve = command("serve", run_serve, "Start the server.")
@@ -63,26 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     command("check", run_check, "Validate the configuration and show what it enables.")
     command("plugins", run_plugins, "List the installed plugins and whether the configuration enables them.")
 
-    keys = command("keys", lambda a: usage(keys), "Manage API keys.")
+    keys = command("keys", lambda a: usage(keys), "Manage API keys.", group=True)
     key_commands = keys.add_subparsers(title="key commands", metavar="ACTION")
-    create = key_commands.add_parser("create", help="create a key; the key is printed once, as the last line")
+    create = key_commands.add_parser(
+        "create", help="create a key; the key is printed once, as the last line", parents=[configured]
+    )
     create.add_argument("--email", required=True, help="owner's email (the user is created if new)")
     create.add_argument("--name", default="", help="a label to recognise the key by")
     create.add_argument("--balance", type=amount, help="credits to add to the owner's balance")
     create.set_defaults(run=store_command(keys_create))
-    listing = key_commands.add_parser("list", help="list keys (never their secrets)")
+    listing = key_commands.add_parser("list", help="list keys (never their secrets)", parents=[configured])
     listing.add_argument("--email", help="only this user's keys")
     listing.set_defaults(run=store_command(keys_list))
-    revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its id", parents=[configured])
     revoke.add_argument("id", type=positive_int, help="the key's id (see `keys list`)")
     revoke.set_defaults(run=store_command(keys_revoke))
 
-    users = command("users", lambda a: usage(users), "Manage users and balances.")
+    users = command("users", lambda a: usage(users), "Manage users and balances.", group=True)
     user_commands = users.add_subparsers(title="user commands", metavar="ACTION")
-    user_commands.add_parser("list", help="list users and balances").set_defaults(
-        run=store_command(users_list)
+    user_list = user_commands.add_parser("list", help="list users and balances", parents=[configured])
+    user_list.set_defaults(run=store_command(users_list))
+    topup = user_commands.add_parser(
+        "topup", help="add credits to a user's balance (negative takes away)", parents=[configured]
     )
-    topup = user_commands.add_parser("topup", help="add credits to a user's balance (negative takes away)")
     topup.add_argument("email")
     topup.add_argument("amount", type=amount, help="credits, e.g. 10 or 2.5")
     topup.set_defaults(run=store_command(users_topup))

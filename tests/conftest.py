@@ -150,10 +150,12 @@ def chatgate(*args: str, cwd: Path | None = None, env: dict[str, str] | None = N
 def server_process(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Start ``chatgate serve`` as a real process; returns its base URL once /healthz answers."""
     processes: list[subprocess.Popen[bytes]] = []
+    logs = []
 
     def start(config: Path, *extra: str, env: dict[str, str] | None = None) -> str:
         port = free_port()
-        log = open(tmp_path / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(tmp_path / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed at teardown
+        logs.append(log)
         process = subprocess.Popen(
             [sys.executable, "-m", "core.cli", "serve", "--config", str(config), "--port", str(port), *extra],
             stdout=log,
@@ -182,3 +184,6 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., str]]:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
+    for log in logs:
+        log.close()
