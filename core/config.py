@@ -48,9 +48,9 @@ class GenerationConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         if self.flush_interval <= 0:
-            raise ValueError("flush_interval must be > 0")
+            raise ValueError(f"flush_interval to be > 0 (it is {self.flush_interval})")
         if self.stale_after < 3 * self.flush_interval:
-            raise ValueError("stale_after must be at least 3 times flush_interval")
+            raise ValueError("stale_after to be at least 3 times flush_interval")
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -68,9 +68,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         if self.input_price < 0 or self.output_price < 0:
-            raise ValueError("prices must be >= 0")
+            raise ValueError("input_price and output_price to be >= 0")
         if not 0 < self.max_output_tokens < self.context_tokens:
-            raise ValueError("max_output_tokens must be > 0 and below context_tokens")
+            raise ValueError("max_output_tokens to be > 0 and below context_tokens")
 
 
 class PluginTable(msgspec.Struct, frozen=True):
@@ -220,7 +220,8 @@ class Report:
         try:
             return msgspec.convert(value, struct, strict=False)
         except msgspec.ValidationError as exc:  # a __post_init__ check spanning fields
-            self.add(path, str(exc).split(" - at ")[0].rstrip("."), "values that break it")
+            # Options structs phrase their __post_init__ errors as expectations: "x to be > 0".
+            self.add(path, str(exc).split(" - at ")[0].rstrip("."), "values that do not")
             return None
 
     def validation_error(

@@ -240,13 +240,20 @@ class Store(abc.ABC):
         """Add ``draft.amount`` to the user's balance and record the entry, atomically.
 
         Raises :class:`~core.errors.InsufficientBalance` (and changes nothing)
-        when the balance would end below ``floor``; ``floor=None`` allows any
-        balance (a settlement that found the reply cost more than reserved).
+        when a charge (``amount`` < 0) would end the balance below ``floor``;
+        ``floor=None`` allows any balance. Credits (``amount`` >= 0) always
+        land, so a top-up can repay a balance a settlement left negative.
         """
 
     @abc.abstractmethod
     async def settle_ledger(self, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
-        """Replace an entry's amount and details, moving the balance by the difference, atomically."""
+        """Replace an entry's amount and details, moving the balance by the difference, atomically.
+
+        Settlement never checks a floor: the tokens were already spent. The
+        entry's ``balance_after`` becomes the balance right after the
+        settlement; settling an entry again moves the balance by the new
+        difference.
+        """
 
     @abc.abstractmethod
     async def list_ledger(self, user_id: int, limit: int = 100) -> list[LedgerEntry]:

@@ -72,7 +72,7 @@ class MockOptions(msgspec.Struct, forbid_unknown_fields=True):
         for field in ("first_token_delay", "token_delay", "fail_after_tokens", "retry_after"):
             value = getattr(self, field)
             if value is not None and value < 0:
-                raise ValueError(f"{field} must be >= 0, got {value}")
+                raise ValueError(f"{field} to be >= 0 (it is {value})")
 
 
 class MockProvider(Provider):

@@ -306,6 +306,14 @@ class StoreConformance:
         assert (await store.get_user(user.id)).balance == -15
 
     @pytest.mark.asyncio
+    async def test_a_top_up_always_lands_even_below_the_floor(self, store: Store) -> None:
+        user = await funded_user(store, "debt@example.com", 10)
+        await store.post_ledger(charge(user, 25), floor=None)
+        repaid = await store.post_ledger(LedgerDraft(user_id=user.id, amount=5, kind="topup"), floor=0)
+        assert repaid.balance_after == -10
+        assert (await store.get_user(user.id)).balance == -10
+
+    @pytest.mark.asyncio
     async def test_post_ledger_for_missing_user(self, store: Store) -> None:
         with not_found("user", MISSING):
             await store.post_ledger(LedgerDraft(user_id=MISSING, amount=5, kind="topup"))

@@ -123,7 +123,7 @@ def test_plugin_option_checks_across_fields_are_reported(write_config):
     assert status == 2
     assert lines == [
         f"{config}:{line_of(config, '[models.mock-chat]')}: models.mock-chat: expected "
-        "max_output_tokens must be > 0 and below context_tokens, found values that break it"
+        "max_output_tokens to be > 0 and below context_tokens, found values that do not"
     ]
 
 
@@ -171,3 +171,13 @@ def test_chatgate_config_environment_variable_is_the_default(write_config):
 )
 def test_types_read_as_english(tp, text):
     assert describe_type(tp) == text
+
+
+def test_a_plugins_own_checks_are_configuration_problems(write_config):
+    config = write_config(replace={'path = "': 'path = ":memory:"\n# "'})
+    status, lines = check_lines(config)
+    assert status == 2
+    assert lines == [
+        f"{config}:{line_of(config, '[store]')}: store: expected path to name a file all workers share "
+        "(it is ':memory:'), found values that do not"
+    ]

@@ -1,0 +1,223 @@
+"""The SQLite store: the conformance suite plus what only SQLite has (pragmas, migrations)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import aiosqlite
+import msgspec
+import pytest
+
+from core.errors import StoreError
+from core.store import LedgerDraft, MessageDraft, Store, utcnow
+from core.testing.store_suite import OpenStore, StoreConformance
+from stores.sqlite import LATEST_VERSION, MIGRATIONS, SqliteStore, migrate, register_stores
+
+
+def sqlite_store(path: Path) -> SqliteStore:
+    return SqliteStore(SqliteStore.Options(path=str(path)))
+
+
+class TestSqliteConformance(StoreConformance):
+    @pytest.fixture
+    def open_store(self, tmp_path: Path) -> OpenStore:
+        async def open_store() -> Store:
+            store = sqlite_store(tmp_path / "chatgate.db")
+            await store.open()
+            return store
+
+        return open_store
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = sqlite_store(tmp_path / "chatgate.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def user_version(path: Path) -> int:
+    async with aiosqlite.connect(path) as conn:
+        [(version,)] = await conn.execute_fetchall("PRAGMA user_version")
+        return int(version)
+
+
+def test_registers_itself() -> None:
+    assert register_stores() == [SqliteStore]
+    assert SqliteStore.name == "sqlite"
+
+
+def test_options_forbid_unknown_fields() -> None:
+    assert msgspec.convert({}, SqliteStore.Options) == SqliteStore.Options("chatgate.db", 5000)
+    with pytest.raises(msgspec.ValidationError, match="pathh"):
+        msgspec.convert({"pathh": "x.db"}, SqliteStore.Options)
+
+
+@pytest.mark.parametrize("path", [":memory:", ""])
+def test_in_memory_database_is_rejected(path: str) -> None:
+    with pytest.raises(ValueError, match="path to name a file"):
+        SqliteStore(SqliteStore.Options(path=path))
+
+
+async def test_pragmas(store: SqliteStore) -> None:
+    conn = store._connection()
+
+    async def pragma(name: str) -> object:
+        [(value,)] = await conn.execute_fetchall(f"PRAGMA {name}")
+        return value
+
+    assert await pragma("journal_mode") == "wal"
+    assert await pragma("foreign_keys") == 1
+    assert await pragma("busy_timeout") == 5000
+    assert await pragma("synchronous") == 1  # NORMAL
+
+
+async def test_fresh_database_is_at_latest_version(store: SqliteStore, tmp_path: Path) -> None:
+    assert LATEST_VERSION == len(MIGRATIONS) == 2
+    assert await user_version(tmp_path / "chatgate.db") == LATEST_VERSION
+
+
+async def test_creates_parent_directory_and_resolves_relative_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = SqliteStore(SqliteStore.Options(path="data/nested/chat.db"))
+    monkeypatch.chdir("/")  # the path was fixed when the store was configured
+    await store.open()
+    await store.close()
+    assert (tmp_path / "data" / "nested" / "chat.db").is_file()
+    assert store.describe() == {"plugin": "sqlite", "path": str(tmp_path / "data/nested/chat.db")}
+
+
+async def test_version_1_database_upgrades_keeping_data(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    async with aiosqlite.connect(path) as conn:
+        assert await migrate(conn, target=1) == 1
+        await conn.execute("INSERT INTO users (id, email, balance, created_at) VALUES (1, 'a@b.c', 5, 0)")
+        await conn.execute(
+            "INSERT INTO conversations (id, user_id, kind, name, favorite, created_at, updated_at)"
+            " VALUES (7, 1, 'topic', 'old talk', 1, 1000, 2000)"
+        )
+        await conn.commit()
+    assert await user_version(path) == 1
+
+    store = sqlite_store(path)
+    await store.open()
+    try:
+        conversation = await store.get_conversation(7)
+        user = await store.get_user(1)
+    finally:
+        await store.close()
+    assert await user_version(path) == LATEST_VERSION
+    assert (conversation.name, conversation.favorite, conversation.user_id) == ("old talk", True, 1)
+    assert (conversation.summary, conversation.summary_until) == ("", None)
+    assert conversation.updated_at.timestamp() == 2.0
+    assert (user.email, user.balance) == ("a@b.c", 5)
+
+
+async def test_newer_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    async with aiosqlite.connect(path) as conn:
+        await migrate(conn)
+        await conn.execute(f"PRAGMA user_version = {LATEST_VERSION + 1}")
+    store = sqlite_store(path)
+    found, supported = LATEST_VERSION + 1, LATEST_VERSION
+    expected = (
+        rf"{re.escape(str(path))} is at schema version {found}.*up to version {supported}.*upgrade chatgate"
+    )
+    with pytest.raises(StoreError, match=expected):
+        await store.open()
+    assert await user_version(path) == LATEST_VERSION + 1
+    async with aiosqlite.connect(path) as conn:
+        assert list(await conn.execute_fetchall("PRAGMA journal_mode")) == [("delete",)]
+    with pytest.raises(StoreError, match="not open"):
+        await store.ping()
+
+
+async def test_workers_opening_a_fresh_file_together_migrate_once(tmp_path: Path) -> None:
+    stores = [sqlite_store(tmp_path / "shared.db") for _ in range(4)]
+    await asyncio.gather(*(store.open() for store in stores))
+    try:
+        users = await asyncio.gather(*(store.ensure_user("x@example.com") for store in stores))
+        assert len({user.id for user in users}) == 1
+    finally:
+        for store in stores:
+            await store.close()
+    assert await user_version(tmp_path / "shared.db") == LATEST_VERSION
+
+
+async def test_failed_write_rolls_back(store: SqliteStore) -> None:
+    user = await store.ensure_user("a@example.com")
+    await store.create_api_key(user.id, "k", "cg-1", "hash-1")
+    with pytest.raises(StoreError, match="already exists"):
+        await store.create_api_key(user.id, "k2", "cg-2", "hash-1")
+    # The connection is usable and not stuck inside the failed transaction.
+    assert len(await store.list_api_keys()) == 1
+    await store.create_api_key(user.id, "k3", "cg-3", "hash-3")
+
+
+async def test_cancelled_writes_leave_the_store_consistent(store: SqliteStore) -> None:
+    user = await store.ensure_user("a@example.com")
+    for step in range(20):
+        # Cancel at varying points: while BEGIN, the writes or COMMIT are queued.
+        task = asyncio.create_task(store.post_ledger(LedgerDraft(user_id=user.id, amount=1, kind="topup")))
+        await asyncio.sleep(step * 0.0002)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    last = await store.post_ledger(LedgerDraft(user_id=user.id, amount=1, kind="topup"))
+    ledger = await store.list_ledger(user.id)
+    assert (
+        sum(entry.amount for entry in ledger) == last.balance_after == (await store.get_user(user.id)).balance
+    )
+
+
+async def test_interrupt_cutoff_below_a_millisecond(store: SqliteStore) -> None:
+    user = await store.ensure_user("a@example.com")
+    conversation = await store.create_conversation(user.id, "topic")
+    message = await store.append_message(conversation.id, MessageDraft(role="assistant", status="generating"))
+    assert await store.interrupt_stale_generations(message.updated_at) == 0
+    assert await store.interrupt_stale_generations(message.updated_at + timedelta(microseconds=1)) == 1
+    assert (await store.get_message(message.id)).updated_at <= utcnow()
+
+
+WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from core.store import LedgerDraft
+    from stores.sqlite import SqliteStore
+
+    async def main(path, user_id):
+        store = SqliteStore(SqliteStore.Options(path=path))
+        await store.open()
+        try:
+            charge = LedgerDraft(user_id=user_id, amount=-7, kind="charge")
+            await asyncio.gather(*(store.post_ledger(charge) for _ in range(25)))
+        finally:
+            await store.close()
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    """
+)
+
+
+async def test_worker_processes_share_the_file(store: SqliteStore) -> None:
+    user = await store.ensure_user("a@example.com")
+    await store.post_ledger(LedgerDraft(user_id=user.id, amount=1000, kind="topup"))
+    workers = [
+        await asyncio.create_subprocess_exec(sys.executable, "-c", WORKER, str(store.path), str(user.id))
+        for _ in range(3)
+    ]
+    codes = await asyncio.gather(*(worker.wait() for worker in workers))
+    assert codes == [0, 0, 0]
+    ledger = await store.list_ledger(user.id)
+    assert (await store.get_user(user.id)).balance == 1000 - 3 * 25 * 7
+    assert sorted(entry.balance_after for entry in ledger) == [1000 - 7 * k for k in range(75, -1, -1)]
