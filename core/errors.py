@@ -5,6 +5,7 @@ Exception tree::
     ChatgateError
     ├── ConfigError            a bad plugins.toml; carries one Problem per line
     ├── PluginError            a plugin failed to import or two claim one name
+    ├── NotAllowed             an identity outside the allow-list
     ├── UnknownModel           a client asked for a model not in the catalog
     ├── UnknownProvider        a client named a provider instance not configured
     ├── ContextTooLong         the newest input alone exceeds the context budget
@@ -157,6 +158,10 @@ PROVIDER_ERRORS: dict[str, type[ProviderError]] = {
     "timeout": Timeout,
 }
 """Provider errors by the short names operators write in configuration."""
+
+
+class NotAllowed(ChatgateError):
+    """The caller's identity is valid but not admitted (an email outside the allow-list)."""
 
 
 class UnknownModel(ChatgateError):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..errors import NotAllowed
 from ..store import ApiKey, Store, User
 
 KEY_PREFIX = "sk-cg-"
@@ -21,7 +23,7 @@ def normalize_email(email: str) -> str:
     return email.strip().lower()
 
 
-def email_allowed(email: str, patterns: list[str] | tuple[str, ...]) -> bool:
+def email_allowed(email: str, patterns: Sequence[str]) -> bool:
     """Whether ``email`` matches an allow-list of exact addresses, ``*@domain`` patterns or ``*``."""
     email = normalize_email(email)
     domain = email.rpartition("@")[2]
@@ -66,8 +68,14 @@ class Accounts:
         """The user with ``email``, or None; never creates one."""
         return await self.store.find_user(normalize_email(email))
 
-    async def user_for_email(self, email: str) -> User:
-        """The user with ``email``, created on first use. Allow-lists are the surface's to check."""
+    async def user_for_email(self, email: str, allow: Sequence[str] = ("*",)) -> User:
+        """The user with ``email``, created on first use, if ``allow`` admits the address.
+
+        Raises:
+            NotAllowed: the address matches no pattern of ``allow``; no user is created.
+        """
+        if not email_allowed(email, allow):
+            raise NotAllowed(f"{normalize_email(email)} is not on the allow-list")
         return await self.store.ensure_user(normalize_email(email))
 
 
