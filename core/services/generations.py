@@ -57,8 +57,8 @@ class Generation:
     tool_calls: dict[int, ToolCallDelta] = field(default_factory=dict)
     events: list[ProviderEvent] = field(default_factory=list)
     done: bool = False
-    interrupted: bool = False
     task: asyncio.Task[None] | None = None
+    _started: asyncio.Event = field(default_factory=asyncio.Event)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _outcome: asyncio.Future[Outcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -108,7 +108,7 @@ class Generations:
         self.flush_interval = flush_interval
         self.stale_after = stale_after
         self._running: dict[int, Generation] = {}
-        self._locks: dict[int, asyncio.Lock] = {}
+        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}  # lock and how many tasks want it
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -143,7 +143,7 @@ class Generations:
         and, when billing applies, reserved its cost; the generation settles
         the reservation whatever the outcome.
         """
-        async with self._lock(conversation_id):
+        async with self._exclusive(conversation_id):
             await self._interrupt_locked(conversation_id)
             generation = Generation(conversation_id, message_id, route, request, reservation)
             self._running[conversation_id] = generation
@@ -154,7 +154,7 @@ class Generations:
 
     async def interrupt(self, conversation_id: int) -> bool:
         """Stop the conversation's running generation, if any, and wait until it is persisted."""
-        async with self._lock(conversation_id):
+        async with self._exclusive(conversation_id):
             return await self._interrupt_locked(conversation_id)
 
     async def sweep(self) -> int:
@@ -164,19 +164,34 @@ class Generations:
             log.warning("marked %d reply(ies) left generating by a stopped process as interrupted", count)
         return count
 
-    def _lock(self, conversation_id: int) -> asyncio.Lock:
-        return self._locks.setdefault(conversation_id, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, conversation_id: int) -> AsyncIterator[None]:
+        """One start or interrupt at a time per conversation; the lock lives only while wanted."""
+        lock, wanted = self._locks.get(conversation_id, (asyncio.Lock(), 0))
+        self._locks[conversation_id] = (lock, wanted + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, wanted = self._locks[conversation_id]
+            if wanted == 1:
+                del self._locks[conversation_id]
+            else:
+                self._locks[conversation_id] = (lock, wanted - 1)
 
     async def _interrupt_locked(self, conversation_id: int) -> bool:
         generation = self._running.get(conversation_id)
         if generation is None or generation.task is None:
             return False
-        generation.interrupted = True
+        # A task cancelled before its first step never enters _produce, so it
+        # would never persist its end: let it start first.
+        await generation._started.wait()
         generation.task.cancel()
         await generation.wait()
         return True
 
     async def _produce(self, generation: Generation) -> None:
+        generation._started.set()
         started = time.monotonic()
         finish: Finish | None = None
         error: ProviderError | None = None
@@ -224,16 +239,20 @@ class Generations:
                         error=error.message if error else None,
                     ),
                 )
+        except Exception as exc:
+            log.exception("could not persist the end of reply %d", generation.message_id)
+            if not generation._outcome.done():
+                generation._outcome.set_exception(exc)
+        # Settled whether or not the reply could be written: the tokens were spent either way.
+        try:
             if generation.reservation is not None:
                 latency_ms = round((time.monotonic() - started) * 1000)
                 outcome = "ok" if status == "complete" else status
                 await self.billing.settle(
                     generation.reservation, usage, outcome=outcome, latency_ms=latency_ms
                 )
-        except Exception as exc:
-            log.exception("could not persist the end of reply %d", generation.message_id)
-            if not generation._outcome.done():
-                generation._outcome.set_exception(exc)
+        except Exception:
+            log.exception("could not settle the charge of reply %d", generation.message_id)
         finally:
             generation.done = True
             generation._wake()
@@ -254,12 +273,20 @@ class Generations:
 
     async def _tick(self) -> None:
         heartbeat = self.stale_after / 3
+        swept_at = time.monotonic()
         while True:
             await asyncio.sleep(self.flush_interval)
             now = time.monotonic()
             for generation in list(self._running.values()):
                 if generation._dirty or now - generation._written_at >= heartbeat:
                     await self._flush(generation, now)
+            # Periodically too: replies a crash left shortly before this start were not stale yet.
+            if now - swept_at >= self.stale_after:
+                swept_at = now
+                try:
+                    await self.sweep()
+                except Exception:
+                    log.exception("could not sweep replies left generating")
 
     async def _flush(self, generation: Generation, now: float) -> None:
         async with generation._write_lock:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from core.errors import Unavailable
+import pytest
+
+from core.errors import NotFound, Unavailable
 from core.services import Services
 from core.services.generations import Generation
 from core.store import MessageDraft
@@ -228,3 +230,49 @@ async def test_cancelling_a_waiter_does_not_cancel_the_reply(write_config, gatew
     await asyncio.sleep(0.05)
     waiter.cancel()
     assert (await generation.wait()).status == "complete"
+
+
+async def test_interrupting_right_after_starting_still_ends_the_reply(write_config, gateway_factory):
+    """No await between run() and interrupt(): the task has not taken its first step yet."""
+    gateway = await gateway_factory(write_config(replace=SLOW))
+    services = gateway.services
+    user = await services.accounts.user_for_email("quick@example.com")
+    conversation = await services.conversations.create(user.id, "test")
+    store = services.conversations.store
+    reply = await store.append_message(conversation.id, MessageDraft(role="assistant", status="generating"))
+    request = ChatRequest(model="mock-chat", messages=(ChatMessage(role="user", content="hi"),))
+    generation = await services.generations.run(
+        conversation.id, reply.id, services.catalog.route("mock-chat"), request
+    )
+    async with asyncio.timeout(2):  # not wait_for: its extra task would let the reply start first
+        assert await services.generations.interrupt(conversation.id) is True
+        assert (await generation.wait()).message.status == "interrupted"
+    assert services.generations._locks == {}  # per-conversation locks do not pile up
+
+
+async def test_the_charge_is_settled_even_when_the_reply_cannot_be_written(gateway):
+    services = gateway.services
+    store = services.conversations.store
+    user = await services.accounts.user_for_email("writer@example.com")
+    await services.billing.top_up(user.id, 10_000_000)
+    generation = await start_reply(services, reserve=True)
+    await store.delete_conversation(generation.conversation_id)  # behind the runner's back
+    with pytest.raises(NotFound):
+        await generation.wait()
+    [charge, _topup] = await store.list_ledger(user.id)
+    assert charge.kind == "charge"
+    assert charge.outcome != "pending"
+    assert (await store.get_user(user.id)).balance == 10_000_000 + charge.amount
+
+
+async def test_orphans_are_swept_periodically_not_only_at_start(gateway):
+    """A crash just before a restart leaves replies that are not stale yet at start-up."""
+    store = gateway.services.conversations.store
+    user = await store.ensure_user("orphan@example.com")
+    conversation = await store.create_conversation(user.id, "test")
+    orphan = await store.append_message(conversation.id, MessageDraft(role="assistant", status="generating"))
+    deadline = time.monotonic() + 5
+    while (await store.get_message(orphan.id)).status == "generating":
+        assert time.monotonic() < deadline, "the orphan was never swept"
+        await asyncio.sleep(0.1)
+    assert (await store.get_message(orphan.id)).status == "interrupted"
