@@ -55,7 +55,7 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
         accounts=Accounts(store),
         billing=billing,
         generations=generations,
-        conversations=Conversations(store, generations),
+        conversations=Conversations(store, generations, billing),
     )
     surfaces = [c.registered.cls(c.options, services) for c in setup.surfaces.values()]
 

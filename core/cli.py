@@ -12,9 +12,10 @@ from typing import Any
 from . import __version__
 from .config import Config, load_config
 from .errors import ChatgateError, ConfigError, NotFound
+from .money import format_amount, parse_amount
 from .plugins import Plugins, Setup
 from .services.accounts import Accounts, normalize_email
-from .services.billing import Billing, format_amount, parse_amount
+from .services.billing import Billing
 from .store import Store
 
 
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--email", required=True, help="owner's email (the user is created if new)")
     create.add_argument("--name", default="", help="a label to recognise the key by")
-    create.add_argument("--balance", type=amount, help="credits to add to the owner's balance")
+    create.add_argument("--balance", type=credit, help="credits to add to the owner's balance (>= 0)")
     create.set_defaults(run=store_command(keys_create))
     listing = key_commands.add_parser("list", help="list keys (never their secrets)", parents=[configured])
     listing.add_argument("--email", help="only this user's keys")
@@ -126,6 +127,15 @@ def amount(text: str) -> int:
         return parse_amount(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def credit(text: str) -> int:
+    value = amount(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is negative; use `chatgate users topup` to take credits away"
+        )
+    return value
 
 
 def configure(path: str) -> tuple[Config, Plugins, Setup]:
@@ -214,9 +224,11 @@ def store_command(
 
 
 async def keys_create(store: Store, args: argparse.Namespace) -> int:
-    key, secret = await Accounts(store).create_key(args.email, args.name)
+    # Top up first: if anything fails, no key exists whose secret was never shown.
+    user = await Accounts(store).user_for_email(args.email, allow=["*"])  # the operator may name anyone
     if args.balance:
-        await Billing(store).top_up(key.user_id, args.balance, note=f"with key {key.prefix}")
+        await Billing(store).top_up(user.id, args.balance, note="chatgate keys create")
+    key, secret = await Accounts(store).create_key(args.email, args.name)
     user = await store.get_user(key.user_id)
     print(f"created key {key.id} ({key.prefix}...) for {user.email}; balance {format_amount(user.balance)}")
     print("store it now: it is shown only once")

@@ -5,6 +5,7 @@ Exception tree::
     ChatgateError
     ├── ConfigError            a bad plugins.toml; carries one Problem per line
     ├── PluginError            a plugin failed to import or two claim one name
+    ├── InvalidEmail           not an email address
     ├── NotAllowed             an identity outside the allow-list
     ├── UnknownModel           a client asked for a model not in the catalog
     ├── UnknownProvider        a client named a provider instance not configured
@@ -73,9 +74,13 @@ class InsufficientBalance(StoreError):
     """A charge would take the balance below the allowed floor."""
 
     def __init__(self, balance: int, amount: int) -> None:
+        from .money import format_amount
+
         self.balance = balance
         self.amount = amount
-        super().__init__(f"balance {balance} cannot cover a charge of {-amount}")
+        super().__init__(
+            f"balance {format_amount(balance)} cannot cover a charge of {format_amount(-amount)} credits"
+        )
 
 
 class ProviderError(ChatgateError):
@@ -158,6 +163,10 @@ PROVIDER_ERRORS: dict[str, type[ProviderError]] = {
     "timeout": Timeout,
 }
 """Provider errors by the short names operators write in configuration."""
+
+
+class InvalidEmail(ChatgateError):
+    """Something given as an email address is not one."""
 
 
 class NotAllowed(ChatgateError):

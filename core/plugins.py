@@ -91,6 +91,11 @@ class Plugins:
                     ) from exc
                 if pm.is_registered(module):
                     continue  # the same module listed twice, e.g. by an editable and a regular install
+                if pm.has_plugin(ep.name):
+                    raise PluginError(
+                        f'plugin name "{ep.name}" is claimed by two packages: {packages[ep.name]} and '
+                        f"{package}; uninstall one of them"
+                    )
                 pm.register(module, name=ep.name)
                 packages[ep.name] = package
         for obj in extra:

@@ -169,7 +169,13 @@ class SqliteStore(Store):
     async def open(self) -> None:
         async with self._lock:  # two concurrent opens must not leak a connection
             if self._db is None:
-                self._db = await self._connect()
+                try:
+                    self._db = await self._connect()
+                except (OSError, sqlite3.Error) as exc:
+                    raise StoreError(
+                        f"cannot open the SQLite database {self.path}: {exc}; "
+                        "check [store] path and its permissions"
+                    ) from exc
 
     async def _connect(self) -> aiosqlite.Connection:
         await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import NotAllowed
+from ..errors import InvalidEmail, NotAllowed
 from ..store import ApiKey, Store, User
 
 KEY_PREFIX = "sk-cg-"
@@ -19,8 +20,19 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
+
+
 def normalize_email(email: str) -> str:
     return email.strip().lower()
+
+
+def checked_email(email: str) -> str:
+    """``email`` normalized, or :class:`InvalidEmail` when it is not an address."""
+    normal = normalize_email(email)
+    if not EMAIL.fullmatch(normal):
+        raise InvalidEmail(f"{email!r} is not an email address")
+    return normal
 
 
 def email_allowed(email: str, patterns: Sequence[str]) -> bool:
@@ -50,7 +62,7 @@ class Accounts:
 
     async def create_key(self, email: str, name: str = "") -> tuple[ApiKey, str]:
         """Create a key for the user with ``email`` (created if new). The secret is returned only here."""
-        user = await self.store.ensure_user(normalize_email(email))
+        user = await self.store.ensure_user(checked_email(email))
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key = await self.store.create_api_key(user.id, name, secret[:PREFIX_LENGTH], hash_key(secret))
         return key, secret
@@ -68,15 +80,17 @@ class Accounts:
         """The user with ``email``, or None; never creates one."""
         return await self.store.find_user(normalize_email(email))
 
-    async def user_for_email(self, email: str, allow: Sequence[str] = ("*",)) -> User:
+    async def user_for_email(self, email: str, allow: Sequence[str]) -> User:
         """The user with ``email``, created on first use, if ``allow`` admits the address.
 
         Raises:
+            InvalidEmail: ``email`` is not an address.
             NotAllowed: the address matches no pattern of ``allow``; no user is created.
         """
+        email = checked_email(email)
         if not email_allowed(email, allow):
-            raise NotAllowed(f"{normalize_email(email)} is not on the allow-list")
-        return await self.store.ensure_user(normalize_email(email))
+            raise NotAllowed(f"{email} is not on the allow-list")
+        return await self.store.ensure_user(email)
 
 
 def api_key_from(headers: dict[str, str] | object) -> str | None:

@@ -10,40 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from ..store import LedgerDraft, LedgerEntry, LedgerSettlement, Store
 from ..tokens import estimate_prompt_tokens
 from ..types import ChatRequest, Usage
 from .catalog import Route
-
-MICRO = 1_000_000
-"""Micro-credits per credit: balances are integers, so ledgers add up exactly."""
-
-
-def parse_amount(text: str | float) -> int:
-    """Credits as written by a human (``"12.5"``) to micro-credits; at most 6 decimals.
-
-    Raises:
-        ValueError: not a finite number with at most 6 decimals.
-    """
-    try:
-        value = Decimal(str(text).strip())
-    except InvalidOperation:
-        raise ValueError(f"{text!r} is not a number") from None
-    if not value.is_finite():
-        raise ValueError(f"{text!r} is not a finite number")
-    micro = value * MICRO
-    if micro != micro.to_integral_value():
-        raise ValueError(f"{text!r} has more than 6 decimals")
-    return int(micro)
-
-
-def format_amount(micro: int) -> str:
-    """Micro-credits as credits with 6 decimals: ``12.500000``."""
-    sign = "-" if micro < 0 else ""
-    whole, frac = divmod(abs(micro), MICRO)
-    return f"{sign}{whole}.{frac:06d}"
 
 
 @dataclass(frozen=True)
@@ -52,7 +24,6 @@ class Reservation:
 
     entry: LedgerEntry
     route: Route
-    started: float
 
 
 class Billing:
@@ -75,7 +46,7 @@ class Billing:
         return self.cost(route, prompt, reply)
 
     async def reserve(
-        self, user_id: int, route: Route, request: ChatRequest, *, key_id: int | None, started: float
+        self, user_id: int, route: Route, request: ChatRequest, *, key_id: int | None
     ) -> Reservation:
         """Hold the worst-case cost.
 
@@ -91,7 +62,7 @@ class Billing:
             provider=route.provider.instance,
             outcome="pending",
         )
-        return Reservation(await self.store.post_ledger(draft, floor=0), route, started)
+        return Reservation(await self.store.post_ledger(draft, floor=0), route)
 
     async def settle(
         self, reservation: Reservation, usage: Usage, *, outcome: str, latency_ms: int
@@ -104,6 +75,11 @@ class Billing:
             latency_ms=latency_ms,
             outcome=outcome,
         )
+        return await self.store.settle_ledger(reservation.entry.id, settlement)
+
+    async def release(self, reservation: Reservation) -> LedgerEntry:
+        """Give a reservation back untouched: the request never went upstream."""
+        settlement = LedgerSettlement(amount=0, outcome="not_sent")
         return await self.store.settle_ledger(reservation.entry.id, settlement)
 
     async def top_up(self, user_id: int, amount: int, note: str | None = None) -> LedgerEntry:

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 import msgspec
 
 from ..errors import NotFound
-from ..store import Conversation, ConversationPatch, Message, Store
-from .generations import Generations
+from ..store import Conversation, ConversationPatch, Message, MessageDraft, Store
+from ..types import ChatRequest
+from .billing import Billing
+from .catalog import Route
+from .generations import Generation, Generations
 
 
 @dataclass(frozen=True)
@@ -22,9 +25,41 @@ class Transcript:
 class Conversations:
     """Owner-checked access to conversations: someone else's id is :class:`NotFound`, like a missing one."""
 
-    def __init__(self, store: Store, generations: Generations) -> None:
+    def __init__(self, store: Store, generations: Generations, billing: Billing) -> None:
         self.store = store
         self.generations = generations
+        self.billing = billing
+
+    async def start_reply(
+        self,
+        conversation: Conversation,
+        route: Route,
+        request: ChatRequest,
+        *,
+        question: str | None,
+        key_id: int | None = None,
+    ) -> Generation:
+        """Store ``question`` (when given) and a reply being generated for it, and start generating.
+
+        The worst-case cost is reserved on the owner's balance first, so a
+        request the balance cannot cover writes nothing. The reply settles
+        the reservation however it ends; a conversation's running reply is
+        interrupted by the new one.
+
+        Raises:
+            InsufficientBalance: the owner's balance cannot cover the worst case; nothing was written.
+        """
+        reservation = await self.billing.reserve(conversation.user_id, route, request, key_id=key_id)
+        try:
+            if question is not None:
+                await self.store.append_message(conversation.id, MessageDraft(role="user", content=question))
+            reply = await self.store.append_message(
+                conversation.id, MessageDraft(role="assistant", status="generating", model=route.model)
+            )
+        except BaseException:
+            await self.billing.release(reservation)
+            raise
+        return await self.generations.run(conversation.id, reply.id, route, request, reservation=reservation)
 
     async def create(
         self, user_id: int, kind: str, name: str = "", series_id: int | None = None

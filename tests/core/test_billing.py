@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from core.config import ModelConfig
-from core.services.billing import Billing, format_amount, parse_amount
+from core.money import format_amount, parse_amount
+from core.services.billing import Billing
 from core.services.catalog import Route
 from core.types import ChatMessage, ChatRequest
 from providers.mock import MockProvider

@@ -71,7 +71,7 @@ def test_a_balance_cannot_be_taken_below_zero(write_config):
     chatgate("keys", "create", "--email", "poor@example.com", "--config", str(config), check=True)
     result = chatgate("users", "topup", "poor@example.com", "-1", "--config", str(config))
     assert result.returncode == 1
-    assert result.stderr.startswith("chatgate: balance 0 cannot cover")
+    assert result.stderr.strip() == "chatgate: balance 0.000000 cannot cover a charge of 1.000000 credits"
 
 
 @pytest.mark.parametrize(
@@ -82,6 +82,8 @@ def test_a_balance_cannot_be_taken_below_zero(write_config):
         (["keys", "revoke", "abc"], "'abc' is not a whole number"),
         (["users", "topup", "a@b.c"], "the following arguments are required: amount"),
         (["serve", "--port", "70000"], "'70000' is not a port"),
+        (["keys", "create", "--email", "a@b.c", "--balance", "-5"], "'-5' is negative"),
+        (["users", "topup", "a@b.c", "1e20"], "'1e20' is too large"),
         (["keys"], "choose an action"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
@@ -109,3 +111,23 @@ def test_a_broken_config_stops_serve_before_it_binds(write_config):
     assert result.returncode == 2
     assert "server.prot: expected one of the keys" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_not_an_email_is_a_clear_error_and_creates_nothing(write_config):
+    config = str(write_config())
+    for email in ("", "not an email"):
+        result = chatgate("keys", "create", "--email", email, "--config", config)
+        assert (result.returncode, result.stderr.strip()) == (
+            1,
+            f"chatgate: {email!r} is not an email address",
+        )
+    assert chatgate("users", "list", "--config", config, check=True).stdout.splitlines()[1:] == []
+
+
+def test_an_unopenable_store_is_a_clear_error(write_config, tmp_path):
+    (tmp_path / "file").write_text("")
+    config = write_config(replace={'path = "': f'path = "{tmp_path}/file/'})
+    result = chatgate("users", "list", "--config", str(config))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"chatgate: cannot open the SQLite database {tmp_path}/file/")

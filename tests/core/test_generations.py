@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from core.errors import NotFound, Unavailable
+from core.errors import InsufficientBalance, NotFound, Unavailable
 from core.services import Services
 from core.services.generations import Generation
 from core.store import MessageDraft
@@ -19,28 +19,19 @@ SLOW = {"\ntoken_delay = 0\n": "\ntoken_delay = 0.02\n"}
 
 
 async def start_reply(
-    services: Services,
-    text: str = "Tell me about the sea",
-    *,
-    model: str = "mock-chat",
-    reserve: bool = False,
+    services: Services, text: str = "Tell me about the sea", *, model: str = "mock-chat"
 ) -> Generation:
-    """What a surface does: store the question, a generating reply, and run it."""
-    user = await services.accounts.user_for_email("writer@example.com")
+    """What a surface does: find the conversation and start a reply to ``text`` in it."""
+    user = await services.accounts.user_for_email("writer@example.com", ["*"])
+    if user.balance < 1_000_000:  # mock-chat is priced in the test configuration
+        await services.billing.top_up(user.id, 10_000_000)
     conversation = await services.conversations.latest(user.id, "test")
     if conversation is None:
         conversation = await services.conversations.create(user.id, "test")
-    store = services.conversations.store
-    await store.append_message(conversation.id, MessageDraft(role="user", content=text))
-    reply = await store.append_message(conversation.id, MessageDraft(role="assistant", status="generating"))
-    route = services.catalog.route(model)
     request = ChatRequest(model=model, messages=(ChatMessage(role="user", content=text),))
-    reservation = None
-    if reserve:
-        reservation = await services.billing.reserve(
-            user.id, route, request, key_id=None, started=time.monotonic()
-        )
-    return await services.generations.run(conversation.id, reply.id, route, request, reservation=reservation)
+    return await services.conversations.start_reply(
+        conversation, services.catalog.route(model), request, question=text
+    )
 
 
 async def test_a_reply_runs_to_completion_and_is_stored(gateway):
@@ -141,9 +132,9 @@ async def test_a_provider_failure_marks_the_reply_error_and_keeps_what_was_said(
 
 async def test_usage_is_settled_to_the_ledger_at_the_models_prices(gateway):
     services = gateway.services
-    user = await services.accounts.user_for_email("writer@example.com")
+    user = await services.accounts.user_for_email("writer@example.com", ["*"])
     await services.billing.top_up(user.id, 10_000_000)
-    generation = await start_reply(services, reserve=True)
+    generation = await start_reply(services)
     outcome = await generation.wait()
     route = services.catalog.route("mock-chat")
     cost = services.billing.cost(route, outcome.usage.prompt_tokens, outcome.usage.completion_tokens)
@@ -168,9 +159,9 @@ async def test_usage_is_settled_to_the_ledger_at_the_models_prices(gateway):
 async def test_an_interrupted_reply_is_charged_only_for_what_was_produced(write_config, gateway_factory):
     gateway = await gateway_factory(write_config(replace=SLOW))
     services = gateway.services
-    user = await services.accounts.user_for_email("writer@example.com")
+    user = await services.accounts.user_for_email("writer@example.com", ["*"])
     await services.billing.top_up(user.id, 10_000_000)
-    generation = await start_reply(services, reserve=True)
+    generation = await start_reply(services)
     reserved = -generation.reservation.entry.amount
     await asyncio.sleep(0.15)
     await services.generations.interrupt(generation.conversation_id)
@@ -180,6 +171,21 @@ async def test_an_interrupted_reply_is_charged_only_for_what_was_produced(write_
     assert 0 < -charge.amount < reserved
     assert outcome.usage.completion_tokens > 0
     assert (await services.conversations.store.get_user(user.id)).balance == 10_000_000 + charge.amount
+
+
+async def test_a_reply_the_balance_cannot_cover_writes_nothing(gateway):
+    services = gateway.services
+    store = services.conversations.store
+    user = await services.accounts.user_for_email("broke@example.com", ["*"])
+    conversation = await services.conversations.create(user.id, "test")
+    request = ChatRequest(model="mock-chat", messages=(ChatMessage(role="user", content="hello"),))
+    with pytest.raises(InsufficientBalance):
+        await services.conversations.start_reply(
+            conversation, services.catalog.route("mock-chat"), request, question="hello"
+        )
+    assert await store.list_messages(conversation.id) == []
+    assert await store.list_ledger(user.id) == []
+    assert services.generations.current(conversation.id) is None
 
 
 async def test_replies_a_crash_left_generating_are_marked_interrupted_at_start(write_config, gateway_factory):
@@ -236,7 +242,7 @@ async def test_interrupting_right_after_starting_still_ends_the_reply(write_conf
     """No await between run() and interrupt(): the task has not taken its first step yet."""
     gateway = await gateway_factory(write_config(replace=SLOW))
     services = gateway.services
-    user = await services.accounts.user_for_email("quick@example.com")
+    user = await services.accounts.user_for_email("quick@example.com", ["*"])
     conversation = await services.conversations.create(user.id, "test")
     store = services.conversations.store
     reply = await store.append_message(conversation.id, MessageDraft(role="assistant", status="generating"))
@@ -253,9 +259,9 @@ async def test_interrupting_right_after_starting_still_ends_the_reply(write_conf
 async def test_the_charge_is_settled_even_when_the_reply_cannot_be_written(gateway):
     services = gateway.services
     store = services.conversations.store
-    user = await services.accounts.user_for_email("writer@example.com")
+    user = await services.accounts.user_for_email("writer@example.com", ["*"])
     await services.billing.top_up(user.id, 10_000_000)
-    generation = await start_reply(services, reserve=True)
+    generation = await start_reply(services)
     await store.delete_conversation(generation.conversation_id)  # behind the runner's back
     with pytest.raises(NotFound):
         await generation.wait()

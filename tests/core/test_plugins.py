@@ -87,14 +87,21 @@ def test_registered_is_not_enabled(write_config):
     assert "unused" not in app.state.services.catalog.providers
 
 
+def fake_distribution(site: Path, name: str, entry_point: str, module: str, source: str) -> None:
+    """Lay out an installed distribution (metadata, entry point, module) on a PYTHONPATH entry."""
+    dist = site / f"{name.replace('-', '_')}-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[chatgate]\n{entry_point} = {module}\n")
+    (site / f"{module}.py").write_text(source)
+
+
 def test_a_package_that_fails_to_import_is_one_clear_error(tmp_path: Path, write_config):
     """A broken installed distribution: one line naming the package and the reason, no traceback."""
     site = tmp_path / "site"
-    dist = site / "chatgate_broken-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: chatgate-broken\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[chatgate]\nbroken = chatgate_broken\n")
-    (site / "chatgate_broken.py").write_text("import no_such_module_anywhere\n")
+    fake_distribution(
+        site, "chatgate-broken", "broken", "chatgate_broken", "import no_such_module_anywhere\n"
+    )
     result = chatgate("check", "--config", str(write_config()), env={"PYTHONPATH": str(site)})
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -103,6 +110,18 @@ def test_a_package_that_fails_to_import_is_one_clear_error(tmp_path: Path, write
         "ModuleNotFoundError: No module named 'no_such_module_anywhere'. "
         "Fix it or uninstall it (pip uninstall chatgate-broken)."
     ]
+
+
+def test_two_packages_with_one_entry_point_name_fail_naming_both(tmp_path: Path, write_config):
+    site = tmp_path / "site"
+    fake_distribution(site, "chatgate-copycat", "mock", "chatgate_copycat", "")
+    result = chatgate("plugins", "--config", str(write_config()), env={"PYTHONPATH": str(site)})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith('chatgate: plugin name "mock" is claimed by two packages: ')
+    assert "chatgate-copycat" in line
+    assert " chatgate " in line.replace(";", " ").replace(",", " ")
 
 
 def test_chatgate_plugins_lists_kind_package_and_enablement(write_config):

@@ -65,16 +65,12 @@ async def test_it_serves_a_model_by_name(write_config, gateway_factory):
     health = (await gateway.client.get("/healthz")).json()
     assert health["providers"]["parrot"] == {"plugin": "echo"}
     services = gateway.services
-    user = await services.accounts.user_for_email("fan@example.com")
+    user = await services.accounts.user_for_email("fan@example.com", ["*"])
     conversation = await services.conversations.create(user.id, "test")
-    store = services.conversations.store
-    from core.store import MessageDraft
-
-    await store.append_message(conversation.id, MessageDraft(role="user", content="hello plugin"))
-    reply = await store.append_message(conversation.id, MessageDraft(role="assistant", status="generating"))
     request = ChatRequest(model="parrot", messages=(ChatMessage(role="user", content="hello plugin"),))
-    generation = await services.generations.run(
-        conversation.id, reply.id, services.catalog.route("parrot"), request
+    route = services.catalog.route("parrot")
+    generation = await services.conversations.start_reply(
+        conversation, route, request, question="hello plugin"
     )
     outcome = await generation.wait()
     assert outcome.message.content == "you said: hello plugin"
