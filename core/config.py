@@ -76,12 +76,16 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
 class PluginTable(msgspec.Struct, frozen=True):
     """A plugin selection: which plugin, whether enabled, its still unvalidated options."""
 
-    key: str
+    path: tuple[str, ...]
     plugin: str
     enabled: bool
     options: dict[str, Any]
-    plugin_key: str
-    """Where the plugin name came from: ``<key>.plugin``, or ``<key>`` when it defaulted to the table name."""
+    plugin_path: tuple[str, ...]
+    """Where the plugin name came from: ``<path>.plugin``, or ``<path>`` when it defaulted."""
+
+    @property
+    def key(self) -> str:
+        return dotted(self.path)
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -95,6 +99,10 @@ class Config(msgspec.Struct, frozen=True):
     surfaces: dict[str, PluginTable]
     models: dict[str, ModelConfig]
     text: str = ""
+    from_env: dict[tuple[str, ...], str] = {}
+    """Keys whose value came from ``${VAR}`` substitution, with the text as written."""
+    unresolved: frozenset[tuple[str, ...]] = frozenset()
+    """Keys whose variable was unset (already reported)."""
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -130,6 +138,15 @@ def parse_config(text: str, file: str, env: Mapping[str, str]) -> Config:
     generation = report.convert(raw.get("generation", {}), GenerationConfig, ("generation",))
     store = plugin_table(report, raw.get("store"), ("store",), selectable=False)
     providers = plugin_tables(report, raw.get("providers", {}), "providers", selectable=False)
+    seen: dict[str, str] = {}
+    for name in providers:
+        if name.lower() in seen:  # X-AI-Provider picks instances case-insensitively
+            report.add(
+                ("providers", name),
+                f'a name that differs from "{seen[name.lower()]}" in more than case',
+                f'"{name}"',
+            )
+        seen.setdefault(name.lower(), name)
     surfaces = plugin_tables(report, raw.get("surfaces", {}), "surfaces", selectable=True)
     models: dict[str, ModelConfig] = {}
     model_tables = raw.get("models", {})
@@ -159,6 +176,8 @@ def parse_config(text: str, file: str, env: Mapping[str, str]) -> Config:
         surfaces=surfaces,
         models=models,
         text=text,
+        from_env=report.from_env,
+        unresolved=frozenset(report.unresolved),
     )
     report.raise_if_any(partial=config)
     return config
@@ -166,8 +185,9 @@ def parse_config(text: str, file: str, env: Mapping[str, str]) -> Config:
 
 def validate_options(config: Config, table: PluginTable, options_type: type[Any]) -> Any:
     """Convert a plugin's table to its ``Options`` struct; raise :class:`ConfigError` on problems."""
-    report = Report(config.path, config.text)
-    options = report.convert(table.options, options_type, tuple(table.key.split(".")))
+    report = Report(config.path, config.text, config.from_env)
+    report.unresolved.update(config.unresolved)
+    options = report.convert(table.options, options_type, table.path)
     report.raise_if_any()
     return options
 
@@ -175,10 +195,21 @@ def validate_options(config: Config, table: PluginTable, options_type: type[Any]
 class Report:
     """Collects configuration problems with their key paths and lines."""
 
-    def __init__(self, file: str, text: str) -> None:
+    def __init__(self, file: str, text: str, from_env: dict[tuple[str, ...], str] | None = None) -> None:
         self.file = file
         self.text = text
         self.problems: list[Problem] = []
+        self.from_env = {} if from_env is None else from_env
+        self.unresolved: set[tuple[str, ...]] = set()
+
+    def substituted_under(self, path: tuple[str, ...]) -> bool:
+        return any(key[: len(path)] == path for key in self.from_env)
+
+    def found(self, path: tuple[str, ...], value: Any) -> str:
+        """How a found value reads; substituted values may be secrets, so they are named, not shown."""
+        if path in self.from_env:
+            return f"the value of {self.from_env[path]}"
+        return describe_value(value)
 
     def add(self, path: tuple[str, ...], expected: str, found: str) -> None:
         self.problems.append(Problem(self.file, dotted(path), expected, found, locate(self.text, path)))
@@ -202,23 +233,28 @@ class Report:
             return None
         fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
         before = len(self.problems)
+        skipped = False
         for key, item in value.items():
             field = fields.get(key)
             if field is None:
                 self.unknown((*path, key), list(fields))
                 continue
+            if (*path, key) in self.unresolved:
+                skipped = True  # its unset variable is the problem, already reported
+                continue
             try:
-                msgspec.convert(item, field.type, strict=False)
+                # Lenient only where ${VAR} produced a string: `port = "8000"` written literally is an error.
+                msgspec.convert(item, field.type, strict=not self.substituted_under((*path, key)))
             except msgspec.ValidationError as exc:
                 self.validation_error((*path, key), field.type, item, exc)
         for name, field in fields.items():
             required = field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT
             if required and name not in value:
                 self.add((*path, name), f"{describe_type(field.type)} (required)", "nothing")
-        if len(self.problems) > before:
+        if len(self.problems) > before or skipped:
             return None
         try:
-            return msgspec.convert(value, struct, strict=False)
+            return msgspec.convert(value, struct, strict=not self.substituted_under(path))
         except msgspec.ValidationError as exc:  # a __post_init__ check spanning fields
             # Options structs phrase their __post_init__ errors as expectations: "x to be > 0".
             self.add(path, str(exc).split(" - at ")[0].rstrip("."), "values that do not")
@@ -241,9 +277,9 @@ class Report:
         elif missing:
             self.add((*path, *subpath, missing.group(1)), "a value (required)", "nothing")
         elif subpath:
-            self.add((*path, *subpath), message.split(" - at ")[0], describe_value(target))
+            self.add((*path, *subpath), msgspec_expectation(message), self.found((*path, *subpath), target))
         else:
-            self.add(path, describe_type(tp), describe_value(item))
+            self.add(path, describe_type(tp), self.found(path, item))
 
     def raise_if_any(self, partial: Config | None = None) -> None:
         if self.problems:
@@ -286,8 +322,8 @@ def plugin_table(
     if not isinstance(enabled, bool):
         report.add((*path, "enabled"), "true or false", describe_value(enabled))
         return None
-    plugin_key = dotted((*path, "plugin")) if "plugin" in value else dotted(path)
-    return PluginTable(dotted(path), plugin, enabled, options, plugin_key)
+    plugin_path = (*path, "plugin") if "plugin" in value else path
+    return PluginTable(path, plugin, enabled, options, plugin_path)
 
 
 def substitute_env(value: Any, env: Mapping[str, str], report: Report, path: tuple[str, ...]) -> Any:
@@ -306,8 +342,10 @@ def substitute_env(value: Any, env: Mapping[str, str], report: Report, path: tup
         if default is not None:
             return default
         report.add(path, f"environment variable {name} to be set", "it unset")
+        report.unresolved.add(path)
         return ""
 
+    report.from_env[path] = value
     return ENV_VAR.sub(replace, value)
 
 
@@ -343,8 +381,20 @@ def key_pattern(key: str) -> str:
     return "(?:" + re.escape(key) + '|"' + re.escape(key) + "\"|'" + re.escape(key) + "')"
 
 
+def msgspec_expectation(message: str) -> str:
+    """msgspec's "Expected `int`, got `str` - at ..." as "an integer"."""
+    match = re.match(r"Expected `([^`]+)`", message)
+    if not match:
+        return message.split(" - at ")[0]
+    names = {"int": "an integer", "str": "a string", "float": "a number", "bool": "true or false"}
+    names |= {"array": "a list", "object": "a table", "null": "nothing"}
+    return " or ".join(names.get(part.strip(), part.strip()) for part in match.group(1).split("|"))
+
+
 def describe_value(value: Any) -> str:
     """How a TOML value reads in an error message: ``"thirty" (a string)``."""
+    if value is None:
+        return "nothing"
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
     if isinstance(value, str):

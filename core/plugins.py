@@ -149,7 +149,7 @@ class Plugins:
             registered = registry.get(table.plugin)
             if registered is None:
                 report.add(
-                    tuple(table.plugin_key.split(".")),
+                    table.plugin_path,
                     f"one of the installed {kind} plugins ({', '.join(sorted(registry)) or 'none'})",
                     f'"{table.plugin}"',
                 )

@@ -181,3 +181,64 @@ def test_a_plugins_own_checks_are_configuration_problems(write_config):
         f"{config}:{line_of(config, '[store]')}: store: expected path to name a file all workers share "
         "(it is ':memory:'), found values that do not"
     ]
+
+
+def test_an_unset_variable_in_a_typed_key_is_one_problem_not_two(write_config):
+    config = write_config(replace={"\ntoken_delay = 0\n": '\ntoken_delay = "${CHATGATE_TEST_UNSET_DELAY}"\n'})
+    status, lines = check_lines(config)
+    assert status == 2
+    assert lines == [
+        f"{config}:{line_of(config, 'CHATGATE_TEST_UNSET_DELAY')}: providers.mock.token_delay: "
+        "expected environment variable CHATGATE_TEST_UNSET_DELAY to be set, found it unset"
+    ]
+
+
+def test_literal_values_of_the_wrong_type_are_not_coerced(write_config):
+    config = write_config(replace={"flush_interval = 0.05": 'flush_interval = "0.05"'})
+    status, lines = check_lines(config)
+    assert status == 2
+    assert lines == [
+        f"{config}:{line_of(config, 'flush_interval')}: generation.flush_interval: "
+        'expected a number, found "0.05" (a string)'
+    ]
+
+
+def test_substituted_strings_are_converted_and_never_echoed(write_config):
+    config = write_config(replace={"\ntoken_delay = 0\n": '\ntoken_delay = "${CHATGATE_TEST_DELAY}"\n'})
+    assert check_lines(config, env={"CHATGATE_TEST_DELAY": "0.5"})[0] == 0
+    status, lines = check_lines(config, env={"CHATGATE_TEST_DELAY": "sk-secret"})
+    assert status == 2
+    assert lines == [
+        f"{config}:{line_of(config, 'CHATGATE_TEST_DELAY')}: providers.mock.token_delay: "
+        "expected a number, found the value of ${CHATGATE_TEST_DELAY}"
+    ]
+
+
+def test_nested_type_errors_read_as_english(write_config):
+    config = write_config(replace={'models = ["mock-chat", "mock-reasoner"]': 'models = ["mock-chat", 7]'})
+    status, lines = check_lines(config)
+    assert status == 2
+    assert lines == [
+        f"{config}:{line_of(config, 'models = [')}: providers.mock.models.1: "
+        "expected a string, found 7 (an integer)"
+    ]
+
+
+def test_a_store_table_without_a_plugin(write_config):
+    config = write_config(replace={'plugin = "sqlite"\n': ""})
+    status, lines = check_lines(config)
+    assert status == 2
+    assert lines == [
+        f"{config}:{line_of(config, '[store]')}: store.plugin: "
+        "expected the name of an installed plugin (a string), found nothing"
+    ]
+
+
+def test_provider_names_differing_only_in_case_are_refused(write_config):
+    config = write_config('[providers.MOCK]\nplugin = "mock"\n')
+    status, lines = check_lines(config)
+    assert status == 2
+    assert lines == [
+        f"{config}:{line_of(config, '[providers.MOCK]')}: providers.MOCK: "
+        'expected a name that differs from "mock" in more than case, found "MOCK"'
+    ]
