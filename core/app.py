@@ -88,7 +88,9 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
         try:
             await store.ping()
         except Exception as exc:
-            store_health.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            # The detail (paths, hosts) is for the operator's log, not for anonymous callers.
+            log.warning("health check: the store did not answer: %s: %s", type(exc).__name__, exc)
+            store_health.update(ok=False, error=f"{type(exc).__name__}; see the server log")
         body = {
             "status": "ok" if store_health["ok"] else "unavailable",
             "version": __version__,

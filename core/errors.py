@@ -5,6 +5,7 @@ Exception tree::
     ChatgateError
     ├── ConfigError            a bad plugins.toml; carries one Problem per line
     ├── PluginError            a plugin failed to import or two claim one name
+    ├── Unauthenticated        no API key, or an unknown or revoked one
     ├── InvalidEmail           not an email address
     ├── NotAllowed             an identity outside the allow-list
     ├── UnknownModel           a client asked for a model not in the catalog
@@ -163,6 +164,14 @@ PROVIDER_ERRORS: dict[str, type[ProviderError]] = {
     "timeout": Timeout,
 }
 """Provider errors by the short names operators write in configuration."""
+
+
+class Unauthenticated(ChatgateError):
+    """A request carried no API key, or one that is unknown or revoked."""
+
+    def __init__(self, message: str, *, missing: bool) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 class InvalidEmail(ChatgateError):

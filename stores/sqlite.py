@@ -161,9 +161,6 @@ class SqliteStore(Store):
         # too so they never see another task's uncommitted writes.
         self._lock = asyncio.Lock()
 
-    def describe(self) -> dict[str, Any]:
-        return {"plugin": self.name, "path": str(self.path)}
-
     # lifecycle
 
     async def open(self) -> None:
@@ -312,9 +309,9 @@ class SqliteStore(Store):
     async def create_conversation(
         self, user_id: int, kind: str, name: str = "", series_id: int | None = None
     ) -> Conversation:
-        now = _now()
         values = {"user_id": user_id, "kind": kind, "name": name, "series_id": series_id}
         async with self._write() as db:
+            now = _now()
             await _balance(db, user_id)
             row = await _insert(db, "conversations", {**values, "created_at": now, "updated_at": now})
         return _record(Conversation, row)
@@ -348,8 +345,8 @@ class SqliteStore(Store):
     # messages
 
     async def append_message(self, conversation_id: int, draft: MessageDraft) -> Message:
-        now = _now()
         async with self._write() as db:
+            now = _now()  # under the write lock, so timestamps follow ids across processes too
             bumped = await _rows(
                 db,
                 "UPDATE conversations SET updated_at = ? WHERE id = ? RETURNING id",

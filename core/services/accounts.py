@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..errors import InvalidEmail, NotAllowed
+from ..errors import InvalidEmail, NotAllowed, Unauthenticated
 from ..store import ApiKey, Store, User
 
 KEY_PREFIX = "sk-cg-"
@@ -76,6 +76,22 @@ class Accounts:
             return None
         return Caller(await self.store.get_user(key.user_id), key)
 
+    async def authenticate_headers(self, headers: Mapping[str, str]) -> Caller:
+        """The caller of a request, from ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+
+        Raises:
+            Unauthenticated: no key (``missing``), or an unknown or revoked one.
+        """
+        secret = api_key_from(headers)
+        if secret is None:
+            raise Unauthenticated(
+                "no API key: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", missing=True
+            )
+        caller = await self.authenticate(secret)
+        if caller is None:
+            raise Unauthenticated("the API key is not valid (unknown or revoked)", missing=False)
+        return caller
+
     async def find_user(self, email: str) -> User | None:
         """The user with ``email``, or None; never creates one."""
         return await self.store.find_user(normalize_email(email))
@@ -93,12 +109,10 @@ class Accounts:
         return await self.store.ensure_user(email)
 
 
-def api_key_from(headers: dict[str, str] | object) -> str | None:
+def api_key_from(headers: Mapping[str, str]) -> str | None:
     """The key a request carries in ``Authorization: Bearer`` or ``X-API-Key``, or None."""
-    get = getattr(headers, "get")  # noqa: B009 - Litestar headers and dicts alike
-    auth = get("authorization") or ""
-    scheme, _, token = auth.partition(" ")
+    scheme, _, token = (headers.get("authorization") or "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
-        return str(token.strip())
-    key = get("x-api-key")
-    return str(key).strip() if key else None
+        return token.strip()
+    key = (headers.get("x-api-key") or "").strip()
+    return key or None

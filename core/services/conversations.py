@@ -96,7 +96,8 @@ class Conversations:
         messages = await self.store.list_messages(conversation_id)
         live = self.generations.current(conversation_id)
         if live is None:
-            return Transcript(messages, generating=False)
+            # Another worker process may be generating: its flushes keep the stored text current.
+            return Transcript(messages, generating=any(m.status == "generating" for m in messages))
         overlaid = [
             msgspec.structs.replace(m, content=live.content, reasoning=live.reasoning)
             if m.id == live.message_id

@@ -564,12 +564,16 @@ class StoreConformance:
     # concurrency
 
     @pytest.mark.asyncio
-    async def test_concurrent_appends_all_land(self, store: Store) -> None:
+    async def test_concurrent_appends_all_land(self, store: Store, connect_store: OpenStore) -> None:
+        """50 appends at once, split across two instances (two workers) on one database."""
+        other = await connect_store()
         user = await store.ensure_user("talk@example.com")
         conversation = await store.create_conversation(user.id, "topic")
         appended = await asyncio.gather(
             *(
-                store.append_message(conversation.id, MessageDraft(role="user", content=str(i)))
+                (store, other)[i % 2].append_message(
+                    conversation.id, MessageDraft(role="user", content=str(i))
+                )
                 for i in range(50)
             )
         )

@@ -9,8 +9,9 @@ from litestar import Request, get
 from litestar.response import Response
 from litestar.types import ControllerRouterHandler
 
+from core.errors import Unauthenticated
 from core.hookspecs import hookimpl
-from core.services.accounts import Caller, api_key_from
+from core.services.accounts import Caller
 from core.surface import Surface
 
 CREATED = 1_735_689_600  # 2025-01-01: a fixed, honest "created" for configured models
@@ -42,19 +43,11 @@ class OpenAICompatSurface(Surface):
         owned_by = self.options.owned_by
 
         async def authenticate(request: Request[object, object, object]) -> Caller | Response[object]:
-            secret = api_key_from(request.headers)
-            if secret is None:
-                return error(
-                    401,
-                    "You didn't provide an API key. "
-                    "Send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.",
-                    "invalid_request_error",
-                    "missing_api_key",
-                )
-            caller = await services.accounts.authenticate(secret)
-            if caller is None:
-                return error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
-            return caller
+            try:
+                return await services.accounts.authenticate_headers(request.headers)
+            except Unauthenticated as exc:
+                code = "missing_api_key" if exc.missing else "invalid_api_key"
+                return error(401, str(exc), "invalid_request_error", code)
 
         def model_object(name: str) -> dict[str, object]:
             return {"id": name, "object": "model", "created": CREATED, "owned_by": owned_by}

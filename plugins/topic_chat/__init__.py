@@ -11,9 +11,9 @@ from litestar import Request, get
 from litestar.response import Response
 from litestar.types import ControllerRouterHandler
 
-from core.errors import NotFound
+from core.errors import NotFound, Unauthenticated
 from core.hookspecs import hookimpl
-from core.services.accounts import Caller, api_key_from
+from core.services.accounts import Caller
 from core.store import Conversation
 from core.surface import Surface
 
@@ -55,14 +55,10 @@ class TopicChatSurface(Surface):
         services = self.services
 
         async def authenticate(request: Request[Any, Any, Any]) -> Caller | Response[Any]:
-            secret = api_key_from(request.headers)
-            caller = await services.accounts.authenticate(secret) if secret else None
-            if caller is None:
-                missing = "missing" if secret is None else "invalid"
-                return failure(
-                    401, f"API key {missing}: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-                )
-            return caller
+            try:
+                return await services.accounts.authenticate_headers(request.headers)
+            except Unauthenticated as exc:
+                return failure(401, str(exc))
 
         @get("/chat/topic", tags=["topic-chat"], summary="List the caller's topics")
         async def list_topics(request: Request[Any, Any, Any]) -> Response[Any]:

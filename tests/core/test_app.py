@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import types
+
 import httpx
 import pytest
+
+from core.app import create_app
+from core.config import load_config
+from core.errors import StoreError
+from core.hookspecs import hookimpl
+from providers.mock import MockProvider
+from tests.conftest import serving
 
 SURFACE_ROUTES = {
     "openai_compat": ("GET", "/v1/models", None),
@@ -53,11 +62,12 @@ async def test_healthz_reports_store_providers_and_surfaces_without_secrets(
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok"
-    assert body["store"]["plugin"] == "sqlite"
-    assert body["store"]["ok"] is True
-    assert body["providers"]["mock"]["plugin"] == "mock"
+    # Exactly these fields: no options (where secrets live), no filesystem paths.
+    assert body["store"] == {"plugin": "sqlite", "ok": True}
+    assert body["providers"] == {"mock": {"plugin": "mock", "models": ["mock-chat", "mock-reasoner"]}}
     assert body["surfaces"] == ["openai_compat", "email_socket", "topic_chat"]
     assert "sk-very-secret-value" not in response.text
+    assert str(gateway.services.config.path.rsplit("/", 1)[0]) not in response.text
 
 
 async def test_healthz_answers_503_when_the_store_is_unreachable(gateway):
@@ -66,6 +76,7 @@ async def test_healthz_answers_503_when_the_store_is_unreachable(gateway):
     assert response.status_code == 503
     assert response.json()["status"] == "unavailable"
     assert response.json()["store"]["ok"] is False
+    assert response.json()["store"]["error"].endswith("; see the server log")
     await gateway.services.accounts.store.open()  # so shutdown closes a store that is open
 
 
@@ -84,15 +95,28 @@ async def test_bodies_over_the_configured_limit_answer_413(write_config, gateway
     assert response.status_code == 413
 
 
-async def test_providers_and_store_are_closed_at_shutdown(write_config, gateway_factory):
-    """The lifespan closes what it opened: a stopped gateway's store refuses work."""
-    from core.app import create_app
-    from core.config import load_config
-    from tests.conftest import serving
+async def test_providers_and_store_are_opened_and_closed_by_the_lifespan(write_config):
+    """The lifespan opens what the configuration selects and closes it at shutdown."""
+    events: list[str] = []
 
-    app = create_app(load_config(write_config()))
+    class Tracked(MockProvider):
+        name = "tracked"
+
+        async def open(self) -> None:
+            events.append(f"open {self.instance}")
+
+        async def aclose(self) -> None:
+            events.append(f"close {self.instance}")
+
+    tracking = types.SimpleNamespace(__name__="tracking", register_providers=hookimpl(lambda: [Tracked]))
+    config = load_config(
+        write_config('[providers.one]\nplugin = "tracked"\n[providers.two]\nplugin = "tracked"\n')
+    )
+    app = create_app(config, extra_plugins=[tracking])
+    assert events == []
     async with serving(app) as url, httpx.AsyncClient() as client:
+        assert events == ["open one", "open two"]
         assert (await client.get(url + "/healthz")).status_code == 200
-    store = app.state.services.accounts.store
-    with pytest.raises(Exception):  # noqa: B017, PT011 - any failure proves the connection is gone
-        await store.ping()
+    assert events == ["open one", "open two", "close two", "close one"]
+    with pytest.raises(StoreError):  # the store's connection is gone too
+        await app.state.services.conversations.store.ping()

@@ -282,3 +282,18 @@ async def test_orphans_are_swept_periodically_not_only_at_start(gateway):
         assert time.monotonic() < deadline, "the orphan was never swept"
         await asyncio.sleep(0.1)
     assert (await store.get_message(orphan.id)).status == "interrupted"
+
+
+async def test_a_reply_generating_in_another_process_shows_as_generating(gateway):
+    """Only the store knows about a reply another worker is producing."""
+    services = gateway.services
+    user = await services.accounts.user_for_email("shared@example.com", ["*"])
+    conversation = await services.conversations.create(user.id, "test")
+    store = services.conversations.store
+    await store.append_message(conversation.id, MessageDraft(role="user", content="hi"))
+    await store.append_message(
+        conversation.id, MessageDraft(role="assistant", content="Hel", status="generating")
+    )
+    transcript = await services.conversations.transcript(conversation.id)
+    assert transcript.generating is True
+    assert transcript.messages[-1].content == "Hel"

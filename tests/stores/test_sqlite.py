@@ -94,7 +94,8 @@ async def test_creates_parent_directory_and_resolves_relative_path(
     await store.open()
     await store.close()
     assert (tmp_path / "data" / "nested" / "chat.db").is_file()
-    assert store.describe() == {"plugin": "sqlite", "path": str(tmp_path / "data/nested/chat.db")}
+    assert store.path == tmp_path / "data/nested/chat.db"
+    assert store.describe() == {"plugin": "sqlite"}  # /healthz is anonymous: no filesystem paths
 
 
 async def test_version_1_database_upgrades_keeping_data(tmp_path: Path) -> None:
