@@ -66,7 +66,7 @@ async def timed(work) -> tuple[float, int]:
 
 async def bench_stream(store: SqliteStore) -> None:
     provider = MockProvider("mock", MockProvider.Options(first_token_delay=0, token_delay=0))
-    runner = Generations(store, Billing(store), flush_interval=0.05, stale_after=30)
+    runner = Generations(store, Billing(store, {}), flush_interval=0.05, stale_after=30)
     await runner.start()
     base, ours, overhead = [], [], []
     for _ in range(REPEATS):

@@ -42,7 +42,7 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
     setup = plugins.configure(config)
     store = setup.store.registered.cls(setup.store.options)
     providers = {name: c.registered.cls(name, c.options) for name, c in setup.providers.items()}
-    billing = Billing(store)
+    billing = Billing(store, config.models)
     generations = Generations(
         store,
         billing,

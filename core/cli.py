@@ -227,7 +227,7 @@ async def keys_create(store: Store, args: argparse.Namespace) -> int:
     # Top up first: if anything fails, no key exists whose secret was never shown.
     user = await Accounts(store).user_for_email(args.email, allow=["*"])  # the operator may name anyone
     if args.balance:
-        await Billing(store).top_up(user.id, args.balance, note="chatgate keys create")
+        await Billing(store, {}).top_up(user.id, args.balance, note="chatgate keys create")
     key, secret = await Accounts(store).create_key(args.email, args.name)
     user = await store.get_user(key.user_id)
     print(f"created key {key.id} ({key.prefix}...) for {user.email}; balance {format_amount(user.balance)}")
@@ -279,7 +279,7 @@ async def users_topup(store: Store, args: argparse.Namespace) -> int:
     user = await store.find_user(normalize_email(args.email))
     if user is None:
         raise NotFound(f"no user with email {normalize_email(args.email)}; `chatgate keys create` makes one")
-    entry = await Billing(store).top_up(user.id, args.amount, note="chatgate users topup")
+    entry = await Billing(store, {}).top_up(user.id, args.amount, note="chatgate users topup")
     print(f"{user.email}: balance {format_amount(entry.balance_after)}")
     return 0
 

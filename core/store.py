@@ -135,6 +135,8 @@ class MessageDraft(msgspec.Struct, frozen=True):
     reasoning: str = ""
     status: MessageStatus = "complete"
     model: str | None = None
+    ledger_id: int | None = None
+    """The reservation a reply being generated holds, so it can be settled if its process dies."""
 
 
 class MessagePatch(msgspec.Struct, frozen=True):
@@ -164,6 +166,7 @@ class Message(msgspec.Struct, frozen=True):
     error: str | None
     created_at: datetime
     updated_at: datetime
+    ledger_id: int | None = None
 
 
 class Store(abc.ABC):
@@ -256,6 +259,10 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def get_ledger_entry(self, entry_id: int) -> LedgerEntry:
+        """The ledger entry with this id."""
+
+    @abc.abstractmethod
     async def list_ledger(self, user_id: int, limit: int = 100) -> list[LedgerEntry]:
         """A user's newest ledger entries first."""
 
@@ -302,9 +309,10 @@ class Store(abc.ABC):
         """A conversation's messages, oldest first."""
 
     @abc.abstractmethod
-    async def interrupt_stale_generations(self, updated_before: datetime) -> int:
+    async def interrupt_stale_generations(self, updated_before: datetime) -> list[Message]:
         """Mark ``generating`` messages not updated since ``updated_before`` as ``interrupted``.
 
-        Returns how many were marked. Runs at start-up and periodically, so a
-        crash never leaves a reply "generating" forever.
+        Returns the messages it marked, as they are now, so their reservations
+        can be settled. Runs at start-up and periodically, so a crash never
+        leaves a reply "generating" forever.
         """

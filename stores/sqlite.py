@@ -110,6 +110,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE conversations ADD COLUMN summary TEXT NOT NULL DEFAULT '';
     ALTER TABLE conversations ADD COLUMN summary_until INTEGER;
     """,
+    # 3: a reply being generated names its reservation, settled by whoever finds it orphaned.
+    """
+    ALTER TABLE messages ADD COLUMN ledger_id INTEGER REFERENCES ledger (id);
+    """,
 ]
 """Forward migrations; applying ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
 
@@ -298,6 +302,10 @@ class SqliteStore(Store):
             )
         return _record(LedgerEntry, row)
 
+    async def get_ledger_entry(self, entry_id: int) -> LedgerEntry:
+        rows = await self._fetch("SELECT * FROM ledger WHERE id = ?", (entry_id,))
+        return _record(LedgerEntry, _found(rows, "ledger entry", entry_id))
+
     async def list_ledger(self, user_id: int, limit: int = 100) -> list[LedgerEntry]:
         rows = await self._fetch(
             "SELECT * FROM ledger WHERE user_id = ? ORDER BY id DESC LIMIT ?", (user_id, limit)
@@ -376,17 +384,17 @@ class SqliteStore(Store):
         )
         return [_record(Message, row) for row in rows]
 
-    async def interrupt_stale_generations(self, updated_before: datetime) -> int:
+    async def interrupt_stale_generations(self, updated_before: datetime) -> list[Message]:
         async with self._write() as db:
             rows = await _rows(
                 db,
                 "UPDATE messages SET status = 'interrupted', updated_at = ?"
-                " WHERE status = 'generating' AND updated_at < ? RETURNING id",
+                " WHERE status = 'generating' AND updated_at < ? RETURNING *",
                 # Stamps are whole milliseconds, so stamp < cutoff exactly when
                 # stamp < the cutoff rounded up to a whole millisecond.
                 (_now(), -((_EPOCH - updated_before) // _MS)),
             )
-        return len(rows)
+        return sorted((_record(Message, row) for row in rows), key=lambda m: m.id)
 
     # plumbing
 

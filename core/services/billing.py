@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass
 from decimal import Decimal
 
-from ..store import LedgerDraft, LedgerEntry, LedgerSettlement, Store
-from ..tokens import estimate_prompt_tokens
+from ..config import ModelConfig
+from ..store import LedgerDraft, LedgerEntry, LedgerSettlement, Message, Store
+from ..tokens import estimate_prompt_tokens, estimate_tokens
 from ..types import ChatRequest, Usage
 from .catalog import Route
 
@@ -29,14 +30,20 @@ class Reservation:
 class Billing:
     """Prices, reservations and settlements."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, models: dict[str, ModelConfig]) -> None:
         self.store = store
+        self.models = models
 
     @staticmethod
     def cost(route: Route, prompt_tokens: int, completion_tokens: int) -> int:
+        """Micro-credits for this many tokens at the route's model prices."""
+        return Billing.cost_at(route.config, prompt_tokens, completion_tokens)
+
+    @staticmethod
+    def cost_at(model: ModelConfig, prompt_tokens: int, completion_tokens: int) -> int:
         """Micro-credits for this many tokens; prices are credits per million tokens, rounded up."""
-        price = Decimal(str(route.config.input_price)) * prompt_tokens
-        price += Decimal(str(route.config.output_price)) * completion_tokens
+        price = Decimal(str(model.input_price)) * prompt_tokens
+        price += Decimal(str(model.output_price)) * completion_tokens
         return math.ceil(price)
 
     def worst_case(self, route: Route, request: ChatRequest) -> int:
@@ -57,6 +64,7 @@ class Billing:
             user_id=user_id,
             amount=-self.worst_case(route, request),
             kind="reservation",
+            prompt_tokens=estimate_prompt_tokens(request.messages),  # what an orphan is charged for
             key_id=key_id,
             model=route.model,
             provider=route.provider.instance,
@@ -76,6 +84,24 @@ class Billing:
             outcome=outcome,
         )
         return await self.store.settle_ledger(reservation.entry.id, settlement)
+
+    async def settle_abandoned(self, reply: Message) -> LedgerEntry | None:
+        """Settle the reservation of a reply whose process died, for what the reply shows it produced.
+
+        Returns None when the reply held no reservation or it was settled already.
+        """
+        if reply.ledger_id is None:
+            return None
+        entry = await self.store.get_ledger_entry(reply.ledger_id)
+        if entry.kind != "reservation":
+            return None
+        produced = estimate_tokens(reply.content) + estimate_tokens(reply.reasoning)
+        model = self.models.get(entry.model or "")
+        cost = 0 if model is None else self.cost_at(model, entry.prompt_tokens, produced)
+        settlement = LedgerSettlement(
+            amount=-cost, prompt_tokens=entry.prompt_tokens, completion_tokens=produced, outcome="abandoned"
+        )
+        return await self.store.settle_ledger(entry.id, settlement)
 
     async def release(self, reservation: Reservation) -> LedgerEntry:
         """Give a reservation back untouched: the request never went upstream."""

@@ -54,7 +54,10 @@ class Conversations:
             if question is not None:
                 await self.store.append_message(conversation.id, MessageDraft(role="user", content=question))
             reply = await self.store.append_message(
-                conversation.id, MessageDraft(role="assistant", status="generating", model=route.model)
+                conversation.id,
+                MessageDraft(
+                    role="assistant", status="generating", model=route.model, ledger_id=reservation.entry.id
+                ),
             )
         except BaseException:
             await self.billing.release(reservation)

@@ -158,11 +158,15 @@ class Generations:
             return await self._interrupt_locked(conversation_id)
 
     async def sweep(self) -> int:
-        """Mark ``generating`` replies that stopped being written (a crashed process) as interrupted."""
-        count = await self.store.interrupt_stale_generations(utcnow() - timedelta(seconds=self.stale_after))
-        if count:
-            log.warning("marked %d reply(ies) left generating by a stopped process as interrupted", count)
-        return count
+        """Mark replies a crashed process stopped writing as interrupted, and settle their charges."""
+        orphans = await self.store.interrupt_stale_generations(utcnow() - timedelta(seconds=self.stale_after))
+        for reply in orphans:
+            await self.billing.settle_abandoned(reply)
+        if orphans:
+            log.warning(
+                "marked %d reply(ies) left generating by a stopped process as interrupted", len(orphans)
+            )
+        return len(orphans)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, conversation_id: int) -> AsyncIterator[None]:

@@ -551,15 +551,30 @@ class StoreConformance:
             conversation.id, MessageDraft(role="assistant", status="generating")
         )
 
-        assert await store.interrupt_stale_generations(cutoff) == 1
-        interrupted = await store.get_message(stale.id)
+        [interrupted] = await store.interrupt_stale_generations(cutoff)
+        assert interrupted == await store.get_message(stale.id)
         assert interrupted.status == "interrupted"
         assert interrupted.updated_at >= cutoff
         assert (await store.get_message(touched.id)).status == "generating"
         assert await store.get_message(finished.id) == finished
         assert await store.get_message(fresh.id) == fresh
-        assert await store.interrupt_stale_generations(cutoff) == 0
-        assert await store.interrupt_stale_generations(utcnow() + timedelta(seconds=1)) == 2
+        assert await store.interrupt_stale_generations(cutoff) == []
+        later = await store.interrupt_stale_generations(utcnow() + timedelta(seconds=1))
+        assert [m.id for m in later] == [touched.id, fresh.id]
+
+    @pytest.mark.asyncio
+    async def test_a_reply_keeps_the_reservation_it_holds(self, store: Store) -> None:
+        user = await funded_user(store, "hold@example.com", 100)
+        hold = await store.post_ledger(charge(user, 40))
+        assert await store.get_ledger_entry(hold.id) == hold
+        conversation = await store.create_conversation(user.id, "topic")
+        reply = await store.append_message(
+            conversation.id, MessageDraft(role="assistant", status="generating", ledger_id=hold.id)
+        )
+        assert reply.ledger_id == hold.id
+        assert (await store.get_message(reply.id)).ledger_id == hold.id
+        with not_found("ledger entry", MISSING):
+            await store.get_ledger_entry(MISSING)
 
     # concurrency
 

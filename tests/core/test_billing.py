@@ -42,7 +42,7 @@ def test_cost_is_per_million_tokens_rounded_up_to_a_micro_credit():
 
 
 def test_worst_case_covers_the_prompt_and_the_longest_reply():
-    billing = Billing(store=None)  # type: ignore[arg-type]
+    billing = Billing(store=None, models={})  # type: ignore[arg-type]
     request = ChatRequest(model="m", messages=(ChatMessage(role="user", content="a" * 100),), max_tokens=50)
     assert billing.worst_case(route(1, 1), request) == (4 + 30) + 50
     unbounded = ChatRequest(model="m", messages=request.messages)

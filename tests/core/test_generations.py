@@ -11,6 +11,7 @@ from core.errors import InsufficientBalance, NotFound, Unavailable
 from core.services import Services
 from core.services.generations import Generation
 from core.store import MessageDraft
+from core.tokens import estimate_prompt_tokens, estimate_tokens
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish
 from stores.sqlite import SqliteStore
 from tests.conftest import serving
@@ -297,3 +298,33 @@ async def test_a_reply_generating_in_another_process_shows_as_generating(gateway
     transcript = await services.conversations.transcript(conversation.id)
     assert transcript.generating is True
     assert transcript.messages[-1].content == "Hel"
+
+
+async def test_an_abandoned_reply_is_charged_for_what_it_produced(gateway):
+    """A process died mid-reply: the sweep settles its reservation from the stored partial reply."""
+    services = gateway.services
+    store = services.conversations.store
+    user = await services.accounts.user_for_email("crash@example.com", ["*"])
+    await services.billing.top_up(user.id, 10_000_000)
+    conversation = await services.conversations.create(user.id, "test")
+    route = services.catalog.route("mock-chat")
+    request = ChatRequest(
+        model="mock-chat", messages=(ChatMessage(role="user", content="tell me everything"),)
+    )
+    # What the dead process had done: reserved, and written part of the reply.
+    reservation = await services.billing.reserve(user.id, route, request, key_id=None)
+    partial = "The sea is deep and"
+    draft = MessageDraft(
+        role="assistant", content=partial, status="generating", ledger_id=reservation.entry.id
+    )
+    reply = await store.append_message(conversation.id, draft)
+    await asyncio.sleep(1.1)  # stale_after = 1
+    assert await services.generations.sweep() == 1
+    assert (await store.get_message(reply.id)).status == "interrupted"
+    entry = await store.get_ledger_entry(reservation.entry.id)
+    produced = estimate_tokens(partial)
+    prompt = estimate_prompt_tokens(request.messages)
+    assert (entry.kind, entry.outcome) == ("charge", "abandoned")
+    assert (entry.prompt_tokens, entry.completion_tokens) == (prompt, produced)
+    assert entry.amount == -(prompt * 1000 + produced * 2000)
+    assert (await store.get_user(user.id)).balance == 10_000_000 + entry.amount

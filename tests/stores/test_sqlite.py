@@ -81,7 +81,7 @@ async def test_pragmas(store: SqliteStore) -> None:
 
 
 async def test_fresh_database_is_at_latest_version(store: SqliteStore, tmp_path: Path) -> None:
-    assert LATEST_VERSION == len(MIGRATIONS) == 2
+    assert LATEST_VERSION == len(MIGRATIONS) == 3
     assert await user_version(tmp_path / "chatgate.db") == LATEST_VERSION
 
 
@@ -185,8 +185,8 @@ async def test_interrupt_cutoff_below_a_millisecond(store: SqliteStore) -> None:
     user = await store.ensure_user("a@example.com")
     conversation = await store.create_conversation(user.id, "topic")
     message = await store.append_message(conversation.id, MessageDraft(role="assistant", status="generating"))
-    assert await store.interrupt_stale_generations(message.updated_at) == 0
-    assert await store.interrupt_stale_generations(message.updated_at + timedelta(microseconds=1)) == 1
+    assert await store.interrupt_stale_generations(message.updated_at) == []
+    assert len(await store.interrupt_stale_generations(message.updated_at + timedelta(microseconds=1))) == 1
     assert (await store.get_message(message.id)).updated_at <= utcnow()
 
 
