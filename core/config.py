@@ -127,6 +127,8 @@ def parse_config(text: str, file: str, env: Mapping[str, str]) -> Config:
         message = str(exc)
         match = re.search(r"line (\d+)", message)
         line = int(match.group(1)) if match else None
+        if line is None and "end of document" in message:
+            line = len(text.splitlines()) or 1
         raise ConfigError([Problem(file, "", "valid TOML", message, line)]) from None
     report = Report(file, text)
     raw = substitute_env(raw, env, report, ())

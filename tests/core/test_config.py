@@ -242,3 +242,13 @@ def test_provider_names_differing_only_in_case_are_refused(write_config):
         f"{config}:{line_of(config, '[providers.MOCK]')}: providers.MOCK: "
         'expected a name that differs from "mock" in more than case, found "MOCK"'
     ]
+
+
+def test_a_toml_error_at_the_end_of_the_file_names_the_last_line(write_config):
+    config = write_config("x = [1\n")
+    status, lines = check_lines(config)
+    assert status == 2
+    assert lines == [
+        f"{config}:{len(config.read_text().splitlines())}: expected valid TOML, "
+        "found Unclosed array (at end of document)"
+    ]
