@@ -17,11 +17,6 @@ class Route:
     config: ModelConfig
     provider: Provider
 
-    @property
-    def input_budget(self) -> int:
-        """Tokens the prompt may use, leaving room for the longest reply."""
-        return self.config.context_tokens - self.config.max_output_tokens
-
 
 class Catalog:
     """The models of ``[models]`` and the configured provider instances."""
