@@ -187,7 +187,7 @@ class SqliteStore(Store):
             # Before anything persistent (the journal mode is stored in the file),
             # so a database from a newer chatgate is left exactly as it was.
             await _schema_version(db, str(self.path))
-            [(mode,)] = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+            mode = await self._enable_wal(db)
             if mode.lower() != "wal":
                 raise StoreError(f"{self.path}: SQLite refused WAL journal mode (got {mode!r})")
             await db.execute_fetchall("PRAGMA synchronous = NORMAL")
@@ -197,6 +197,24 @@ class SqliteStore(Store):
             await db.close()  # its thread would otherwise keep the process alive
             raise
         return db
+
+    async def _enable_wal(self, db: aiosqlite.Connection) -> str:
+        """Switch the file to WAL, retrying while another worker holds it.
+
+        The switch needs an exclusive lock and SQLite may refuse it at once
+        instead of waiting out ``busy_timeout`` (workers opening a fresh file
+        together); the mode is stored in the file, so the first to succeed
+        settles it for all.
+        """
+        deadline = asyncio.get_running_loop().time() + self.options.busy_timeout_ms / 1000
+        while True:
+            try:
+                [(mode,)] = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+                return str(mode)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or asyncio.get_running_loop().time() >= deadline:
+                    raise
+                await asyncio.sleep(0.01)
 
     async def close(self) -> None:
         db, self._db = self._db, None
