@@ -51,7 +51,7 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
     )
     services = Services(
         config=config,
-        catalog=Catalog(config.models, providers),
+        catalog=Catalog(config.models, providers, {n: t.fallbacks for n, t in config.providers.items()}),
         accounts=Accounts(store),
         billing=billing,
         generations=generations,
@@ -95,7 +95,7 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
             "status": "ok" if store_health["ok"] else "unavailable",
             "version": __version__,
             "store": store_health,
-            "providers": {name: p.describe() for name, p in providers.items()},
+            "providers": {name: p.describe() for name, p in services.catalog.routing.items()},
             "surfaces": [s.name for s in surfaces],
         }
         return Response(body, status_code=200 if store_health["ok"] else 503)

@@ -82,6 +82,8 @@ class PluginTable(msgspec.Struct, frozen=True):
     options: dict[str, Any]
     plugin_path: tuple[str, ...]
     """Where the plugin name came from: ``<path>.plugin``, or ``<path>`` when it defaulted."""
+    fallbacks: tuple[str, ...] = ()
+    """Provider instances tried in order when this one fails before replying (providers only)."""
 
     @property
     def key(self) -> str:
@@ -149,6 +151,15 @@ def parse_config(text: str, file: str, env: Mapping[str, str]) -> Config:
                 f'"{name}"',
             )
         seen.setdefault(name.lower(), name)
+    for name, table in providers.items():
+        for position, fallback in enumerate(table.fallbacks):
+            if fallback not in providers or fallback == name:
+                others = [p for p in providers if p != name]
+                report.add(
+                    ("providers", name, "fallbacks", str(position)),
+                    f"the name of another configured provider ({', '.join(others) or 'none'})",
+                    describe_value(fallback),
+                )
     surfaces = plugin_tables(report, raw.get("surfaces", {}), "surfaces", selectable=True)
     models: dict[str, ModelConfig] = {}
     model_tables = raw.get("models", {})
@@ -318,6 +329,10 @@ def plugin_table(
     options = dict(value)
     plugin = options.pop("plugin", default_plugin)
     enabled = options.pop("enabled", True) if selectable else True
+    fallbacks = options.pop("fallbacks", []) if path[0] == "providers" else []
+    if not (isinstance(fallbacks, list) and all(isinstance(f, str) for f in fallbacks)):
+        report.add((*path, "fallbacks"), "a list of provider instance names", describe_value(fallbacks))
+        return None
     if not isinstance(plugin, str):
         report.add((*path, "plugin"), "the name of an installed plugin (a string)", describe_value(plugin))
         return None
@@ -325,7 +340,7 @@ def plugin_table(
         report.add((*path, "enabled"), "true or false", describe_value(enabled))
         return None
     plugin_path = (*path, "plugin") if "plugin" in value else path
-    return PluginTable(path, plugin, enabled, options, plugin_path)
+    return PluginTable(path, plugin, enabled, options, plugin_path, tuple(fallbacks))
 
 
 def substitute_env(value: Any, env: Mapping[str, str], report: Report, path: tuple[str, ...]) -> Any:

@@ -92,16 +92,20 @@ class ProviderError(ChatgateError):
         code: a short machine-readable code (``rate_limit_exceeded`` ...).
         retryable: whether trying again (later, or elsewhere) may succeed.
         upstream_status: the status the upstream answered, when there was one.
+        retry_after: seconds the upstream asked to wait before trying again, when it said.
     """
 
     status = 502
     code = "upstream_error"
     retryable = False
 
-    def __init__(self, message: str, *, upstream_status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, upstream_status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.upstream_status = upstream_status
+        self.retry_after = retry_after
 
 
 class BadRequest(ProviderError):
@@ -135,8 +139,7 @@ class RateLimited(ProviderError):
     def __init__(
         self, message: str, *, retry_after: float | None = None, upstream_status: int | None = 429
     ) -> None:
-        super().__init__(message, upstream_status=upstream_status)
-        self.retry_after = retry_after
+        super().__init__(message, upstream_status=upstream_status, retry_after=retry_after)
 
 
 class Unavailable(ProviderError):

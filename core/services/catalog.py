@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from ..errors import UnknownModel, UnknownProvider
+from ..fallbacks import Fallbacks
 from ..provider import Provider
 
 
@@ -21,10 +22,21 @@ class Route:
 class Catalog:
     """The models of ``[models]`` and the configured provider instances."""
 
-    def __init__(self, models: dict[str, ModelConfig], providers: dict[str, Provider]) -> None:
+    def __init__(
+        self,
+        models: dict[str, ModelConfig],
+        providers: dict[str, Provider],
+        fallbacks: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.models = models
         self.providers = providers
-        self._by_lower = {name.lower(): p for name, p in providers.items()}
+        chains = fallbacks or {}
+        self.routing: dict[str, Provider] = {
+            name: Fallbacks([p, *(providers[f] for f in chains[name])]) if chains.get(name) else p
+            for name, p in providers.items()
+        }
+        """What a request for each instance goes to: the instance, or its fallback chain."""
+        self._by_lower = {name.lower(): p for name, p in self.routing.items()}
 
     def route(self, model: str, provider: str | None = None) -> Route:
         """Resolve a model, optionally on an explicitly named provider instance (case-insensitive).
@@ -41,4 +53,4 @@ class Catalog:
         config = self.models.get(model)
         if config is None:
             raise UnknownModel(model, sorted(self.models))
-        return Route(model, config, chosen or self.providers[config.provider])
+        return Route(model, config, chosen or self.routing[config.provider])

@@ -1,30 +1,47 @@
 """The conformance suite every provider plugin passes.
 
-Subclass :class:`ProviderConformance` in a test module and supply two things::
+Subclass :class:`ProviderConformance` in a test module and supply a model,
+an opened provider, and a way to make it fail::
 
     class TestMyProviderConformance(ProviderConformance):
         model = "my-model"              # or a fixture named ``model``
+        secret = "sk-test-key"          # the credential it is configured with, if any
 
         @pytest_asyncio.fixture
         async def provider(self):
-            provider = MyProvider("mine", MyProvider.Options(...))
+            provider = MyProvider("mine", MyProvider.Options(api_key=self.secret, ...))
             await provider.open()
             yield provider
             await provider.aclose()
 
+        @pytest.fixture
+        def failing(self):
+            @contextlib.asynccontextmanager
+            async def make(kind):       # kind: a key of core.errors.PROVIDER_ERRORS
+                ...                     # an opened provider whose upstream fails that way
+                yield provider
+            return make
+
+        async def upstream_streams(self, provider):
+            return ...                  # upstream requests open now (optional)
+
 The tests only rely on :class:`core.provider.Provider`'s documented promises,
-so a provider backed by a fake or recorded upstream passes them offline.
+so a provider backed by a fake or recorded upstream passes them offline:
+run them against a local fake of your upstream, the way
+``tests/providers/test_deepseek.py`` runs them against ``tests/fakes/deepseek.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, aclosing
 from typing import Any, ClassVar
 
+import msgspec
 import pytest
 
+from core.errors import PROVIDER_ERRORS, ProviderError
 from core.provider import Provider, complete
 from core.types import (
     ChatMessage,
@@ -52,13 +69,20 @@ class ProviderConformance:
     Promises checked: a stream yields only provider events, at least one
     content delta and exactly one :class:`~core.types.Finish`, last, with
     non-zero usage; :func:`core.provider.complete` gathers the same text;
-    closing the stream or cancelling its consumer stops it promptly; and
-    ``max_tokens`` bounds the reply.
+    closing the stream or cancelling its consumer stops it promptly, and
+    with it the upstream request; ``max_tokens`` bounds the reply; each kind
+    of upstream failure raises its :class:`~core.errors.ProviderError`
+    subclass; and the configured ``secret`` appears in no error message and
+    not in ``describe()``.
 
     A subclass provides a fixture ``provider`` (an opened instance, closed
-    after the test) and ``model``, a model it serves, as a class attribute or
-    a fixture. The class attributes below tune the suite for slow upstreams.
+    after the test), ``model``, a model it serves, as a class attribute or
+    a fixture, and a fixture ``failing``. The class attributes below tune
+    the suite for slow upstreams.
     """
+
+    secret: ClassVar[str | None] = None
+    """The credential the provider under test is configured with (None: it has none)."""
 
     prompt: ClassVar[str] = "Explain in three sentences why the sky is blue."
     """A prompt whose honest answer is much longer than ``max_tokens_bound`` tokens."""
@@ -87,6 +111,20 @@ class ProviderConformance:
         model = request.getfixturevalue("model")
         assert isinstance(model, str), "the fixture `model` must return a model name"
         return model
+
+    @pytest.fixture
+    def failing(self) -> Callable[[str], AbstractAsyncContextManager[Provider]]:
+        """A factory: ``async with failing(kind) as provider`` gives an opened provider whose
+        upstream fails with ``kind``, a key of :data:`core.errors.PROVIDER_ERRORS`."""
+        raise NotImplementedError("override the `failing` fixture to make the provider fail")
+
+    async def upstream_streams(self, provider: Provider) -> int | None:
+        """Upstream requests open right now, when the test can see them (None: it cannot)."""
+        return None
+
+    def assert_no_secret(self, text: str) -> None:
+        if self.secret:
+            assert self.secret not in text, "the provider's secret leaked"
 
     def chat_request(self, model: str, **fields: Any) -> ChatRequest:
         """The request the tests send; ``fields`` override sampling parameters."""
@@ -160,6 +198,13 @@ class ProviderConformance:
         assert seen_delta, "stream ended without a delta"
         with pytest.raises(StopAsyncIteration):
             await anext(events)
+        await self.assert_upstream_stops(provider)
+
+    async def assert_upstream_stops(self, provider: Provider) -> None:
+        """Wait (at most ``promptly``) until the upstream request is gone, where that is observable."""
+        async with asyncio.timeout(self.promptly):
+            while await self.upstream_streams(provider):  # noqa: ASYNC110 - the count is all it exposes
+                await asyncio.sleep(0.005)
 
     @pytest.mark.asyncio
     async def test_cancelling_the_consumer_stops_the_stream(
@@ -190,6 +235,7 @@ class ProviderConformance:
             task.cancel()
         with pytest.raises(StopAsyncIteration):
             await anext(events)
+        await self.assert_upstream_stops(provider)
 
     @pytest.mark.asyncio
     async def test_max_tokens_stops_the_reply(self, provider: Provider, served_model: str) -> None:
@@ -198,3 +244,26 @@ class ProviderConformance:
         assert isinstance(finish, Finish)
         assert finish.reason in ("length", "stop")
         assert finish.usage.completion_tokens <= self.max_tokens_bound
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("kind", sorted(PROVIDER_ERRORS))
+    async def test_failures_raise_typed_errors(
+        self,
+        failing: Callable[[str], AbstractAsyncContextManager[Provider]],
+        served_model: str,
+        kind: str,
+    ) -> None:
+        async with failing(kind) as provider:
+            with pytest.raises(ProviderError) as caught:
+                await self.collect(provider, self.chat_request(served_model))
+        error = caught.value
+        assert isinstance(error, PROVIDER_ERRORS[kind]), f"{kind}: raised {type(error).__name__}: {error}"
+        assert str(error), "the error has no message"
+        self.assert_no_secret(str(error))
+        self.assert_no_secret(repr(error.args))
+
+    @pytest.mark.asyncio
+    async def test_describe_keeps_the_secret_out(self, provider: Provider) -> None:
+        description = provider.describe()
+        assert isinstance(description, dict)
+        self.assert_no_secret(msgspec.json.encode(description).decode())

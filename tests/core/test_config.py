@@ -26,9 +26,10 @@ def test_default_config_is_valid_and_check_lists_what_it_enables():
     assert result.stdout.splitlines() == [
         "plugins.toml: OK",
         "store:     sqlite",
-        "providers: mock (mock)",
+        "providers: mock (mock), deepseek (deepseek)",
         "surfaces:  openai_compat, email_socket, topic_chat",
-        "models:    mock-chat -> mock, mock-reasoner -> mock",
+        "models:    mock-chat -> mock, mock-reasoner -> mock, deepseek-chat -> deepseek, "
+        "deepseek-reasoner -> deepseek",
     ]
 
 

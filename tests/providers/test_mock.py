@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -63,6 +63,21 @@ class ZeroDelayMock:
         yield provider
         await provider.aclose()
         assert provider.active_streams == 0, "a stream was left running"
+
+    @pytest.fixture
+    def failing(self) -> Callable[[str], AbstractAsyncContextManager[Provider]]:
+        @asynccontextmanager
+        async def make(kind: str) -> AsyncIterator[Provider]:
+            provider = mock(fail=kind)
+            await provider.open()
+            yield provider
+            await provider.aclose()
+
+        return make
+
+    async def upstream_streams(self, provider: Provider) -> int | None:
+        assert isinstance(provider, MockProvider)
+        return provider.active_streams
 
 
 class TestMockConformance(ZeroDelayMock, ProviderConformance):

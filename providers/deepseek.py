@@ -1,0 +1,680 @@
+"""DeepSeek, and any server that speaks OpenAI's chat-completions protocol.
+
+One class, registered twice: ``deepseek`` (defaults for api.deepseek.com) and
+``openai_compatible`` (OpenAI, vLLM, Ollama, llama.cpp, LiteLLM, ...). Each
+configured instance owns one pooled ``httpx.AsyncClient``; every reply is
+streamed from upstream, parsed incrementally and turned into provider
+events. Failures before the first delta are retried with backoff; after it,
+they are reported and the partial reply stands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any, ClassVar
+
+import httpx
+import msgspec
+
+from core.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    ProviderError,
+    RateLimited,
+    Timeout,
+    Unavailable,
+    UpstreamBalanceExhausted,
+)
+from core.hookspecs import hookimpl
+from core.provider import Provider
+from core.tokens import estimate_prompt_tokens, estimate_tokens
+from core.types import (
+    ChatMessage,
+    ChatRequest,
+    ContentDelta,
+    Finish,
+    FinishReason,
+    ProviderEvent,
+    ReasoningDelta,
+    ToolCallDelta,
+    Usage,
+)
+
+from .sse import SSEDecoder
+
+log = logging.getLogger("chatgate.providers.deepseek")
+
+
+class Alias(msgspec.Struct, forbid_unknown_fields=True):
+    """A model name clients use, mapped to an upstream model id plus fields merged into the body.
+
+    ``extra_body`` wins over what a client sent for the same keys: the alias
+    is the operator's definition of the model (thinking on or off, say).
+    """
+
+    model: str
+    extra_body: dict[str, Any] = {}
+
+
+class OpenAICompatibleOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Options of an ``openai_compatible`` instance, as written in its plugins.toml table.
+
+    Timeouts are seconds: ``connect_timeout`` to open a connection,
+    ``first_token_timeout`` from sending the request to the first delta
+    (keep-alive comments do not count: they only say the request is
+    queued), ``idle_timeout`` between two chunks once the reply flows, and
+    ``total_timeout`` for one upstream request from start to end.
+    """
+
+    base_url: str
+    api_key: str = ""
+    models: list[str] = []
+    aliases: dict[str, Alias] = {}
+    headers: dict[str, str] = {}
+    connect_timeout: float = 10.0
+    first_token_timeout: float = 120.0
+    idle_timeout: float = 60.0
+    total_timeout: float = 900.0
+    max_retries: int = 2
+    backoff: float = 0.5
+    max_backoff: float = 8.0
+    max_retry_after: float = 60.0
+    max_connections: int = 100
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url to start with http:// or https:// (it is {self.base_url!r})")
+        for field in ("connect_timeout", "first_token_timeout", "idle_timeout", "total_timeout"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} to be > 0")
+        for field in ("max_retries", "backoff", "max_backoff", "max_retry_after"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} to be >= 0")
+        if self.max_connections < 1:
+            raise ValueError("max_connections to be >= 1")
+        for header in self.headers:
+            if header.lower() == "authorization":
+                raise ValueError("headers not to set Authorization (put the key in api_key)")
+
+
+class DeepSeekOptions(OpenAICompatibleOptions, kw_only=True):
+    """Options of a ``deepseek`` instance: DeepSeek's base URL by default.
+
+    An empty ``api_key`` is accepted so a configuration that ships DeepSeek
+    models still starts without one; their requests then fail at once,
+    saying which variable to set.
+    """
+
+    base_url: str = "https://api.deepseek.com"
+
+
+# --- the upstream's wire format: only the fields a reply needs are decoded ---
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Function | None = None
+
+
+class _Message(msgspec.Struct):
+    """A streamed ``delta`` or a whole ``message``: the same fields either way."""
+
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM, Ollama and OpenRouter name it so
+    tool_calls: list[_ToolCall] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    delta: _Message | None = None
+    message: _Message | None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: dict[str, Any] | None = None
+    error: Any = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_encode = msgspec.json.Encoder().encode
+
+FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+    "insufficient_system_resource": "insufficient_system_resource",
+}
+
+# Fields the provider owns: a client's copy of them is never sent.
+RESERVED_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n"})
+
+
+class OpenAICompatibleProvider(Provider):
+    """A model server that speaks OpenAI's ``POST /chat/completions``.
+
+    Promises, beyond :class:`core.provider.Provider`'s:
+        * one pooled HTTP client per instance, opened and closed with the app;
+        * requests are streamed (``stream_options.include_usage`` on), and a
+          server that answers with one JSON body instead is understood too;
+        * ``reasoning_content`` (or ``reasoning``) deltas become reasoning
+          events, ``tool_calls`` deltas pass through, usage is taken from
+          whichever chunk carries it, with DeepSeek's cache counters kept in
+          ``Usage.extra``; a reply without usage gets an estimate marked
+          ``extra["estimated"]``;
+        * an empty body, a stream cut before ``[DONE]`` or an undecodable
+          event raise :class:`~core.errors.Unavailable`, never hang;
+        * 429, 5xx, connection failures and timeouts are retried with
+          exponential backoff and jitter (``Retry-After`` honoured) while
+          no delta has been produced, never after;
+        * the API key appears in no error, log line or ``describe()``.
+    """
+
+    name = "openai_compatible"
+    Options: ClassVar[type[OpenAICompatibleOptions]] = OpenAICompatibleOptions
+    needs_key: ClassVar[bool] = False
+    """Whether the upstream refuses every request without a key (local servers usually need none)."""
+
+    def __init__(self, instance: str, options: OpenAICompatibleOptions) -> None:
+        super().__init__(instance, options)
+        self.options: OpenAICompatibleOptions
+        self._client: httpx.AsyncClient | None = None
+        self._url = options.base_url.rstrip("/") + "/chat/completions"
+        self._random = random.Random()
+
+    async def open(self) -> None:
+        options = self.options
+        headers = {
+            "Accept": "text/event-stream, application/json",
+            "User-Agent": "chatgate",
+            **options.headers,
+        }
+        if options.api_key:
+            headers["Authorization"] = f"Bearer {options.api_key}"
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            # Reads are bounded by first_token/idle/total deadlines of our own (see
+            # _read); httpx's read timeout cannot tell a queued request from a stalled one.
+            timeout=httpx.Timeout(
+                connect=options.connect_timeout,
+                read=None,
+                write=options.idle_timeout,
+                pool=options.first_token_timeout,
+            ),
+            limits=httpx.Limits(
+                max_connections=options.max_connections,
+                max_keepalive_connections=options.max_connections,
+            ),
+            follow_redirects=False,
+        )
+
+        if self.needs_key and not options.api_key:
+            log.warning("%s has no api_key: its requests fail until DEEPSEEK_API_KEY is set", self._who())
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def models(self) -> Sequence[str]:
+        return (*self.options.aliases, *(m for m in self.options.models if m not in self.options.aliases))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "plugin": self.name,
+            "base_url": self.options.base_url,
+            "models": list(self.models()),
+            "api_key": "set" if self.options.api_key else "not set",
+        }
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
+        body = _encode(self.request_body(request))
+        options = self.options
+        attempt = 0
+        while True:
+            produced = False
+            try:
+                async with aclosing(self._attempt(body, request)) as events:
+                    async for event in events:
+                        produced = True
+                        yield event
+                return
+            except ProviderError as exc:
+                if produced or not exc.retryable or attempt >= options.max_retries:
+                    raise
+                delay = self._retry_delay(attempt, exc)
+                if delay is None:
+                    raise
+                attempt += 1
+                log.warning(
+                    "%s: %s; retry %d of %d in %.2f s",
+                    self.instance,
+                    exc,
+                    attempt,
+                    options.max_retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    def request_body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body sent upstream for ``request`` (aliases applied, reasoning rule followed)."""
+        alias = self.options.aliases.get(request.model)
+        body: dict[str, Any] = {
+            "model": alias.model if alias else request.model,
+            "messages": [wire_message(m) for m in request.messages],
+            "stream": True,
+        }
+        client_options = request.extra.get("stream_options")
+        stream_options = dict(client_options) if isinstance(client_options, dict) else {}
+        stream_options["include_usage"] = True
+        body["stream_options"] = stream_options
+        for field in (
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "response_format",
+            "tool_choice",
+            "user",
+        ):
+            value = getattr(request, field)
+            if value is not None:
+                body[field] = value
+        if request.stop is not None:
+            body["stop"] = list(request.stop)
+        if request.tools is not None:
+            body["tools"] = list(request.tools)
+        for key, value in request.extra.items():
+            if key not in RESERVED_FIELDS and key not in body:
+                body[key] = value
+        if alias:
+            body.update(alias.extra_body)
+        return body
+
+    # --- one upstream request ---
+
+    async def _attempt(self, body: bytes, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
+        if self._client is None:
+            raise Unavailable(f"provider {self.instance!r} is not open (the app has not started)")
+        options = self.options
+        if self.needs_key and not options.api_key:
+            raise AuthenticationFailed(
+                f"{self._who()} has no api_key: export DEEPSEEK_API_KEY "
+                '(plugins.toml reads it with api_key = "${DEEPSEEK_API_KEY}")'
+            )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline_total = started + options.total_timeout
+        deadline_first = min(started + options.first_token_timeout, deadline_total)
+        try:
+            async with asyncio.timeout_at(deadline_first):
+                response = await self._client.send(
+                    self._client.build_request(
+                        "POST", self._url, content=body, headers={"Content-Type": "application/json"}
+                    ),
+                    stream=True,
+                )
+        except TimeoutError:
+            raise self._timeout("no response", started) from None
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, produced=False) from None
+        try:
+            if response.status_code != 200:
+                text = await self._read_all(response, deadline_first, started)
+                raise self._status_error(response, text)
+            content_type = response.headers.get("content-type", "")
+            if content_type.startswith("text/event-stream"):
+                async for event in self._events(response, request, started, deadline_first, deadline_total):
+                    yield event
+            else:
+                text = await self._read_all(response, deadline_first, started)
+                for event in self._whole_reply(text, request):
+                    yield event
+        finally:
+            # Closing before the body is complete closes the connection: the upstream
+            # sees the client go at once and stops generating (and billing) the reply.
+            await response.aclose()
+
+    async def _events(
+        self,
+        response: httpx.Response,
+        request: ChatRequest,
+        started: float,
+        deadline_first: float,
+        deadline_total: float,
+    ) -> AsyncGenerator[ProviderEvent, None]:
+        loop = asyncio.get_running_loop()
+        idle = self.options.idle_timeout
+        decoder = SSEDecoder()
+        chunks = response.aiter_raw()
+        deadline = deadline_first
+        produced = chunked = False
+        reason: FinishReason | None = None
+        usage: dict[str, Any] | None = None
+        lengths = 0  # characters produced, for a usage estimate when the upstream sends none
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    raw = await anext(chunks, None)
+            except TimeoutError:
+                raise self._timeout("the reply stalled" if produced else "no first token", started) from None
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc, produced=produced) from None
+            payloads = decoder.feed(raw) if raw is not None else decoder.flush()
+            for payload in payloads:
+                if payload == b"[DONE]":
+                    if not chunked:
+                        raise Unavailable(
+                            f"{self._who()} ended its stream with [DONE] before sending any reply",
+                            upstream_status=200,
+                        )
+                    await self._drain(chunks, loop.time() + 1.0)
+                    yield Finish(reason or "stop", self._usage(usage, request, lengths))
+                    return
+                try:
+                    chunk = _decode_chunk(payload)
+                except msgspec.DecodeError as exc:
+                    raise Unavailable(
+                        f"{self._who()} sent an event that is not a chat-completion chunk ({exc}): "
+                        f"{_snippet(payload)}",
+                        upstream_status=200,
+                    ) from None
+                if chunk.error is not None:
+                    raise self._error_event(chunk.error)
+                if chunk.usage:
+                    usage = chunk.usage
+                if not chunk.choices:
+                    chunked = chunked or chunk.usage is not None
+                    continue
+                chunked = True
+                choice = chunk.choices[0]
+                delta = choice.delta or choice.message
+                if delta is not None:
+                    thought = delta.reasoning_content or delta.reasoning
+                    if thought:
+                        produced = True
+                        lengths += len(thought)
+                        yield ReasoningDelta(thought)
+                    if delta.content:
+                        produced = True
+                        lengths += len(delta.content)
+                        yield ContentDelta(delta.content)
+                    if delta.tool_calls:
+                        produced = True
+                        for call in delta.tool_calls:
+                            function = call.function or _Function()
+                            lengths += len(function.arguments or "")
+                            yield ToolCallDelta(call.index, call.id, function.name, function.arguments or "")
+                if choice.finish_reason:
+                    reason = FINISH_REASONS.get(choice.finish_reason, "stop")
+            if raw is None:
+                raise Unavailable(
+                    f"{self._who()} closed the stream before [DONE]"
+                    + (" in the middle of the reply" if produced else ""),
+                    upstream_status=200,
+                )
+            if produced:
+                # Move the deadline only when it matters: rescheduling a timer per
+                # chunk would cost more than parsing the chunk.
+                now = loop.time()
+                if deadline - now < idle / 2 or deadline == deadline_first:
+                    deadline = min(now + idle, deadline_total)
+
+    def _whole_reply(self, text: str, request: ChatRequest) -> list[ProviderEvent]:
+        """The events of a non-streamed answer (DeepSeek may precede it with blank lines)."""
+        text = text.strip()
+        if not text:
+            raise Unavailable(f"{self._who()} answered HTTP 200 with an empty body", upstream_status=200)
+        try:
+            chunk = _decode_chunk(text)
+        except msgspec.DecodeError as exc:
+            raise Unavailable(
+                f"{self._who()} answered HTTP 200 with a body that is not a chat completion ({exc}): "
+                f"{_snippet(text.encode())}",
+                upstream_status=200,
+            ) from None
+        if chunk.error is not None:
+            raise self._error_event(chunk.error)
+        if not chunk.choices or chunk.choices[0].message is None:
+            raise Unavailable(
+                f"{self._who()} answered HTTP 200 without a message: {_snippet(text.encode())}",
+                upstream_status=200,
+            )
+        choice = chunk.choices[0]
+        message = choice.message
+        assert message is not None
+        events: list[ProviderEvent] = []
+        thought = message.reasoning_content or message.reasoning
+        if thought:
+            events.append(ReasoningDelta(thought))
+        if message.content:
+            events.append(ContentDelta(message.content))
+        for position, call in enumerate(message.tool_calls or ()):
+            function = call.function or _Function()
+            events.append(ToolCallDelta(position, call.id, function.name, function.arguments or ""))
+        length = len(thought or "") + len(message.content or "")
+        reason = FINISH_REASONS.get(choice.finish_reason or "stop", "stop")
+        events.append(Finish(reason, self._usage(chunk.usage, request, length)))
+        return events
+
+    async def _read_all(self, response: httpx.Response, deadline: float, started: float) -> str:
+        try:
+            async with asyncio.timeout_at(deadline):
+                data = await response.aread()
+        except TimeoutError:
+            raise self._timeout("no complete answer", started) from None
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, produced=False) from None
+        return data.decode("utf-8", errors="replace")
+
+    @staticmethod
+    async def _drain(chunks: AsyncIterator[bytes], deadline: float) -> None:
+        """Read what follows ``[DONE]`` (the body's end) so the connection goes back to the pool."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for _ in chunks:
+                    pass
+        except (TimeoutError, httpx.HTTPError):
+            pass  # the reply is complete; the connection is simply not reused
+
+    # --- turning upstream data into core types ---
+
+    @staticmethod
+    def _usage(raw: dict[str, Any] | None, request: ChatRequest, produced_chars: int) -> Usage:
+        if not raw:
+            # A server that reports no usage must not make replies free.
+            return Usage(
+                prompt_tokens=estimate_prompt_tokens(request.messages),
+                completion_tokens=max(1, estimate_tokens("x" * produced_chars)),
+                extra={"estimated": True},
+            )
+        prompt_details = raw.get("prompt_tokens_details")
+        completion_details = raw.get("completion_tokens_details")
+        extra = {
+            key: value
+            for key, value in raw.items()
+            if key not in ("prompt_tokens", "completion_tokens", "total_tokens")
+            and isinstance(value, int | float | str | dict)
+            and not isinstance(value, bool)
+        }
+        cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
+        reasoning = (
+            completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
+        )
+        return Usage(
+            prompt_tokens=_int(raw.get("prompt_tokens")),
+            completion_tokens=_int(raw.get("completion_tokens")),
+            reasoning_tokens=_int(reasoning),
+            cached_tokens=_int(cached if cached is not None else raw.get("prompt_cache_hit_tokens")),
+            extra=extra,
+        )
+
+    def _status_error(self, response: httpx.Response, text: str) -> ProviderError:
+        status = response.status_code
+        message = self._redact(_error_message(text) or response.reason_phrase or f"HTTP {status}")
+        said = f"{self._who()} answered {status}: {message}"
+        if status in (400, 413, 422):
+            return BadRequest(said, upstream_status=status)
+        if status in (401, 403):
+            return AuthenticationFailed(
+                f"{said} (check api_key of provider {self.instance!r})", upstream_status=status
+            )
+        if status == 402:
+            return UpstreamBalanceExhausted(f"{said} (top up the upstream account)", upstream_status=status)
+        if status == 429:
+            return RateLimited(said, retry_after=_retry_after(response.headers), upstream_status=status)
+        if status in (408, 504):
+            return Timeout(said, upstream_status=status)
+        if status >= 500:
+            return Unavailable(said, upstream_status=status, retry_after=_retry_after(response.headers))
+        if status == 404:
+            return ProviderError(
+                f"{said} (is base_url {self.options.base_url!r} right? it should be the URL "
+                "that /chat/completions is appended to)",
+                upstream_status=status,
+            )
+        return ProviderError(said, upstream_status=status)
+
+    def _error_event(self, error: Any) -> ProviderError:
+        """An error the upstream sent inside a 200 answer (vLLM and LiteLLM do, mid-stream)."""
+        message = error.get("message") if isinstance(error, dict) else error
+        return Unavailable(
+            f"{self._who()} reported an error: {self._redact(str(message or error))}", upstream_status=200
+        )
+
+    def _transport_error(self, exc: httpx.HTTPError, *, produced: bool) -> ProviderError:
+        if isinstance(exc, httpx.TimeoutException):
+            return Timeout(f"{self._who()} timed out ({type(exc).__name__})")
+        if produced:
+            what = "the connection broke in the middle of the reply"
+        elif isinstance(exc, httpx.ConnectError):
+            what = f"cannot connect to {self.options.base_url}"
+        else:
+            what = "the connection failed"
+        return Unavailable(f"{self._who()}: {what} ({type(exc).__name__}: {self._redact(str(exc))})")
+
+    def _timeout(self, what: str, started: float) -> Timeout:
+        waited = asyncio.get_running_loop().time() - started
+        return Timeout(f"{self._who()}: {what} after {waited:.1f} s (see the *_timeout options)")
+
+    def _retry_delay(self, attempt: int, exc: ProviderError) -> float | None:
+        """Seconds to wait before retry ``attempt + 1``, or None when waiting is pointless."""
+        options = self.options
+        asked = exc.retry_after
+        if asked is not None:
+            # An upstream asking for a long pause is better answered by the caller's
+            # own retry (the error carries retry_after) than by holding the request.
+            return asked if asked <= options.max_retry_after else None
+        delay = min(options.max_backoff, options.backoff * 2**attempt)
+        return delay * (0.5 + self._random.random() / 2)
+
+    def _who(self) -> str:
+        return f"{self.name} provider {self.instance!r}"
+
+    def _redact(self, text: str) -> str:
+        key = self.options.api_key
+        return text.replace(key, "[api key]") if len(key) >= 4 else text
+
+
+class DeepSeekProvider(OpenAICompatibleProvider):
+    """DeepSeek's API: :class:`OpenAICompatibleProvider` with DeepSeek's URL and a required key."""
+
+    name = "deepseek"
+    Options: ClassVar[type[OpenAICompatibleOptions]] = DeepSeekOptions
+    needs_key = True
+
+
+def wire_message(message: ChatMessage) -> dict[str, Any]:
+    """``message`` as OpenAI-style JSON, following DeepSeek's rule for reasoning.
+
+    Reasoning is sent back only on assistant turns that made tool calls:
+    DeepSeek's thinking mode requires it there (an absent one is a 400, an
+    empty string is accepted) and ignores it on plain turns, so sending it
+    there would only waste upload and prompt tokens.
+    """
+    out: dict[str, Any] = {"role": message.role}
+    out["content"] = message.content if message.content is not None or message.role != "assistant" else ""
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": c.type, "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+        out["reasoning_content"] = message.reasoning or ""
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    for key, value in message.extra.items():
+        if key not in out and key not in ("reasoning_content", "reasoning"):
+            out[key] = value
+    return out
+
+
+def _error_message(text: str) -> str:
+    """The human message of an error body in DeepSeek's, OpenAI's, vLLM's or llama.cpp's shape."""
+    try:
+        body = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return text.strip()[:500]
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if body.get("message"):
+            return str(body["message"])
+    return text.strip()[:500]
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds a ``Retry-After`` (or ``retry-after-ms``) header asks to wait, if it says."""
+    if ms := headers.get("retry-after-ms"):
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _snippet(payload: bytes) -> str:
+    text = payload[:200].decode("utf-8", errors="replace")
+    return text + ("..." if len(payload) > 200 else "")
+
+
+@hookimpl
+def register_providers() -> list[type[Provider]]:
+    return [DeepSeekProvider, OpenAICompatibleProvider]
