@@ -11,12 +11,9 @@ they are reported and the partial reply stands.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import random
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import aclosing
 from typing import Any, ClassVar
 
 import httpx
@@ -35,7 +32,6 @@ from core.hookspecs import hookimpl
 from core.provider import Provider
 from core.tokens import estimate_prompt_tokens, estimate_tokens
 from core.types import (
-    ChatMessage,
     ChatRequest,
     ContentDelta,
     Finish,
@@ -46,6 +42,18 @@ from core.types import (
     Usage,
 )
 
+from .deadline import DeadlineExceeded, ReadDeadline
+from .openai_wire import (
+    FINISH_REASONS,
+    FunctionPart,
+    decode_chunk,
+    encode,
+    error_message,
+    retry_after,
+    snippet,
+    usage_from,
+    wire_message,
+)
 from .sse import SSEDecoder
 
 log = logging.getLogger("chatgate.providers.deepseek")
@@ -113,54 +121,6 @@ class DeepSeekOptions(OpenAICompatibleOptions, kw_only=True):
 
     base_url: str = "https://api.deepseek.com"
 
-
-# --- the upstream's wire format: only the fields a reply needs are decoded ---
-
-
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCall(msgspec.Struct):
-    index: int = 0
-    id: str | None = None
-    function: _Function | None = None
-
-
-class _Message(msgspec.Struct):
-    """A streamed ``delta`` or a whole ``message``: the same fields either way."""
-
-    content: str | None = None
-    reasoning_content: str | None = None
-    reasoning: str | None = None  # vLLM, Ollama and OpenRouter name it so
-    tool_calls: list[_ToolCall] | None = None
-
-
-class _Choice(msgspec.Struct):
-    index: int = 0
-    delta: _Message | None = None
-    message: _Message | None = None
-    finish_reason: str | None = None
-
-
-class _Chunk(msgspec.Struct):
-    choices: list[_Choice] | None = None
-    usage: dict[str, Any] | None = None
-    error: Any = None
-
-
-_decode_chunk = msgspec.json.Decoder(_Chunk).decode
-_encode = msgspec.json.Encoder().encode
-
-FINISH_REASONS: dict[str, FinishReason] = {
-    "stop": "stop",
-    "length": "length",
-    "tool_calls": "tool_calls",
-    "function_call": "tool_calls",
-    "content_filter": "content_filter",
-    "insufficient_system_resource": "insufficient_system_resource",
-}
 
 # Fields the provider owns: a client's copy of them is never sent.
 RESERVED_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n"})
@@ -244,17 +204,53 @@ class OpenAICompatibleProvider(Provider):
         }
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
-        body = _encode(self.request_body(request))
+        # One generator, not a stack of them: every layer would cost a resumption per delta.
+        body = encode(self.request_body(request))
         options = self.options
         attempt = 0
         while True:
             produced = False
             try:
-                async with aclosing(self._attempt(body, request)) as events:
-                    async for event in events:
-                        produced = True
-                        yield event
-                return
+                response, started = await self._open(body)
+                try:
+                    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                        for event in self._whole_reply(await self._read_all(response, started), request):
+                            produced = True
+                            yield event
+                        return
+                    reply = _Reply(self, request)
+                    chunks = response.aiter_raw()
+                    end = started + options.total_timeout
+                    first = min(started + options.first_token_timeout, end)
+                    deadline = ReadDeadline(first)
+                    try:
+                        while True:
+                            try:
+                                raw = await deadline.read(chunks)
+                            except DeadlineExceeded:
+                                what = "the reply stalled" if produced else "no first token"
+                                raise self._timeout(what, started) from None
+                            except httpx.HTTPError as exc:
+                                raise self._transport_error(exc, produced=produced) from None
+                            events = reply.feed(raw)
+                            if events:
+                                produced = True
+                                for event in events:
+                                    yield event
+                            if reply.done:
+                                await self._drain(chunks)
+                                yield reply.finish()
+                                return
+                            if raw is None:
+                                raise reply.cut()
+                            if produced:
+                                deadline.extend(options.idle_timeout, end)
+                    finally:
+                        deadline.close()
+                finally:
+                    # Closing before the body is complete closes the connection: the upstream
+                    # sees the client go at once and stops generating (and billing) the reply.
+                    await response.aclose()
             except ProviderError as exc:
                 if produced or not exc.retryable or attempt >= options.max_retries:
                     raise
@@ -311,7 +307,8 @@ class OpenAICompatibleProvider(Provider):
 
     # --- one upstream request ---
 
-    async def _attempt(self, body: bytes, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
+    async def _open(self, body: bytes) -> tuple[httpx.Response, float]:
+        """Send the request; return the 200 response (body unread) and when it was sent."""
         if self._client is None:
             raise Unavailable(f"provider {self.instance!r} is not open (the app has not started)")
         options = self.options
@@ -320,123 +317,24 @@ class OpenAICompatibleProvider(Provider):
                 f"{self._who()} has no api_key: export DEEPSEEK_API_KEY "
                 '(plugins.toml reads it with api_key = "${DEEPSEEK_API_KEY}")'
             )
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline_total = started + options.total_timeout
-        deadline_first = min(started + options.first_token_timeout, deadline_total)
+        started = asyncio.get_running_loop().time()
+        request = self._client.build_request(
+            "POST", self._url, content=body, headers={"Content-Type": "application/json"}
+        )
         try:
-            async with asyncio.timeout_at(deadline_first):
-                response = await self._client.send(
-                    self._client.build_request(
-                        "POST", self._url, content=body, headers={"Content-Type": "application/json"}
-                    ),
-                    stream=True,
-                )
+            async with asyncio.timeout_at(started + min(options.first_token_timeout, options.total_timeout)):
+                response = await self._client.send(request, stream=True)
         except TimeoutError:
             raise self._timeout("no response", started) from None
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, produced=False) from None
-        try:
-            if response.status_code != 200:
-                text = await self._read_all(response, deadline_first, started)
-                raise self._status_error(response, text)
-            content_type = response.headers.get("content-type", "")
-            if content_type.startswith("text/event-stream"):
-                async for event in self._events(response, request, started, deadline_first, deadline_total):
-                    yield event
-            else:
-                text = await self._read_all(response, deadline_first, started)
-                for event in self._whole_reply(text, request):
-                    yield event
-        finally:
-            # Closing before the body is complete closes the connection: the upstream
-            # sees the client go at once and stops generating (and billing) the reply.
-            await response.aclose()
-
-    async def _events(
-        self,
-        response: httpx.Response,
-        request: ChatRequest,
-        started: float,
-        deadline_first: float,
-        deadline_total: float,
-    ) -> AsyncGenerator[ProviderEvent, None]:
-        loop = asyncio.get_running_loop()
-        idle = self.options.idle_timeout
-        decoder = SSEDecoder()
-        chunks = response.aiter_raw()
-        deadline = deadline_first
-        produced = chunked = False
-        reason: FinishReason | None = None
-        usage: dict[str, Any] | None = None
-        lengths = 0  # characters produced, for a usage estimate when the upstream sends none
-        while True:
+        if response.status_code != 200:
             try:
-                async with asyncio.timeout_at(deadline):
-                    raw = await anext(chunks, None)
-            except TimeoutError:
-                raise self._timeout("the reply stalled" if produced else "no first token", started) from None
-            except httpx.HTTPError as exc:
-                raise self._transport_error(exc, produced=produced) from None
-            payloads = decoder.feed(raw) if raw is not None else decoder.flush()
-            for payload in payloads:
-                if payload == b"[DONE]":
-                    if not chunked:
-                        raise Unavailable(
-                            f"{self._who()} ended its stream with [DONE] before sending any reply",
-                            upstream_status=200,
-                        )
-                    await self._drain(chunks, loop.time() + 1.0)
-                    yield Finish(reason or "stop", self._usage(usage, request, lengths))
-                    return
-                try:
-                    chunk = _decode_chunk(payload)
-                except msgspec.DecodeError as exc:
-                    raise Unavailable(
-                        f"{self._who()} sent an event that is not a chat-completion chunk ({exc}): "
-                        f"{_snippet(payload)}",
-                        upstream_status=200,
-                    ) from None
-                if chunk.error is not None:
-                    raise self._error_event(chunk.error)
-                if chunk.usage:
-                    usage = chunk.usage
-                if not chunk.choices:
-                    chunked = chunked or chunk.usage is not None
-                    continue
-                chunked = True
-                choice = chunk.choices[0]
-                delta = choice.delta or choice.message
-                if delta is not None:
-                    thought = delta.reasoning_content or delta.reasoning
-                    if thought:
-                        produced = True
-                        lengths += len(thought)
-                        yield ReasoningDelta(thought)
-                    if delta.content:
-                        produced = True
-                        lengths += len(delta.content)
-                        yield ContentDelta(delta.content)
-                    if delta.tool_calls:
-                        produced = True
-                        for call in delta.tool_calls:
-                            function = call.function or _Function()
-                            lengths += len(function.arguments or "")
-                            yield ToolCallDelta(call.index, call.id, function.name, function.arguments or "")
-                if choice.finish_reason:
-                    reason = FINISH_REASONS.get(choice.finish_reason, "stop")
-            if raw is None:
-                raise Unavailable(
-                    f"{self._who()} closed the stream before [DONE]"
-                    + (" in the middle of the reply" if produced else ""),
-                    upstream_status=200,
-                )
-            if produced:
-                # Move the deadline only when it matters: rescheduling a timer per
-                # chunk would cost more than parsing the chunk.
-                now = loop.time()
-                if deadline - now < idle / 2 or deadline == deadline_first:
-                    deadline = min(now + idle, deadline_total)
+                text = await self._read_all(response, started)
+            finally:
+                await response.aclose()
+            raise self._status_error(response, text)
+        return response, started
 
     def _whole_reply(self, text: str, request: ChatRequest) -> list[ProviderEvent]:
         """The events of a non-streamed answer (DeepSeek may precede it with blank lines)."""
@@ -444,18 +342,18 @@ class OpenAICompatibleProvider(Provider):
         if not text:
             raise Unavailable(f"{self._who()} answered HTTP 200 with an empty body", upstream_status=200)
         try:
-            chunk = _decode_chunk(text)
+            chunk = decode_chunk(text)
         except msgspec.DecodeError as exc:
             raise Unavailable(
                 f"{self._who()} answered HTTP 200 with a body that is not a chat completion ({exc}): "
-                f"{_snippet(text.encode())}",
+                f"{snippet(text.encode())}",
                 upstream_status=200,
             ) from None
         if chunk.error is not None:
             raise self._error_event(chunk.error)
         if not chunk.choices or chunk.choices[0].message is None:
             raise Unavailable(
-                f"{self._who()} answered HTTP 200 without a message: {_snippet(text.encode())}",
+                f"{self._who()} answered HTTP 200 without a message: {snippet(text.encode())}",
                 upstream_status=200,
             )
         choice = chunk.choices[0]
@@ -468,16 +366,19 @@ class OpenAICompatibleProvider(Provider):
         if message.content:
             events.append(ContentDelta(message.content))
         for position, call in enumerate(message.tool_calls or ()):
-            function = call.function or _Function()
+            function = call.function or FunctionPart()
             events.append(ToolCallDelta(position, call.id, function.name, function.arguments or ""))
-        length = len(thought or "") + len(message.content or "")
         reason = FINISH_REASONS.get(choice.finish_reason or "stop", "stop")
-        events.append(Finish(reason, self._usage(chunk.usage, request, length)))
+        events.append(
+            Finish(reason, self._usage(chunk.usage, request, [thought or "", message.content or ""]))
+        )
         return events
 
-    async def _read_all(self, response: httpx.Response, deadline: float, started: float) -> str:
+    async def _read_all(self, response: httpx.Response, started: float) -> str:
+        """The whole body, within the time allowed for a first token."""
+        options = self.options
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(started + min(options.first_token_timeout, options.total_timeout)):
                 data = await response.aread()
         except TimeoutError:
             raise self._timeout("no complete answer", started) from None
@@ -486,10 +387,10 @@ class OpenAICompatibleProvider(Provider):
         return data.decode("utf-8", errors="replace")
 
     @staticmethod
-    async def _drain(chunks: AsyncIterator[bytes], deadline: float) -> None:
+    async def _drain(chunks: AsyncIterator[bytes]) -> None:
         """Read what follows ``[DONE]`` (the body's end) so the connection goes back to the pool."""
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(1.0):
                 async for _ in chunks:
                     pass
         except (TimeoutError, httpx.HTTPError):
@@ -498,38 +399,19 @@ class OpenAICompatibleProvider(Provider):
     # --- turning upstream data into core types ---
 
     @staticmethod
-    def _usage(raw: dict[str, Any] | None, request: ChatRequest, produced_chars: int) -> Usage:
-        if not raw:
-            # A server that reports no usage must not make replies free.
-            return Usage(
-                prompt_tokens=estimate_prompt_tokens(request.messages),
-                completion_tokens=max(1, estimate_tokens("x" * produced_chars)),
-                extra={"estimated": True},
-            )
-        prompt_details = raw.get("prompt_tokens_details")
-        completion_details = raw.get("completion_tokens_details")
-        extra = {
-            key: value
-            for key, value in raw.items()
-            if key not in ("prompt_tokens", "completion_tokens", "total_tokens")
-            and isinstance(value, int | float | str | dict)
-            and not isinstance(value, bool)
-        }
-        cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
-        reasoning = (
-            completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
-        )
+    def _usage(raw: dict[str, Any] | None, request: ChatRequest, produced: list[str]) -> Usage:
+        if raw:
+            return usage_from(raw)
+        # A server that reports no usage must not make replies free.
         return Usage(
-            prompt_tokens=_int(raw.get("prompt_tokens")),
-            completion_tokens=_int(raw.get("completion_tokens")),
-            reasoning_tokens=_int(reasoning),
-            cached_tokens=_int(cached if cached is not None else raw.get("prompt_cache_hit_tokens")),
-            extra=extra,
+            prompt_tokens=estimate_prompt_tokens(request.messages),
+            completion_tokens=max(1, estimate_tokens("".join(produced))),
+            extra={"estimated": True},
         )
 
     def _status_error(self, response: httpx.Response, text: str) -> ProviderError:
         status = response.status_code
-        message = self._redact(_error_message(text) or response.reason_phrase or f"HTTP {status}")
+        message = self._redact(error_message(text) or response.reason_phrase or f"HTTP {status}")
         said = f"{self._who()} answered {status}: {message}"
         if status in (400, 413, 422):
             return BadRequest(said, upstream_status=status)
@@ -540,11 +422,11 @@ class OpenAICompatibleProvider(Provider):
         if status == 402:
             return UpstreamBalanceExhausted(f"{said} (top up the upstream account)", upstream_status=status)
         if status == 429:
-            return RateLimited(said, retry_after=_retry_after(response.headers), upstream_status=status)
+            return RateLimited(said, retry_after=retry_after(response.headers), upstream_status=status)
         if status in (408, 504):
             return Timeout(said, upstream_status=status)
         if status >= 500:
-            return Unavailable(said, upstream_status=status, retry_after=_retry_after(response.headers))
+            return Unavailable(said, upstream_status=status, retry_after=retry_after(response.headers))
         if status == 404:
             return ProviderError(
                 f"{said} (is base_url {self.options.base_url!r} right? it should be the URL "
@@ -583,7 +465,7 @@ class OpenAICompatibleProvider(Provider):
             # An upstream asking for a long pause is better answered by the caller's
             # own retry (the error carries retry_after) than by holding the request.
             return asked if asked <= options.max_retry_after else None
-        delay = min(options.max_backoff, options.backoff * 2**attempt)
+        delay = min(options.max_backoff, options.backoff * 2.0**attempt)
         return delay * (0.5 + self._random.random() / 2)
 
     def _who(self) -> str:
@@ -594,85 +476,86 @@ class OpenAICompatibleProvider(Provider):
         return text.replace(key, "[api key]") if len(key) >= 4 else text
 
 
+class _Reply:
+    """The state of one streamed reply: turns raw chunks into events, and knows how it ended."""
+
+    __slots__ = ("_decoder", "_produced", "_provider", "_request", "chunked", "done", "reason", "usage")
+
+    def __init__(self, provider: OpenAICompatibleProvider, request: ChatRequest) -> None:
+        self._provider = provider
+        self._request = request
+        self._decoder = SSEDecoder()
+        self._produced: list[str] = []  # for a usage estimate, should the upstream send none
+        self.chunked = self.done = False
+        self.reason: FinishReason | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, raw: bytes | None) -> list[ProviderEvent]:
+        """The events of the next chunk of the body (``None``: the body ended)."""
+        events: list[ProviderEvent] = []
+        for payload in self._decoder.feed(raw) if raw is not None else self._decoder.flush():
+            if payload == b"[DONE]":
+                if not self.chunked:
+                    raise Unavailable(
+                        f"{self._provider._who()} ended its stream with [DONE] before sending any reply",
+                        upstream_status=200,
+                    )
+                self.done = True
+                return events
+            try:
+                chunk = decode_chunk(payload)
+            except msgspec.DecodeError as exc:
+                raise Unavailable(
+                    f"{self._provider._who()} sent an event that is not a chat-completion chunk ({exc}): "
+                    f"{snippet(payload)}",
+                    upstream_status=200,
+                ) from None
+            if chunk.error is not None:
+                raise self._provider._error_event(chunk.error)
+            if chunk.usage:
+                self.usage = chunk.usage
+            if not chunk.choices:
+                self.chunked = self.chunked or chunk.usage is not None
+                continue
+            self.chunked = True
+            choice = chunk.choices[0]
+            delta = choice.delta or choice.message
+            if delta is not None:
+                thought = delta.reasoning_content or delta.reasoning
+                if thought:
+                    self._produced.append(thought)
+                    events.append(ReasoningDelta(thought))
+                if delta.content:
+                    self._produced.append(delta.content)
+                    events.append(ContentDelta(delta.content))
+                if delta.tool_calls:
+                    for call in delta.tool_calls:
+                        function = call.function or FunctionPart()
+                        self._produced.append(function.arguments or "")
+                        events.append(
+                            ToolCallDelta(call.index, call.id, function.name, function.arguments or "")
+                        )
+            if choice.finish_reason:
+                self.reason = FINISH_REASONS.get(choice.finish_reason, "stop")
+        return events
+
+    def finish(self) -> Finish:
+        return Finish(self.reason or "stop", self._provider._usage(self.usage, self._request, self._produced))
+
+    def cut(self) -> Unavailable:
+        """The error of a body that ended before ``[DONE]``."""
+        middle = " in the middle of the reply" if self._produced else ""
+        return Unavailable(
+            f"{self._provider._who()} closed the stream before [DONE]{middle}", upstream_status=200
+        )
+
+
 class DeepSeekProvider(OpenAICompatibleProvider):
     """DeepSeek's API: :class:`OpenAICompatibleProvider` with DeepSeek's URL and a required key."""
 
     name = "deepseek"
     Options: ClassVar[type[OpenAICompatibleOptions]] = DeepSeekOptions
     needs_key = True
-
-
-def wire_message(message: ChatMessage) -> dict[str, Any]:
-    """``message`` as OpenAI-style JSON, following DeepSeek's rule for reasoning.
-
-    Reasoning is sent back only on assistant turns that made tool calls:
-    DeepSeek's thinking mode requires it there (an absent one is a 400, an
-    empty string is accepted) and ignores it on plain turns, so sending it
-    there would only waste upload and prompt tokens.
-    """
-    out: dict[str, Any] = {"role": message.role}
-    out["content"] = message.content if message.content is not None or message.role != "assistant" else ""
-    if message.name is not None:
-        out["name"] = message.name
-    if message.tool_calls:
-        out["tool_calls"] = [
-            {"id": c.id, "type": c.type, "function": {"name": c.name, "arguments": c.arguments}}
-            for c in message.tool_calls
-        ]
-        out["reasoning_content"] = message.reasoning or ""
-    if message.tool_call_id is not None:
-        out["tool_call_id"] = message.tool_call_id
-    for key, value in message.extra.items():
-        if key not in out and key not in ("reasoning_content", "reasoning"):
-            out[key] = value
-    return out
-
-
-def _error_message(text: str) -> str:
-    """The human message of an error body in DeepSeek's, OpenAI's, vLLM's or llama.cpp's shape."""
-    try:
-        body = msgspec.json.decode(text)
-    except msgspec.DecodeError:
-        return text.strip()[:500]
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-        if body.get("message"):
-            return str(body["message"])
-    return text.strip()[:500]
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds a ``Retry-After`` (or ``retry-after-ms``) header asks to wait, if it says."""
-    if ms := headers.get("retry-after-ms"):
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _snippet(payload: bytes) -> str:
-    text = payload[:200].decode("utf-8", errors="replace")
-    return text + ("..." if len(payload) > 200 else "")
 
 
 @hookimpl

@@ -21,6 +21,7 @@ from litestar import Litestar
 from core.app import create_app
 from core.config import load_config
 from core.services import Services
+from tests.fakes.deepseek import FakeDeepSeek
 
 BASE_CONFIG = """\
 [server]
@@ -187,3 +188,29 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., str]]:
             process.wait()
     for log in logs:
         log.close()
+
+
+FAKE_DEEPSEEK_KEY = "sk-fake-0123456789abcdef"
+
+
+@pytest.fixture
+async def fake_deepseek() -> AsyncIterator[FakeDeepSeek]:
+    """A fake DeepSeek API on loopback (tests/fakes/deepseek.py), accepting ``FAKE_DEEPSEEK_KEY``."""
+    async with FakeDeepSeek(api_key=FAKE_DEEPSEEK_KEY) as fake:
+        yield fake
+
+
+def deepseek_config(url: str, *, instance: str = "deepseek", extra: str = "") -> str:
+    """A plugins.toml fragment: a ``deepseek`` instance at ``url`` serving the seeds' model names."""
+    return f"""
+[providers.{instance}]
+plugin = "deepseek"
+base_url = "{url}"
+api_key = "{FAKE_DEEPSEEK_KEY}"
+backoff = 0.01
+{extra}
+
+[providers.{instance}.aliases]
+deepseek-chat = {{ model = "deepseek-v4-flash", extra_body = {{ thinking = {{ type = "disabled" }} }} }}
+deepseek-reasoner = {{ model = "deepseek-v4-flash", extra_body = {{ thinking = {{ type = "enabled" }} }} }}
+"""

@@ -1,0 +1,165 @@
+"""OpenAI's chat-completions wire format, as DeepSeek and compatible servers speak it.
+
+Only the fields a reply needs are decoded, into typed structs, because a
+stream decodes one chunk per token and typed decoding is the cheap way to do
+it. Requests are encoded from core's types following DeepSeek's rules.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+
+import httpx
+import msgspec
+
+from core.types import ChatMessage, FinishReason, Usage
+
+
+class FunctionPart(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallPart(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: FunctionPart | None = None
+
+
+class Message(msgspec.Struct):
+    """A streamed ``delta`` or a whole ``message``: the same fields either way."""
+
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM, Ollama and OpenRouter name it so
+    tool_calls: list[ToolCallPart] | None = None
+
+
+class Choice(msgspec.Struct):
+    index: int = 0
+    delta: Message | None = None
+    message: Message | None = None
+    finish_reason: str | None = None
+
+
+class Chunk(msgspec.Struct):
+    """A ``chat.completion.chunk``, a whole ``chat.completion``, or an error event."""
+
+    choices: list[Choice] | None = None
+    usage: dict[str, Any] | None = None
+    error: Any = None
+
+
+decode_chunk = msgspec.json.Decoder(Chunk).decode
+encode = msgspec.json.Encoder().encode
+
+FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+    "insufficient_system_resource": "insufficient_system_resource",
+}
+"""Upstream finish reasons as core's; anything else reads as "stop"."""
+
+
+def usage_from(raw: dict[str, Any]) -> Usage:
+    """An upstream ``usage`` object as core's :class:`~core.types.Usage`.
+
+    DeepSeek's own counters (``prompt_cache_hit_tokens``, ...) and any other
+    fields the upstream adds are kept in ``extra``.
+    """
+    prompt_details = raw.get("prompt_tokens_details")
+    completion_details = raw.get("completion_tokens_details")
+    extra = {
+        key: value
+        for key, value in raw.items()
+        if key not in ("prompt_tokens", "completion_tokens", "total_tokens")
+        and isinstance(value, int | float | str | dict)
+        and not isinstance(value, bool)
+    }
+    cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
+    reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
+    return Usage(
+        prompt_tokens=_int(raw.get("prompt_tokens")),
+        completion_tokens=_int(raw.get("completion_tokens")),
+        reasoning_tokens=_int(reasoning),
+        cached_tokens=_int(cached if cached is not None else raw.get("prompt_cache_hit_tokens")),
+        extra=extra,
+    )
+
+
+def wire_message(message: ChatMessage) -> dict[str, Any]:
+    """``message`` as OpenAI-style JSON, following DeepSeek's rule for reasoning.
+
+    Reasoning is sent back only on assistant turns that made tool calls:
+    DeepSeek's thinking mode requires it there (an absent one is a 400, an
+    empty string is accepted) and ignores it on plain turns, so sending it
+    there would only waste upload and prompt tokens.
+    """
+    out: dict[str, Any] = {"role": message.role}
+    out["content"] = message.content if message.content is not None or message.role != "assistant" else ""
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": c.type, "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+        out["reasoning_content"] = message.reasoning or ""
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    for key, value in message.extra.items():
+        if key not in out and key not in ("reasoning_content", "reasoning"):
+            out[key] = value
+    return out
+
+
+def error_message(text: str) -> str:
+    """The human message of an error body in DeepSeek's, OpenAI's, vLLM's or llama.cpp's shape."""
+    try:
+        body = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return text.strip()[:500]
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if body.get("message"):
+            return str(body["message"])
+    return text.strip()[:500]
+
+
+def retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds a ``Retry-After`` (or ``retry-after-ms``) header asks to wait, if it says."""
+    if ms := headers.get("retry-after-ms"):
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def snippet(payload: bytes) -> str:
+    text = payload[:200].decode("utf-8", errors="replace")
+    return text + ("..." if len(payload) > 200 else "")
