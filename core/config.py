@@ -153,7 +153,13 @@ def parse_config(text: str, file: str, env: Mapping[str, str]) -> Config:
         seen.setdefault(name.lower(), name)
     for name, table in providers.items():
         for position, fallback in enumerate(table.fallbacks):
-            if fallback not in providers or fallback == name:
+            if fallback in table.fallbacks[:position]:
+                report.add(
+                    ("providers", name, "fallbacks", str(position)),
+                    "each instance named once",
+                    f'"{fallback}" again',
+                )
+            elif fallback not in providers or fallback == name:
                 others = [p for p in providers if p != name]
                 report.add(
                     ("providers", name, "fallbacks", str(position)),

@@ -55,12 +55,16 @@ class ReadDeadline:
         """The next item of ``chunks`` (None at its end), if it arrives before the deadline."""
         if self._handle is None and self._loop.time() >= self.when:
             raise DeadlineExceeded
-        self._task = asyncio.current_task()
+        task = self._task = asyncio.current_task()
+        # Like asyncio.timeout: only a cancellation beyond those already pending is ours.
+        pending = task.cancelling() if task is not None else 0
         try:
             return await anext(chunks, None)
         except asyncio.CancelledError:
-            if self._expired and self._task is not None and self._task.uncancel() == 0:
-                raise DeadlineExceeded from None
+            if self._expired and task is not None:
+                self._expired = False
+                if task.uncancel() <= pending:
+                    raise DeadlineExceeded from None
             raise
         finally:
             self._task = None

@@ -52,7 +52,7 @@ from .openai_wire import (
     retry_after,
     snippet,
     usage_from,
-    wire_message,
+    wire_messages,
 )
 from .sse import SSEDecoder
 
@@ -106,9 +106,15 @@ class OpenAICompatibleOptions(msgspec.Struct, kw_only=True, forbid_unknown_field
                 raise ValueError(f"{field} to be >= 0")
         if self.max_connections < 1:
             raise ValueError("max_connections to be >= 1")
-        for header in self.headers:
+        # A key read from a CRLF .env file ends in "\r": strip it rather than fail on every request.
+        self.api_key = self.api_key.strip()
+        if not self.api_key.isprintable():
+            raise ValueError("api_key to hold no control characters")
+        for header, value in self.headers.items():
             if header.lower() == "authorization":
                 raise ValueError("headers not to set Authorization (put the key in api_key)")
+            if not (header + value).isprintable():
+                raise ValueError(f"header {header!r} to hold no control characters")
 
 
 class DeepSeekOptions(OpenAICompatibleOptions, kw_only=True):
@@ -150,6 +156,9 @@ class OpenAICompatibleProvider(Provider):
     Options: ClassVar[type[OpenAICompatibleOptions]] = OpenAICompatibleOptions
     needs_key: ClassVar[bool] = False
     """Whether the upstream refuses every request without a key (local servers usually need none)."""
+    sends_reasoning: ClassVar[bool] = False
+    """Whether earlier turns' reasoning goes back as ``reasoning_content`` (DeepSeek's thinking
+    mode requires it after tool calls; other servers may reject the field)."""
 
     def __init__(self, instance: str, options: OpenAICompatibleOptions) -> None:
         super().__init__(instance, options)
@@ -159,9 +168,13 @@ class OpenAICompatibleProvider(Provider):
         self._random = random.Random()
 
     async def open(self) -> None:
+        if self._client is not None:
+            return
         options = self.options
         headers = {
             "Accept": "text/event-stream, application/json",
+            # A compressed stream could not be parsed as it arrives; ask for none.
+            "Accept-Encoding": "identity",
             "User-Agent": "chatgate",
             **options.headers,
         }
@@ -219,7 +232,10 @@ class OpenAICompatibleProvider(Provider):
                             yield event
                         return
                     reply = _Reply(self, request)
-                    chunks = response.aiter_raw()
+                    # Raw bytes skip httpx's decoder layer; a server that compresses anyway
+                    # (despite Accept-Encoding: identity) gets it.
+                    encoding = response.headers.get("content-encoding", "identity")
+                    chunks = response.aiter_raw() if encoding == "identity" else response.aiter_bytes()
                     end = started + options.total_timeout
                     first = min(started + options.first_token_timeout, end)
                     deadline = ReadDeadline(first)
@@ -243,7 +259,7 @@ class OpenAICompatibleProvider(Provider):
                                 return
                             if raw is None:
                                 raise reply.cut()
-                            if produced:
+                            if events:  # keep-alive comments and partial lines are no progress
                                 deadline.extend(options.idle_timeout, end)
                     finally:
                         deadline.close()
@@ -267,13 +283,18 @@ class OpenAICompatibleProvider(Provider):
                     delay,
                 )
                 await asyncio.sleep(delay)
+            except Exception as exc:  # the contract: typed errors only, whatever broke
+                log.exception("%s: unexpected error while streaming a reply", self._who())
+                raise ProviderError(
+                    f"{self._who()} failed unexpectedly ({type(exc).__name__}); the server log has details"
+                ) from None
 
     def request_body(self, request: ChatRequest) -> dict[str, Any]:
         """The JSON body sent upstream for ``request`` (aliases applied, reasoning rule followed)."""
         alias = self.options.aliases.get(request.model)
         body: dict[str, Any] = {
             "model": alias.model if alias else request.model,
-            "messages": [wire_message(m) for m in request.messages],
+            "messages": wire_messages(request.messages, reasoning=self.sends_reasoning),
             "stream": True,
         }
         client_options = request.extra.get("stream_options")
@@ -343,7 +364,7 @@ class OpenAICompatibleProvider(Provider):
             raise Unavailable(f"{self._who()} answered HTTP 200 with an empty body", upstream_status=200)
         try:
             chunk = decode_chunk(text)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise Unavailable(
                 f"{self._who()} answered HTTP 200 with a body that is not a chat completion ({exc}): "
                 f"{snippet(text.encode())}",
@@ -390,7 +411,9 @@ class OpenAICompatibleProvider(Provider):
     async def _drain(chunks: AsyncIterator[bytes]) -> None:
         """Read what follows ``[DONE]`` (the body's end) so the connection goes back to the pool."""
         try:
-            async with asyncio.timeout(1.0):
+            # The end of the body follows [DONE] at once from a sane server; a reply
+            # is never held back waiting for one that is not.
+            async with asyncio.timeout(0.05):
                 async for _ in chunks:
                     pass
         except (TimeoutError, httpx.HTTPError):
@@ -400,9 +423,10 @@ class OpenAICompatibleProvider(Provider):
 
     @staticmethod
     def _usage(raw: dict[str, Any] | None, request: ChatRequest, produced: list[str]) -> Usage:
-        if raw:
-            return usage_from(raw)
-        # A server that reports no usage must not make replies free.
+        usage = usage_from(raw) if raw else None
+        if usage is not None:
+            return usage
+        # A server that reports no usage (or no counts in it) must not make replies free.
         return Usage(
             prompt_tokens=estimate_prompt_tokens(request.messages),
             completion_tokens=max(1, estimate_tokens("".join(produced))),
@@ -411,8 +435,12 @@ class OpenAICompatibleProvider(Provider):
 
     def _status_error(self, response: httpx.Response, text: str) -> ProviderError:
         status = response.status_code
-        message = self._redact(error_message(text) or response.reason_phrase or f"HTTP {status}")
-        said = f"{self._who()} answered {status}: {message}"
+        message = error_message(text) or response.reason_phrase or f"HTTP {status}"
+        return self._error_for(status, message, retry_after(response.headers))
+
+    def _error_for(self, status: int, message: str, wait: float | None = None) -> ProviderError:
+        """The typed error of an upstream's ``status`` answer saying ``message``."""
+        said = f"{self._who()} answered {status}: {self._redact(message)}"
         if status in (400, 413, 422):
             return BadRequest(said, upstream_status=status)
         if status in (401, 403):
@@ -422,11 +450,11 @@ class OpenAICompatibleProvider(Provider):
         if status == 402:
             return UpstreamBalanceExhausted(f"{said} (top up the upstream account)", upstream_status=status)
         if status == 429:
-            return RateLimited(said, retry_after=retry_after(response.headers), upstream_status=status)
+            return RateLimited(said, retry_after=wait, upstream_status=status)
         if status in (408, 504):
             return Timeout(said, upstream_status=status)
         if status >= 500:
-            return Unavailable(said, upstream_status=status, retry_after=retry_after(response.headers))
+            return Unavailable(said, upstream_status=status, retry_after=wait)
         if status == 404:
             return ProviderError(
                 f"{said} (is base_url {self.options.base_url!r} right? it should be the URL "
@@ -436,11 +464,22 @@ class OpenAICompatibleProvider(Provider):
         return ProviderError(said, upstream_status=status)
 
     def _error_event(self, error: Any) -> ProviderError:
-        """An error the upstream sent inside a 200 answer (vLLM and LiteLLM do, mid-stream)."""
-        message = error.get("message") if isinstance(error, dict) else error
-        return Unavailable(
-            f"{self._who()} reported an error: {self._redact(str(message or error))}", upstream_status=200
-        )
+        """An error the upstream sent inside a 200 answer (vLLM and LiteLLM do, mid-stream).
+
+        Its ``code`` is the HTTP status it stands for when it is one (vLLM sends
+        an int, LiteLLM a string); an ``invalid_request_error`` is the request's
+        fault; anything else is the upstream failing.
+        """
+        if not isinstance(error, dict):
+            return Unavailable(
+                f"{self._who()} reported an error: {self._redact(str(error))}", upstream_status=200
+            )
+        message = str(error.get("message") or error)
+        code = error.get("code")
+        status = int(code) if isinstance(code, int | str) and str(code).isdigit() else 0
+        if not 400 <= status <= 599:
+            status = 400 if error.get("type") == "invalid_request_error" else 503
+        return self._error_for(status, message)
 
     def _transport_error(self, exc: httpx.HTTPError, *, produced: bool) -> ProviderError:
         if isinstance(exc, httpx.TimeoutException):
@@ -504,7 +543,7 @@ class _Reply:
                 return events
             try:
                 chunk = decode_chunk(payload)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, RecursionError) as exc:
                 raise Unavailable(
                     f"{self._provider._who()} sent an event that is not a chat-completion chunk ({exc}): "
                     f"{snippet(payload)}",
@@ -556,6 +595,7 @@ class DeepSeekProvider(OpenAICompatibleProvider):
     name = "deepseek"
     Options: ClassVar[type[OpenAICompatibleOptions]] = DeepSeekOptions
     needs_key = True
+    sends_reasoning = True
 
 
 @hookimpl

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -66,12 +67,15 @@ FINISH_REASONS: dict[str, FinishReason] = {
 """Upstream finish reasons as core's; anything else reads as "stop"."""
 
 
-def usage_from(raw: dict[str, Any]) -> Usage:
+def usage_from(raw: dict[str, Any]) -> Usage | None:
     """An upstream ``usage`` object as core's :class:`~core.types.Usage`.
 
     DeepSeek's own counters (``prompt_cache_hit_tokens``, ...) and any other
-    fields the upstream adds are kept in ``extra``.
+    fields the upstream adds are kept in ``extra``. None when the object does
+    not count both prompt and completion tokens: a reply must not pass as free.
     """
+    if not (_is_count(raw.get("prompt_tokens")) and _is_count(raw.get("completion_tokens"))):
+        return None
     prompt_details = raw.get("prompt_tokens_details")
     completion_details = raw.get("completion_tokens_details")
     extra = {
@@ -92,14 +96,31 @@ def usage_from(raw: dict[str, Any]) -> Usage:
     )
 
 
-def wire_message(message: ChatMessage) -> dict[str, Any]:
-    """``message`` as OpenAI-style JSON, following DeepSeek's rule for reasoning.
+def wire_messages(messages: Sequence[ChatMessage], *, reasoning: bool) -> list[dict[str, Any]]:
+    """``messages`` as OpenAI-style JSON; with ``reasoning``, following DeepSeek's rule for it.
 
-    Reasoning is sent back only on assistant turns that made tool calls:
-    DeepSeek's thinking mode requires it there (an absent one is a 400, an
-    empty string is accepted) and ignores it on plain turns, so sending it
-    there would only waste upload and prompt tokens.
+    DeepSeek's thinking mode ignores the reasoning of plain turns, but once a
+    tool call happened it requires ``reasoning_content`` on that assistant
+    message and on every one after it (a missing one is a 400, an empty
+    string is accepted). So reasoning goes back from the first tool-call turn
+    on, and is dropped before it, where it would only cost upload and
+    tokens. Without ``reasoning`` it is never sent: other servers may reject
+    the field.
     """
+    out = []
+    tools_used = False
+    for message in messages:
+        wire = wire_message(message)
+        if reasoning and message.role == "assistant":
+            tools_used = tools_used or bool(message.tool_calls)
+            if tools_used:
+                wire["reasoning_content"] = message.reasoning or ""
+        out.append(wire)
+    return out
+
+
+def wire_message(message: ChatMessage) -> dict[str, Any]:
+    """``message`` as OpenAI-style JSON, without its reasoning."""
     out: dict[str, Any] = {"role": message.role}
     out["content"] = message.content if message.content is not None or message.role != "assistant" else ""
     if message.name is not None:
@@ -109,7 +130,6 @@ def wire_message(message: ChatMessage) -> dict[str, Any]:
             {"id": c.id, "type": c.type, "function": {"name": c.name, "arguments": c.arguments}}
             for c in message.tool_calls
         ]
-        out["reasoning_content"] = message.reasoning or ""
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     for key, value in message.extra.items():
@@ -122,7 +142,7 @@ def error_message(text: str) -> str:
     """The human message of an error body in DeepSeek's, OpenAI's, vLLM's or llama.cpp's shape."""
     try:
         body = msgspec.json.decode(text)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # msgspec gives up on deep nesting with the latter
         return text.strip()[:500]
     if isinstance(body, dict):
         error = body.get("error", body)
@@ -156,8 +176,14 @@ def retry_after(headers: httpx.Headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _is_count(value: Any) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 and value == int(value)
+    )
+
+
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return int(value) if _is_count(value) else 0
 
 
 def snippet(payload: bytes) -> str:

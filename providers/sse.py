@@ -20,14 +20,19 @@ class SSEDecoder:
     (clients crash on those, so nothing downstream should ever see one).
     """
 
-    __slots__ = ("_data", "_tail")
+    __slots__ = ("_data", "_started", "_tail")
 
     def __init__(self) -> None:
         self._tail = b""
         self._data: list[bytes] = []
+        self._started = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The payloads of the events that ``chunk`` completes, in order."""
+        if not self._started and chunk:
+            self._started = True
+            if chunk.startswith(b"\xef\xbb\xbf"):  # the stream may begin with a UTF-8 BOM
+                chunk = chunk[3:]
         if self._tail:
             chunk = self._tail + chunk
         lines = chunk.split(b"\n")

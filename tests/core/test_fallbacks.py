@@ -134,3 +134,12 @@ def test_fallbacks_must_name_other_configured_instances(write_config: Callable[.
     assert any(
         "providers.odd.fallbacks: expected a list of provider instance names" in line for line in lines
     ), lines
+
+
+def test_a_fallback_named_twice_is_an_error(write_config: Callable[..., Path]) -> None:
+    config = write_config('[providers.twice]\nplugin = "mock"\nfallbacks = ["mock", "mock"]\n')
+    result = chatgate("check", "--config", str(config))
+    assert result.returncode == 2
+    assert (
+        'providers.twice.fallbacks.1: expected each instance named once, found "mock" again' in result.stderr
+    )

@@ -47,3 +47,7 @@ def test_comments_and_empty_events_produce_nothing() -> None:
 def test_a_last_event_without_its_blank_line_is_flushed() -> None:
     assert decode([b'data: {"x":1}\n\ndata: [DONE]']) == [b'{"x":1}', b"[DONE]"]
     assert decode([b"data: [DONE]\n"]) == [b"[DONE]"]
+
+
+def test_a_leading_byte_order_mark_is_skipped() -> None:
+    assert decode([b'\xef\xbb\xbfdata: {"x":1}\n\n']) == [b'{"x":1}']
