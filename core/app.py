@@ -20,6 +20,7 @@ from .services import Services
 from .services.accounts import Accounts
 from .services.billing import Billing
 from .services.catalog import Catalog
+from .services.completions import Completions
 from .services.conversations import Conversations
 from .services.generations import Generations
 
@@ -54,6 +55,7 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
         catalog=Catalog(config.models, providers, {n: t.fallbacks for n, t in config.providers.items()}),
         accounts=Accounts(store),
         billing=billing,
+        completions=Completions(billing),
         generations=generations,
         conversations=Conversations(store, generations, billing),
     )

@@ -8,6 +8,7 @@ from ..config import Config
 from .accounts import Accounts
 from .billing import Billing
 from .catalog import Catalog
+from .completions import Completions
 from .conversations import Conversations
 from .generations import Generations
 
@@ -20,5 +21,6 @@ class Services:
     catalog: Catalog
     accounts: Accounts
     billing: Billing
+    completions: Completions
     generations: Generations
     conversations: Conversations

@@ -1,20 +1,36 @@
-"""The OpenAI-compatible surface (seed 001): ``/v1/models`` and, in time, ``/v1/chat/completions``."""
+"""The OpenAI-compatible surface (seed 001): ``/v1/chat/completions`` and ``/v1/models``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import msgspec
-from litestar import Request, get
-from litestar.response import Response
+from litestar import Request, get, post
+from litestar.background_tasks import BackgroundTask
+from litestar.response import Response, Stream
 from litestar.types import ControllerRouterHandler
 
-from core.errors import Unauthenticated
+from core.errors import (
+    InsufficientBalance,
+    ProviderError,
+    RateLimited,
+    Unauthenticated,
+    UnknownModel,
+    UnknownProvider,
+)
 from core.hookspecs import hookimpl
 from core.services.accounts import Caller
+from core.services.completions import Completion
 from core.surface import Surface
+from core.types import ContentDelta, Finish, ReasoningDelta, ToolCallDelta
+
+from . import wire
 
 CREATED = 1_735_689_600  # 2025-01-01: a fixed, honest "created" for configured models
+KEEPALIVE = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):
@@ -22,27 +38,55 @@ class Options(msgspec.Struct, forbid_unknown_fields=True):
 
     owned_by: str = "chatgate"
     """What ``/v1/models`` reports as each model's owner."""
+    keepalive_interval: float = 10.0
+    """Seconds without a token after which a stream sends an SSE comment, so proxies keep it open."""
+
+    def __post_init__(self) -> None:
+        if self.keepalive_interval <= 0:
+            raise ValueError("keepalive_interval to be > 0")
 
 
 def error(
-    status: int, message: str, type_: str, code: str | None, param: str | None = None
-) -> Response[object]:
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[Any]:
     """OpenAI's error body."""
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return Response(body, status_code=status)
+    return Response(wire.error_body(message, type_, code, param), status_code=status, headers=headers)
+
+
+def provider_error(exc: ProviderError) -> Response[Any]:
+    """A provider failure before anything was sent, with the status its type stands for."""
+    headers = None
+    if exc.retry_after is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    type_ = "invalid_request_error" if exc.status == 400 else "upstream_error"
+    if isinstance(exc, RateLimited):
+        type_ = "rate_limit_error"
+    return error(exc.status, exc.message, type_, exc.code, headers=headers)
 
 
 class OpenAICompatSurface(Surface):
-    """Speaks OpenAI's REST shapes so the official SDKs work unchanged."""
+    """Speaks OpenAI's REST shapes so the official SDKs work unchanged.
+
+    Promises: every error answers OpenAI's error body; a request is charged
+    to the key owner's balance exactly once (reserved before it goes
+    upstream, settled to the tokens produced, also when the client goes
+    away mid-stream); a stream that fails after it began ends with an
+    ``{"error": ...}`` event, never as an empty success.
+    """
 
     name = "openai_compat"
     Options = Options
 
     def route_handlers(self) -> Sequence[ControllerRouterHandler]:
         services = self.services
-        owned_by = self.options.owned_by
+        options = self.options
 
-        async def authenticate(request: Request[object, object, object]) -> Caller | Response[object]:
+        async def authenticate(request: Request[Any, Any, Any]) -> Caller | Response[Any]:
             try:
                 return await services.accounts.authenticate_headers(request.headers)
             except Unauthenticated as exc:
@@ -50,10 +94,10 @@ class OpenAICompatSurface(Surface):
                 return error(401, str(exc), "invalid_request_error", code)
 
         def model_object(name: str) -> dict[str, object]:
-            return {"id": name, "object": "model", "created": CREATED, "owned_by": owned_by}
+            return {"id": name, "object": "model", "created": CREATED, "owned_by": options.owned_by}
 
         @get("/v1/models", tags=["openai"], summary="List models")
-        async def list_models(request: Request[object, object, object]) -> Response[object]:
+        async def list_models(request: Request[Any, Any, Any]) -> Response[Any]:
             caller = await authenticate(request)
             if isinstance(caller, Response):
                 return caller
@@ -61,7 +105,7 @@ class OpenAICompatSurface(Surface):
             return Response({"object": "list", "data": data})
 
         @get("/v1/models/{model_id:path}", tags=["openai"], summary="Retrieve a model")
-        async def retrieve_model(request: Request[object, object, object], model_id: str) -> Response[object]:
+        async def retrieve_model(request: Request[Any, Any, Any], model_id: str) -> Response[Any]:
             caller = await authenticate(request)
             if isinstance(caller, Response):
                 return caller
@@ -76,7 +120,116 @@ class OpenAICompatSurface(Surface):
                 )
             return Response(model_object(name))
 
-        return [list_models, retrieve_model]
+        @post("/v1/chat/completions", tags=["openai"], summary="Create a chat completion", status_code=200)
+        async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
+            caller = await authenticate(request)
+            if isinstance(caller, Response):
+                return caller
+            try:
+                parsed = wire.parse(await request.body())
+            except wire.Invalid as exc:
+                return error(400, exc.message, "invalid_request_error", exc.code, exc.param)
+            try:
+                route = services.catalog.route(parsed.request.model, request.headers.get("x-ai-provider"))
+            except UnknownProvider as exc:
+                return error(400, str(exc), "invalid_request_error", "unknown_provider")
+            except UnknownModel:
+                model = parsed.request.model
+                return error(
+                    404,
+                    f"The model '{model}' does not exist or you do not have access to it.",
+                    "invalid_request_error",
+                    "model_not_found",
+                    "model",
+                )
+            try:
+                completion = await services.completions.start(caller, route, parsed.request)
+            except InsufficientBalance as exc:
+                return error(403, str(exc), "insufficient_quota", "insufficient_user_quota")
+            if parsed.stream:
+                return await stream_reply(completion, parsed)
+            return await whole_reply(completion)
+
+        async def whole_reply(completion: Completion) -> Response[Any]:
+            try:
+                await completion.result()
+            except ProviderError as exc:
+                return provider_error(exc)
+            assert completion.finish is not None
+            body = wire.completion_body(
+                wire.Reply(completion.request.model),
+                completion.text,
+                "".join(completion.reasoning),
+                list(completion.tool_calls.values()),
+                completion.finish,
+            )
+            return Response(body)
+
+        async def stream_reply(completion: Completion, parsed: wire.Parsed) -> Response[Any]:
+            # Wait for the first event before answering, so a request the upstream
+            # refuses gets a real status code instead of a 200 with an error event.
+            try:
+                first = await completion.next_event(options.keepalive_interval)
+            except TimeoutError:
+                first = None
+                waiting = True
+            except ProviderError as exc:
+                return provider_error(exc)
+            else:
+                waiting = False
+
+            async def body() -> AsyncIterator[bytes]:
+                reply = wire.Reply(completion.request.model)
+                usage = parsed.include_usage
+                yield wire.chunk(reply, {"role": "assistant", "content": ""}, usage=usage)
+                event = first
+                pending = waiting
+                try:
+                    while True:
+                        if pending:
+                            try:
+                                event = await completion.next_event(options.keepalive_interval)
+                            except TimeoutError:
+                                yield KEEPALIVE
+                                continue
+                            pending = False
+                        if event is None:
+                            break
+                        match event:
+                            case ContentDelta(text=text):
+                                yield wire.chunk(reply, {"content": text}, usage=usage)
+                            case ReasoningDelta(text=text):
+                                yield wire.chunk(reply, {"reasoning_content": text}, usage=usage)
+                            case ToolCallDelta() as part:
+                                yield wire.chunk(
+                                    reply, {"tool_calls": [wire.tool_call_delta(part)]}, usage=usage
+                                )
+                            case Finish(reason=reason, usage=counted):
+                                yield wire.chunk(reply, {}, reason, usage=usage)
+                                if usage:
+                                    yield wire.usage_chunk(reply, counted)
+                        event = await completion.next_event()
+                except ProviderError as exc:
+                    # Too late for a status code: OpenAI's SDK raises APIError on this event.
+                    type_ = "rate_limit_error" if isinstance(exc, RateLimited) else "upstream_error"
+                    yield (
+                        b"data: "
+                        + msgspec.json.encode(wire.error_body(exc.message, type_, exc.code))
+                        + b"\n\n"
+                    )
+                yield DONE
+
+            async def stop() -> None:  # after the response, or when the client went away
+                completion.cancel()
+
+            return Stream(
+                body(),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                background=BackgroundTask(stop),
+            )
+
+        return [list_models, retrieve_model, chat_completions]
 
 
 @hookimpl

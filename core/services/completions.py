@@ -1,0 +1,180 @@
+"""Stateless completions: one request, billed exactly once, whatever way it ends.
+
+The OpenAI-compatible surface keeps no conversation, so it does not need the
+generation runner's persistence; it needs the money right. A
+:class:`Completion` reserves the worst case before anything goes upstream,
+reads the provider in a task of its own (so a client that disconnects, which
+cancels the HTTP handler, cannot interrupt the bookkeeping), and settles the
+reservation to the tokens actually produced: the upstream's usage when the
+reply finished, an estimate of what was streamed when it did not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from ..errors import ProviderError
+from ..provider import merge_tool_call
+from ..tokens import estimate_tokens
+from ..types import (
+    ChatRequest,
+    ContentDelta,
+    Finish,
+    ProviderEvent,
+    ReasoningDelta,
+    ToolCallDelta,
+    Usage,
+)
+from .accounts import Caller
+from .billing import Billing, Reservation
+from .catalog import Route
+
+log = logging.getLogger("chatgate.completions")
+
+_END = object()
+
+
+class Completion:
+    """One completion in flight.
+
+    Promises: :meth:`events` yields the provider's events in order and raises
+    the provider's :class:`~core.errors.ProviderError` if it failed;
+    :meth:`cancel` (a client gone) stops the upstream at once; the
+    reservation is settled exactly once, with outcome ``complete``,
+    ``error`` or ``cancelled``, charging the tokens produced and nothing for
+    a request that failed before producing any. ``ledger_entry`` is the
+    settled entry once :meth:`settled` returns.
+    """
+
+    def __init__(
+        self, billing: Billing, route: Route, request: ChatRequest, reservation: Reservation
+    ) -> None:
+        self.route = route
+        self.request = request
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: dict[int, ToolCallDelta] = {}
+        self.finish: Finish | None = None
+        self.error: ProviderError | None = None
+        self._billing = billing
+        self._reservation = reservation
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._ended = False
+        self._started = time.monotonic()
+        self._task = asyncio.create_task(self._pump(), name=f"completion {route.model}")
+
+    async def events(self) -> AsyncIterator[ProviderEvent]:
+        """The provider's events, as they arrive."""
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item  # type: ignore[misc]
+
+    async def next_event(self, timeout: float | None = None) -> ProviderEvent | None:  # noqa: ASYNC109
+        """The next event, or None at the end; ``TimeoutError`` when none came within ``timeout``."""
+        if timeout is None or not self._queue.empty():
+            item = await self._queue.get()
+        else:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        if item is _END:
+            self._queue.put_nowait(_END)  # the end stays the end for later callers
+            if self.error is not None:
+                raise self.error
+            return None
+        return item  # type: ignore[return-value]
+
+    async def result(self) -> Completion:
+        """Wait for the whole reply; raise the provider's error if it failed."""
+        await asyncio.shield(self._task)
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def cancel(self) -> None:
+        """Stop the reply (its consumer is gone); what it produced is still charged."""
+        if not self._ended:  # once the reply has ended, only its settlement is left: let it finish
+            self._task.cancel()
+
+    async def settled(self) -> None:
+        """Wait until the reservation is settled (tests and benchmarks use it)."""
+        await asyncio.shield(self._task)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.content)
+
+    async def _pump(self) -> None:
+        outcome = "complete"
+        try:
+            async with aclosing(self.route.provider.stream(self.request)) as stream:
+                async for event in stream:
+                    match event:
+                        case ContentDelta(text=text):
+                            self.content.append(text)
+                        case ReasoningDelta(text=text):
+                            self.reasoning.append(text)
+                        case ToolCallDelta() as part:
+                            self.tool_calls[part.index] = merge_tool_call(
+                                self.tool_calls.get(part.index), part
+                            )
+                        case Finish():
+                            self.finish = event
+                    self._queue.put_nowait(event)
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # not re-raised: this task owns the bookkeeping, and ends with it
+        except ProviderError as exc:
+            outcome = "error"
+            self.error = exc
+        except Exception as exc:  # a provider breaking its contract must not lose the money
+            log.exception("provider %r failed unexpectedly", self.route.provider.instance)
+            outcome = "error"
+            self.error = ProviderError(
+                f"provider {self.route.provider.instance!r} failed unexpectedly: {exc!r}"
+            )
+        finally:
+            self._ended = True
+            self._queue.put_nowait(_END)
+        await self._settle(outcome)
+
+    async def _settle(self, outcome: str) -> None:
+        if self.finish is not None:
+            usage = self.finish.usage
+        else:
+            produced = "".join(self.content) + "".join(self.reasoning)
+            produced += "".join(c.arguments for c in self.tool_calls.values())
+            completion_tokens = estimate_tokens(produced) if produced else 0
+            # Nothing produced: the upstream answered with an error, and nothing is charged.
+            prompt_tokens = self._reservation.entry.prompt_tokens if completion_tokens else 0
+            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        latency_ms = round((time.monotonic() - self._started) * 1000)
+        try:
+            self.ledger_entry = await self._billing.settle(
+                self._reservation, usage, outcome=outcome, latency_ms=latency_ms
+            )
+        except Exception:
+            # The reservation stays held (the balance errs on the safe side); the log says which.
+            log.exception("could not settle ledger entry %d", self._reservation.entry.id)
+
+
+class Completions:
+    """Starts stateless completions for surfaces that keep no conversation."""
+
+    def __init__(self, billing: Billing) -> None:
+        self.billing = billing
+
+    async def start(self, caller: Caller, route: Route, request: ChatRequest) -> Completion:
+        """Reserve the worst-case cost on the caller's balance, then start the reply.
+
+        Raises:
+            InsufficientBalance: the balance cannot cover the worst case; nothing went upstream.
+        """
+        key_id = caller.key.id if caller.key is not None else None
+        reservation = await self.billing.reserve(caller.user.id, route, request, key_id=key_id)
+        return Completion(self.billing, route, request, reservation)

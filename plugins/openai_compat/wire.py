@@ -1,0 +1,374 @@
+"""OpenAI's chat-completions shapes: requests checked into core types, replies rendered back.
+
+Validation follows OpenAI's API: a bad field answers 400 with
+``{"error": {"message", "type", "param", "code"}}`` and ``param`` naming it,
+so clients (and their users) see which field to fix. Fields chatgate does
+not model are kept and passed upstream, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+from core.types import ChatMessage, ChatRequest, Finish, ToolCall, ToolCallDelta, Usage
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+KNOWN = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "user",
+    }
+)
+
+
+class Invalid(Exception):
+    """A request field is wrong: answer 400 naming ``param``."""
+
+    def __init__(self, message: str, param: str | None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class Parsed(msgspec.Struct, frozen=True):
+    """A checked request: what goes to the provider, and how the client wants the answer."""
+
+    request: ChatRequest
+    stream: bool
+    include_usage: bool
+
+
+def parse(raw: bytes) -> Parsed:
+    """Check a request body; raise :class:`Invalid` naming the first bad field."""
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise Invalid(
+            f"We could not parse the JSON body of your request ({exc}). "
+            "The body must be a JSON object; see https://platform.openai.com/docs/api-reference/chat",
+            None,
+            "invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise Invalid("The request body must be a JSON object.", None, "invalid_json")
+
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise Invalid(
+            "you must provide a model parameter (a non-empty string)", "model", "missing_required_parameter"
+        )
+    messages = _messages(body.get("messages"))
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise wrong_type("stream", "a boolean", stream)
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise Invalid(f"Invalid 'n': chatgate generates one choice per request (n = 1), got {n!r}.", "n")
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0, low_open=True)
+    presence = _number(body, "presence_penalty", -2.0, 2.0)
+    frequency = _number(body, "frequency_penalty", -2.0, 2.0)
+    max_tokens = _max_tokens(body)
+    stop = _stop(body.get("stop"))
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise wrong_type("seed", "an integer", seed)
+    response_format = body.get("response_format")
+    if response_format is not None and not (isinstance(response_format, dict) and "type" in response_format):
+        raise Invalid(
+            'Invalid \'response_format\': expected an object like {"type": "json_object"}.', "response_format"
+        )
+    tools = body.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise Invalid("Invalid 'tools': expected an array of tool objects.", "tools", "invalid_type")
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and not isinstance(tool_choice, str | dict):
+        raise Invalid("Invalid 'tool_choice': expected a string or an object.", "tool_choice", "invalid_type")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise wrong_type("user", "a string", user)
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise Invalid("Invalid 'stream_options': expected an object.", "stream_options", "invalid_type")
+    include_usage = bool(stream_options and stream_options.get("include_usage"))
+
+    extra = {k: v for k, v in body.items() if k not in KNOWN and v is not None}
+    extra.pop("stream_options", None)  # how this client wants its stream is the surface's business
+    request = ChatRequest(
+        model=model,
+        messages=messages,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        stop=stop,
+        seed=seed,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        response_format=response_format,
+        tools=tuple(tools) if tools is not None else None,
+        tool_choice=tool_choice,
+        user=user,
+        extra=extra,
+    )
+    return Parsed(request, stream, include_usage)
+
+
+def _messages(value: Any) -> tuple[ChatMessage, ...]:
+    if value is None:
+        raise missing("messages")
+    if not isinstance(value, list):
+        raise wrong_type("messages", "an array", value)
+    if not value:
+        raise Invalid("Invalid 'messages': empty array. Expected an array with minimum length 1.", "messages")
+    out = []
+    for i, item in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict):
+            raise wrong_type(where, "an object", item)
+        role = item.get("role")
+        if role not in ROLES:
+            raise Invalid(
+                f"Invalid value for '{where}.role': expected one of {', '.join(ROLES)}, got {role!r}.",
+                f"{where}.role",
+                "invalid_value",
+            )
+        content = item.get("content")
+        calls = item.get("tool_calls")
+        if content is None and not (role == "assistant" and calls):
+            raise Invalid(
+                f"Missing required parameter: '{where}.content'.",
+                f"{where}.content",
+                "missing_required_parameter",
+            )
+        if content is not None and not (
+            isinstance(content, str)
+            or (isinstance(content, list) and all(isinstance(p, dict) for p in content))
+        ):
+            raise Invalid(
+                f"Invalid type for '{where}.content': expected a string or an array of content parts, "
+                f"got {_kind(content)}.",
+                f"{where}.content",
+                "invalid_type",
+            )
+        out.append(_message(item, role, content, calls, where))
+    return tuple(out)
+
+
+def _message(item: dict[str, Any], role: Any, content: Any, calls: Any, where: str) -> ChatMessage:
+    tool_calls: list[ToolCall] = []
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise Invalid(f"Invalid type for '{where}.tool_calls': expected an array.", f"{where}.tool_calls")
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+                raise Invalid(
+                    f"Invalid '{where}.tool_calls[{j}]': "
+                    "expected {id, type, function: {name, arguments}}.",
+                    f"{where}.tool_calls[{j}]",
+                )
+            tool_calls.append(
+                ToolCall(
+                    id=str(call.get("id") or ""),
+                    name=function["name"],
+                    arguments=str(function.get("arguments") or ""),
+                    type=str(call.get("type") or "function"),
+                )
+            )
+    name = item.get("name")
+    tool_call_id = item.get("tool_call_id")
+    reasoning = item.get("reasoning_content")
+    known = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content")
+    return ChatMessage(
+        role="system" if role == "developer" else role,
+        content=content,
+        name=name if isinstance(name, str) else None,
+        reasoning=reasoning if isinstance(reasoning, str) else None,
+        tool_calls=tuple(tool_calls),
+        tool_call_id=tool_call_id if isinstance(tool_call_id, str) else None,
+        extra={k: v for k, v in item.items() if k not in known},
+    )
+
+
+def _number(
+    body: dict[str, Any], field: str, low: float, high: float, *, low_open: bool = False
+) -> float | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise wrong_type(field, "a number", value)
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bound = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
+        raise Invalid(
+            f"Invalid '{field}': {value!r} is outside the allowed range {bound}.", field, "invalid_value"
+        )
+    return float(value)
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    for field in ("max_completion_tokens", "max_tokens"):
+        value = body.get(field)
+        if value is None:
+            continue
+        if not _is_int(value):
+            raise wrong_type(field, "an integer", value)
+        if value < 1:
+            raise Invalid(
+                f"Invalid '{field}': integer below minimum value. "
+                f"Expected a value >= 1, but got {value} instead.",
+                field,
+                "integer_below_min_value",
+            )
+        return int(value)
+    return None
+
+
+def _stop(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(s, str) for s in value) and len(value) <= 16:
+        return tuple(value)
+    raise Invalid("Invalid 'stop': expected a string or an array of up to 16 strings.", "stop")
+
+
+def wrong_type(param: str, expected: str, value: Any) -> Invalid:
+    return Invalid(
+        f"Invalid type for '{param}': expected {expected}, got {_kind(value)}.", param, "invalid_type"
+    )
+
+
+def missing(param: str) -> Invalid:
+    return Invalid(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "an object")
+
+
+# --- replies ---
+
+
+class Reply:
+    """The identity of one reply: the same ``id`` and ``created`` on every chunk."""
+
+    __slots__ = ("created", "head", "id", "model")
+
+    def __init__(self, model: str) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        # Every chunk starts the same way: render it once.
+        self.head = (
+            b'data: {"id":"'
+            + self.id.encode()
+            + b'","object":"chat.completion.chunk","created":'
+            + str(self.created).encode()
+            + b',"model":'
+            + msgspec.json.encode(model)
+            + b',"choices":['
+        )
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def chunk(reply: Reply, delta: dict[str, Any], finish_reason: str | None = None, *, usage: bool) -> bytes:
+    """One ``chat.completion.chunk`` event; ``usage`` adds ``"usage": null`` (include_usage was asked)."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    tail = b'],"usage":null}\n\n' if usage else b"]}\n\n"
+    return reply.head + _encode(choice) + tail
+
+
+def usage_chunk(reply: Reply, usage: Usage) -> bytes:
+    """The trailing chunk of ``include_usage``: no choices, the whole request's usage."""
+    return reply.head + b'],"usage":' + _encode(usage_body(usage)) + b"}\n\n"
+
+
+def tool_call_delta(part: ToolCallDelta) -> dict[str, Any]:
+    call: dict[str, Any] = {"index": part.index}
+    if part.id:
+        call["id"] = part.id
+        call["type"] = "function"
+    function: dict[str, Any] = {"arguments": part.arguments}
+    if part.name:
+        function = {"name": part.name, "arguments": part.arguments}
+    call["function"] = function
+    return call
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    """Usage in OpenAI's shape, with DeepSeek's extra counters kept for clients that read them."""
+    body: dict[str, Any] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    }
+    for key in ("prompt_cache_hit_tokens", "prompt_cache_miss_tokens"):
+        if isinstance(usage.extra.get(key), int):
+            body[key] = usage.extra[key]
+    return body
+
+
+def completion_body(
+    reply: Reply,
+    content: str,
+    reasoning: str,
+    tool_calls: list[ToolCallDelta],
+    finish: Finish,
+) -> dict[str, Any]:
+    """A whole ``chat.completion``."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in tool_calls
+        ]
+    return {
+        "id": reply.id,
+        "object": "chat.completion",
+        "created": reply.created,
+        "model": reply.model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish.reason}],
+        "usage": usage_body(finish.usage),
+    }

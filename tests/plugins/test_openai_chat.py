@@ -1,0 +1,429 @@
+"""POST /v1/chat/completions, driven by the official openai SDK, curl and raw HTTP against a live gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from core.store import LedgerEntry
+from tests.conftest import Gateway, deepseek_config
+from tests.fakes.deepseek import FakeDeepSeek, Scenario, ToolCallSpec
+
+MODELS = """
+[models.deepseek-chat]
+provider = "deepseek"
+input_price = 1000
+output_price = 2000
+context_tokens = 65536
+max_output_tokens = 4096
+
+[models.deepseek-reasoner]
+provider = "deepseek"
+input_price = 1000
+output_price = 2000
+context_tokens = 65536
+max_output_tokens = 4096
+"""
+
+
+class Client:
+    """A gateway with a funded key, and the official SDK pointed at it."""
+
+    def __init__(self, gateway: Gateway, key: str, user_id: int) -> None:
+        self.gateway = gateway
+        self.key = key
+        self.user_id = user_id
+        self.sdk = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+
+    async def post(self, body: Any, **headers: str) -> httpx.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return await self.gateway.client.post(
+            "/v1/chat/completions",
+            content=content,
+            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json", **headers},
+        )
+
+    async def balance(self) -> int:
+        user = await self.gateway.services.accounts.find_user("api@example.com")
+        assert user is not None
+        return user.balance
+
+    async def ledger(self) -> list[LedgerEntry]:
+        return await self.gateway.services.billing.store.list_ledger(self.user_id)
+
+
+@pytest.fixture
+async def client(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> AsyncIterator[Client]:
+    config = write_config(deepseek_config(fake_deepseek.url, extra="max_retries = 0") + MODELS)
+    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    key, secret = await gateway.services.accounts.create_key("api@example.com")
+    await gateway.services.billing.top_up(key.user_id, 100_000_000)
+    client = Client(gateway, secret, key.user_id)
+    yield client
+    await client.sdk.close()
+
+
+async def settled(client: Client, count: int) -> list[LedgerEntry]:
+    """The charges once ``count`` requests have settled (settlement follows the answer closely)."""
+    async with asyncio.timeout(5):
+        while True:
+            charges = [e for e in await client.ledger() if e.kind != "topup"]
+            if len(charges) >= count and all(e.kind == "charge" for e in charges):
+                return charges
+            await asyncio.sleep(0.01)
+
+
+# --- the official SDK ---
+
+
+async def test_sdk_non_streaming_answer(client: Client, fake_deepseek: FakeDeepSeek) -> None:
+    fake_deepseek.scenario = Scenario(content="Hello from DeepSeek.")
+    answer = await client.sdk.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}], temperature=0.7
+    )
+    assert answer.object == "chat.completion"
+    assert answer.id.startswith("chatcmpl-")
+    assert answer.model == "deepseek-chat"
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == "Hello from DeepSeek."
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage is not None
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens > 0
+    assert fake_deepseek.requests[-1].body["temperature"] == 0.7
+
+
+async def test_sdk_non_streaming_reasoning_is_on_the_message(
+    client: Client, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(reasoning="Count them.", content="Three.")
+    answer = await client.sdk.chat.completions.create(
+        model="deepseek-reasoner", messages=[{"role": "user", "content": "How many r in strawberry?"}]
+    )
+    message = answer.choices[0].message
+    assert message.content == "Three."
+    assert message.reasoning_content == "Count them."  # type: ignore[attr-defined]
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens_details is not None
+    assert answer.usage.completion_tokens_details.reasoning_tokens > 0
+
+
+async def test_sdk_streaming_with_usage(client: Client, fake_deepseek: FakeDeepSeek) -> None:
+    fake_deepseek.scenario = Scenario(reasoning="Think.", content="Streamed answer.")
+    stream = await client.sdk.chat.completions.create(
+        model="deepseek-reasoner",
+        messages=[{"role": "user", "content": "Hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1
+    reasoning = "".join(
+        getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices
+    )
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert reasoning == "Think."
+    assert content == "Streamed answer."
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finishing] == ["stop"]
+    assert all(c.usage is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.completion_tokens > 0
+
+
+async def test_streaming_without_include_usage_has_no_usage_chunk(client: Client) -> None:
+    stream = await client.sdk.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(c.choices for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+async def test_sdk_tool_calls_stream_and_not(client: Client, fake_deepseek: FakeDeepSeek) -> None:
+    arguments = '{"location": "Paris"}'
+    fake_deepseek.scenario = Scenario(tool_call=ToolCallSpec(name="weather", arguments=arguments))
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    answer = await client.sdk.chat.completions.create(model="deepseek-chat", messages=messages, tools=tools)
+    call = answer.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert (call.function.name, call.function.arguments) == ("weather", arguments)  # type: ignore[union-attr]
+    assert answer.choices[0].finish_reason == "tool_calls"
+    stream = await client.sdk.chat.completions.create(
+        model="deepseek-chat", messages=messages, tools=tools, stream=True
+    )
+    parts = [tc for c in [c async for c in stream] for tc in (c.choices[0].delta.tool_calls or [])]
+    assert parts[0].id
+    assert parts[0].function.name == "weather"
+    assert "".join(p.function.arguments or "" for p in parts) == arguments  # type: ignore[union-attr]
+
+
+async def test_sdk_models(client: Client) -> None:
+    models = [m.id async for m in client.sdk.models.list()]
+    assert "deepseek-chat" in models
+    model = await client.sdk.models.retrieve("deepseek-chat")
+    assert model.id == "deepseek-chat"
+    with pytest.raises(openai.NotFoundError):
+        await client.sdk.models.retrieve("nope")
+
+
+# --- routing ---
+
+
+async def test_x_ai_provider_picks_the_instance_case_insensitively(client: Client) -> None:
+    response = await client.post(
+        {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hi"}]},
+        **{"X-AI-Provider": "DeepSeek"},
+    )
+    assert response.status_code == 200
+    response = await client.post(
+        {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hi"}]},
+        **{"X-AI-Provider": "nosuch"},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "deepseek" in error["message"]
+    assert "mock" in error["message"]
+
+
+async def test_unknown_model_is_404_model_not_found(client: Client) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.sdk.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "Hi"}])
+    assert caught.value.code == "model_not_found"
+
+
+async def test_x_api_key_header_works(client: Client) -> None:
+    response = await client.gateway.client.post(
+        "/v1/chat/completions",
+        json={"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hi"}]},
+        headers={"X-API-Key": client.key},
+    )
+    assert response.status_code == 200
+
+
+async def test_a_bad_key_is_401_for_the_sdk(client: Client) -> None:
+    async with openai.AsyncOpenAI(
+        base_url=client.gateway.url + "/v1", api_key="sk-cg-wrong", max_retries=0
+    ) as sdk:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await sdk.chat.completions.create(
+                model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}]
+            )
+    assert caught.value.code == "invalid_api_key"
+
+
+# --- validation ---
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "deepseek-chat"}, "messages"),
+        ({"model": "deepseek-chat", "messages": []}, "messages"),
+        ({"model": "deepseek-chat", "messages": "hi"}, "messages"),
+        ({"model": "deepseek-chat", "messages": [{"content": "hi"}]}, "messages[0].role"),
+        ({"model": "deepseek-chat", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"model": "deepseek-chat", "messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"model": "deepseek-chat", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        (
+            {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "temperature": 2.5},
+            "temperature",
+        ),
+        (
+            {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+            "temperature",
+        ),
+        (
+            {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+            "max_tokens",
+        ),
+        ({"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+        ({"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p"),
+        (
+            {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+            "stream",
+        ),
+        ({"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ],
+)
+async def test_bad_fields_answer_400_naming_the_param_and_charge_nothing(
+    client: Client, fake_deepseek: FakeDeepSeek, body: dict[str, Any], param: str
+) -> None:
+    response = await client.post(body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert param.split("[")[0] in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fake_deepseek.requests == []
+    assert [e.kind for e in await client.ledger()] == ["topup"]
+
+
+async def test_malformed_json_is_400(client: Client) -> None:
+    response = await client.post(b'{"model": "deepseek-chat", "messages": [')
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+
+
+async def test_unknown_fields_are_passed_upstream(client: Client, fake_deepseek: FakeDeepSeek) -> None:
+    answer = await client.sdk.chat.completions.create(
+        model="deepseek-chat",
+        messages=[{"role": "user", "content": "Hi"}],
+        extra_body={"reasoning_effort": "high", "logit_bias": {"42": 1}},
+    )
+    assert answer.choices[0].message.content
+    body = fake_deepseek.requests[-1].body
+    assert body["reasoning_effort"] == "high"
+    assert body["logit_bias"] == {"42": 1}
+
+
+# --- failures ---
+
+
+async def test_upstream_failure_before_the_reply_keeps_its_status(
+    client: Client, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(status=503)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.sdk.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}]
+        )
+    assert caught.value.status_code == 503
+    assert "Server Overloaded" in str(caught.value)
+    with pytest.raises(openai.InternalServerError):
+        await client.sdk.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+    charges = await settled(client, 2)
+    assert all(e.amount == 0 and e.outcome == "error" for e in charges)
+
+
+async def test_a_failure_mid_stream_is_an_error_event_the_sdk_raises(
+    client: Client, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(tokens=40, disconnect_after=5)
+    stream = await client.sdk.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    seen: list[Any] = []
+
+    async def read() -> None:
+        async for chunk in stream:
+            seen.append(chunk)
+
+    with pytest.raises(openai.APIError) as caught:
+        await read()
+    assert seen, "the reply had begun"
+    assert "middle of the reply" in caught.value.message
+    (charge,) = await settled(client, 1)
+    assert charge.outcome == "error"
+    assert charge.completion_tokens > 0  # what was streamed is charged
+
+
+# --- money ---
+
+
+async def test_each_request_leaves_one_ledger_entry_at_the_model_prices(
+    client: Client, fake_deepseek: FakeDeepSeek
+) -> None:
+    before = await client.balance()
+    answer = await client.sdk.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}]
+    )
+    (charge,) = await settled(client, 1)
+    assert answer.usage is not None
+    assert charge.prompt_tokens == answer.usage.prompt_tokens
+    assert charge.completion_tokens == answer.usage.completion_tokens
+    expected = answer.usage.prompt_tokens * 1000 + answer.usage.completion_tokens * 2000
+    assert charge.amount == -expected
+    assert charge.model == "deepseek-chat"
+    assert charge.provider == "deepseek"
+    assert charge.outcome == "complete"
+    assert charge.latency_ms is not None
+    assert charge.key_id is not None
+    assert await client.balance() == before - expected
+
+
+async def test_an_exhausted_balance_is_403_insufficient_user_quota(
+    client: Client, fake_deepseek: FakeDeepSeek
+) -> None:
+    await client.gateway.services.billing.top_up(client.user_id, -(await client.balance()))
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await client.sdk.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}]
+        )
+    assert caught.value.code == "insufficient_user_quota"
+    assert fake_deepseek.requests == []
+
+
+async def test_a_client_that_disconnects_mid_stream_cancels_upstream_and_pays_for_what_it_got(
+    client: Client, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(tokens=200, token_delay=0.05)
+    body = {
+        "model": "deepseek-chat",
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {client.key}"}
+    async with (
+        httpx.AsyncClient(base_url=client.gateway.url) as http,
+        http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response,
+    ):
+        received = 0
+        async for line in response.aiter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                received += 1
+            if received >= 3:
+                break
+        stopped = time.monotonic()
+    noticed = await fake_deepseek.wait_for_disconnect(timeout=2)
+    assert noticed - stopped < 0.5
+    (charge,) = await settled(client, 1)
+    assert charge.outcome == "cancelled"
+    assert 0 < charge.completion_tokens < 200
+    assert charge.amount < 0
+
+
+# --- clients no one here wrote ---
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_the_seed_curl_example_streams(client: Client) -> None:
+    command = [
+        "curl", "-sN", "-X", "POST", f"{client.gateway.url}/v1/chat/completions",
+        "-H", "Content-Type: application/json",
+        "-H", f"X-API-Key: {client.key}",
+        "-H", "X-AI-Provider: deepseek",
+        "-d", json.dumps({
+            "model": "deepseek-chat",
+            "messages": [{"role": "user", "content": "你好,请介绍一下青城数智平台"}],
+            "temperature": 0.7, "max_tokens": 1000, "stream": True,
+        }),
+    ]  # fmt: skip
+    process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE)
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    lines = [line for line in out.decode().split("\n\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in lines[:-1]
+        if line.startswith("data: {")
+    )
+    assert text
