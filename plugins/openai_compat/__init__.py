@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgspec
-from litestar import Request, get, post
+from litestar import Request, Router, get, post
 from litestar.background_tasks import BackgroundTask
+from litestar.exceptions import HTTPException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Response, Stream
 from litestar.types import ControllerRouterHandler
 
@@ -229,7 +231,23 @@ class OpenAICompatSurface(Surface):
                 background=BackgroundTask(stop),
             )
 
-        return [list_models, retrieve_model, chat_completions]
+        limit = services.config.server.max_body_bytes
+
+        def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+            # Litestar's own refusals (oversized body, wrong method) in OpenAI's shape too.
+            message = exc.detail
+            if isinstance(exc, RequestEntityTooLarge):
+                message = f"The request body is larger than this server's limit of {limit} bytes."
+            type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+            return error(exc.status_code, message, type_, None, headers=exc.headers)
+
+        return [
+            Router(
+                "/",
+                route_handlers=[list_models, retrieve_model, chat_completions],
+                exception_handlers={HTTPException: http_error},
+            )
+        ]
 
 
 @hookimpl

@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import openai
 import pytest
 
 from core.store import LedgerEntry
+from plugins.openai_compat import wire
 from tests.conftest import Gateway, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario, ToolCallSpec
 
@@ -79,9 +81,11 @@ async def settled(client: Client, count: int) -> list[LedgerEntry]:
     """The charges once ``count`` requests have settled (settlement follows the answer closely)."""
     async with asyncio.timeout(5):
         while True:
-            charges = [e for e in await client.ledger() if e.kind != "topup"]
-            if len(charges) >= count and all(e.kind == "charge" for e in charges):
-                return charges
+            entries = await client.ledger()
+            if not any(e.kind == "reservation" for e in entries):
+                charges = [e for e in entries if e.kind == "charge"]
+                if len(charges) >= count:
+                    return charges
             await asyncio.sleep(0.01)
 
 
@@ -427,3 +431,125 @@ async def test_the_seed_curl_example_streams(client: Client) -> None:
         if line.startswith("data: {")
     )
     assert text
+
+
+SEEDS = Path(__file__).parent / "seeds"
+
+
+async def run_seed(client: Client, tmp_path: Path, name: str, *command: str) -> str:
+    """Run one of seed 001's examples, unchanged but for the server's URL and the key."""
+    source = (SEEDS / name).read_text().replace("http://localhost:9090", client.gateway.url)
+    path = tmp_path / name
+    path.write_text(source.replace("your-api-key-here", client.key))
+    process = await asyncio.create_subprocess_exec(
+        *command, str(path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_the_seed_python_example(client: Client, fake_deepseek: FakeDeepSeek, tmp_path: Path) -> None:
+    fake_deepseek.scenario = Scenario(content="你好!我是青城数智的助手。")
+    out = await run_seed(client, tmp_path, "001_requests.py", sys.executable)
+    assert "'object': 'chat.completion'" in out
+    assert "你好!我是青城数智的助手。" in out
+    assert fake_deepseek.requests[-1].body["temperature"] == 0.7
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+async def test_the_seed_javascript_example(
+    client: Client, fake_deepseek: FakeDeepSeek, tmp_path: Path
+) -> None:
+    fake_deepseek.scenario = Scenario(content="你好!我是青城数智的助手。")
+    out = await run_seed(client, tmp_path, "001_fetch.mjs", "node")
+    # node prints two levels of the object (the message itself shows as [Object]).
+    assert "object: 'chat.completion'" in out
+    assert "model: 'deepseek-chat'" in out
+    assert "total_tokens:" in out
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+async def test_the_seed_javascript_streaming_example(
+    client: Client, fake_deepseek: FakeDeepSeek, tmp_path: Path
+) -> None:
+    fake_deepseek.scenario = Scenario(content="Streaming works from the seed's own client.")
+    out = await run_seed(client, tmp_path, "001_stream.mjs", "node")
+    assert "".join(out.splitlines()) == "Streaming works from the seed's own client."
+
+
+async def test_fifty_concurrent_requests_never_overdraw_and_the_ledger_adds_up(
+    client: Client, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(tokens=24, token_delay=0.005)
+    request = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 50}
+    route = client.gateway.services.catalog.route("deepseek-chat")
+    parsed = wire.parse(json.dumps(request).encode())
+    worst = client.gateway.services.billing.worst_case(route, parsed.request)
+    await client.gateway.services.billing.top_up(client.user_id, -(await client.balance()))
+    await client.gateway.services.billing.top_up(client.user_id, worst * 10 + worst // 2)
+    responses = await asyncio.gather(*(client.post(request) for _ in range(50)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 403}, statuses
+    ok = statuses.count(200)
+    assert ok >= 10, statuses
+    assert all(
+        r.json()["error"]["code"] == "insufficient_user_quota" for r in responses if r.status_code == 403
+    )
+    charges = await settled(client, ok)
+    assert len(charges) == ok  # one entry per served request, none for refused ones
+    entries = await client.ledger()
+    balance = await client.balance()
+    assert balance >= 0
+    assert all(e.balance_after >= 0 for e in entries)
+    assert sum(e.amount for e in entries) == balance
+    usage = sum(r.json()["usage"]["prompt_tokens"] * 1000 + r.json()["usage"]["completion_tokens"] * 2000
+                for r in responses if r.status_code == 200)  # fmt: skip
+    assert -sum(c.amount for c in charges) == usage
+
+
+async def test_a_slow_first_token_gets_keep_alive_comments(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    config = write_config(
+        deepseek_config(fake_deepseek.url) + MODELS,
+        replace={"[surfaces.openai_compat]\n": "[surfaces.openai_compat]\nkeepalive_interval = 0.1\n"},
+    )
+    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    key, secret = await gateway.services.accounts.create_key("slow@example.com")
+    await gateway.services.billing.top_up(key.user_id, 100_000_000)
+    fake_deepseek.scenario = Scenario(first_token_delay=0.5, content="Finally.")
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    response = await gateway.client.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+    )
+    assert response.status_code == 200
+    events = response.text.split("\n\n")
+    assert events.count(": keep-alive") >= 2
+    assert events[-2] == "data: [DONE]"
+    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream])
+    assert text == "Finally."
+
+
+async def test_a_body_over_the_limit_is_413_in_openai_shape(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    config = write_config(
+        deepseek_config(fake_deepseek.url) + MODELS,
+        replace={'host = "127.0.0.1"\n': 'host = "127.0.0.1"\nmax_body_bytes = 2000\n'},
+    )
+    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    _, secret = await gateway.services.accounts.create_key("big@example.com")
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x" * 5000}]}
+    response = await gateway.client.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+    )
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "2000" in error["message"]
+    assert fake_deepseek.requests == []
