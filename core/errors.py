@@ -13,7 +13,8 @@ Exception tree::
     ├── ContextTooLong         the newest input alone exceeds the context budget
     ├── StoreError
     │   ├── NotFound           the row does not exist (or is not the caller's)
-    │   └── InsufficientBalance  a charge would take a balance below its floor
+    │   ├── InsufficientBalance  a charge would take a balance below its floor
+    │   └── RateLimitExceeded  a request would pass its key's rate limits
     └── ProviderError          an upstream failed; ``status`` is the HTTP status to answer
         ├── BadRequest             400: the upstream rejected the request
         ├── AuthenticationFailed   401 upstream: the provider's own key is wrong
@@ -82,6 +83,23 @@ class InsufficientBalance(StoreError):
         super().__init__(
             f"balance {format_amount(balance)} cannot cover a charge of {format_amount(-amount)} credits"
         )
+
+
+class RateLimitExceeded(StoreError):
+    """Admitting a request would pass one of its key's limits.
+
+    ``limit`` names it (``requests_per_minute``, ``tokens_per_minute`` or
+    ``concurrent_requests``), ``allowed`` is its value and ``retry_after``
+    the seconds until trying again can succeed.
+    """
+
+    def __init__(self, limit: str, allowed: int, retry_after: float, use: object) -> None:
+        self.limit = limit
+        self.allowed = allowed
+        self.retry_after = retry_after
+        self.use = use
+        what = limit.replace("_", " ")
+        super().__init__(f"rate limit reached: {allowed} {what} for this key; retry in {retry_after:.1f} s")
 
 
 class ProviderError(ChatgateError):

@@ -36,8 +36,23 @@ class User(msgspec.Struct, frozen=True):
     created_at: datetime
 
 
+class RateLimits(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Limits of one API key over a sliding minute; None means no limit.
+
+    ``concurrent_requests`` counts requests in flight (reserved, not yet settled).
+    """
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_requests: int | None = None
+
+
 class ApiKey(msgspec.Struct, frozen=True):
-    """An API key. Only its hash is stored; ``prefix`` identifies it to humans."""
+    """An API key. Only its hash is stored; ``prefix`` identifies it to humans.
+
+    ``limits`` are the key's own overrides; unset ones fall back to the defaults
+    in ``plugins.toml``.
+    """
 
     id: int
     user_id: int
@@ -45,6 +60,7 @@ class ApiKey(msgspec.Struct, frozen=True):
     prefix: str
     created_at: datetime
     revoked_at: datetime | None = None
+    limits: RateLimits = RateLimits()
 
     @property
     def active(self) -> bool:
@@ -76,6 +92,20 @@ class LedgerSettlement(msgspec.Struct, frozen=True):
     completion_tokens: int = 0
     latency_ms: int | None = None
     outcome: str | None = None
+
+
+class RateUse(msgspec.Struct, frozen=True):
+    """A key's use of its limits, counting the request just admitted (or refused).
+
+    ``*_reset`` are seconds until the oldest request (or tokens) of the
+    sliding minute leave it.
+    """
+
+    requests: int
+    tokens: int
+    concurrent: int
+    requests_reset: float = 0.0
+    tokens_reset: float = 0.0
 
 
 class LedgerEntry(msgspec.Struct, frozen=True):
@@ -237,6 +267,10 @@ class Store(abc.ABC):
     async def revoke_api_key(self, key_id: int) -> ApiKey:
         """Mark a key revoked (idempotent) and return it."""
 
+    @abc.abstractmethod
+    async def set_api_key_limits(self, key_id: int, limits: RateLimits) -> ApiKey:
+        """Replace a key's own limits (None fields: use the defaults) and return it."""
+
     # ledger
     @abc.abstractmethod
     async def post_ledger(self, draft: LedgerDraft, *, floor: int | None = 0) -> LedgerEntry:
@@ -246,6 +280,22 @@ class Store(abc.ABC):
         when a charge (``amount`` < 0) would end the balance below ``floor``;
         ``floor=None`` allows any balance. Credits (``amount`` >= 0) always
         land, so a top-up can repay a balance a settlement left negative.
+        """
+
+    @abc.abstractmethod
+    async def admit(
+        self, draft: LedgerDraft, limits: RateLimits, *, floor: int = 0
+    ) -> tuple[LedgerEntry, RateUse]:
+        """Post a reservation for ``draft.key_id`` if its key is within ``limits``, atomically.
+
+        In one transaction, across every process sharing the store: counts the
+        key's requests and tokens (``prompt_tokens + completion_tokens``) of
+        entries created in the last 60 seconds, and its reservations not yet
+        settled (created in the last 15 minutes: older ones belong to a
+        crashed process); refuses with :class:`~core.errors.RateLimitExceeded`
+        when admitting would pass a limit, then with
+        :class:`~core.errors.InsufficientBalance` like :meth:`post_ledger`.
+        A refusal writes nothing. Returns the entry and the use including it.
         """
 
     @abc.abstractmethod

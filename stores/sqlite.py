@@ -21,7 +21,7 @@ import aiosqlite
 import msgspec
 from msgspec import UNSET
 
-from core.errors import InsufficientBalance, NotFound, StoreError
+from core.errors import InsufficientBalance, NotFound, RateLimitExceeded, StoreError
 from core.hookspecs import hookimpl
 from core.store import (
     ApiKey,
@@ -33,6 +33,8 @@ from core.store import (
     Message,
     MessageDraft,
     MessagePatch,
+    RateLimits,
+    RateUse,
     Store,
     User,
     utcnow,
@@ -113,6 +115,13 @@ MIGRATIONS: list[str] = [
     # 3: a reply being generated names its reservation, settled by whoever finds it orphaned.
     """
     ALTER TABLE messages ADD COLUMN ledger_id INTEGER REFERENCES ledger (id);
+    """,
+    # 4: per-key rate limits (NULL: the configured default), counted from the ledger.
+    """
+    ALTER TABLE api_keys ADD COLUMN requests_per_minute INTEGER;
+    ALTER TABLE api_keys ADD COLUMN tokens_per_minute INTEGER;
+    ALTER TABLE api_keys ADD COLUMN concurrent_requests INTEGER;
+    CREATE INDEX ledger_key ON ledger (key_id, created_at) WHERE key_id IS NOT NULL;
     """,
 ]
 """Forward migrations; applying ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
@@ -286,7 +295,59 @@ class SqliteStore(Store):
             )
         return _record(ApiKey, _found(rows, "api key", key_id))
 
+    async def set_api_key_limits(self, key_id: int, limits: RateLimits) -> ApiKey:
+        async with self._write() as db:
+            rows = await _rows(
+                db,
+                "UPDATE api_keys SET requests_per_minute = ?, tokens_per_minute = ?, concurrent_requests = ? "
+                "WHERE id = ? RETURNING *",
+                (limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_requests, key_id),
+            )
+        return _record(ApiKey, _found(rows, "api key", key_id))
+
     # ledger
+
+    async def admit(
+        self, draft: LedgerDraft, limits: RateLimits, *, floor: int = 0
+    ) -> tuple[LedgerEntry, RateUse]:
+        async with self._write() as db:
+            now = _now()
+            [window] = await _rows(
+                db,
+                "SELECT count(*), coalesce(sum(prompt_tokens + completion_tokens), 0), min(created_at) "
+                "FROM ledger WHERE key_id = ? AND kind IN ('reservation', 'charge') AND created_at > ?",
+                (draft.key_id, now - WINDOW_MS),
+            )
+            [(concurrent,)] = await _rows(
+                db,
+                "SELECT count(*) FROM ledger WHERE key_id = ? AND kind = 'reservation' AND created_at > ?",
+                (draft.key_id, now - IN_FLIGHT_MS),
+            )
+            requests, tokens, oldest = (
+                window[0] + 1,
+                window[1] + draft.prompt_tokens + draft.completion_tokens,
+                window[2],
+            )
+            reset = max(0.0, ((oldest or now) + WINDOW_MS - now) / 1000)
+            use = RateUse(requests, tokens, concurrent + 1, reset, reset)
+            for limit, used, retry in (
+                ("requests_per_minute", requests, reset),
+                ("tokens_per_minute", tokens, reset),
+                ("concurrent_requests", concurrent + 1, 1.0),
+            ):
+                allowed = getattr(limits, limit)
+                if allowed is not None and used > allowed:
+                    raise RateLimitExceeded(limit, allowed, retry, use)
+            balance = await _balance(db, draft.user_id)
+            after = balance + draft.amount
+            if draft.amount < 0 and after < floor:
+                raise InsufficientBalance(balance, draft.amount)
+            await _rows(db, "UPDATE users SET balance = ? WHERE id = ?", (after, draft.user_id))
+            values = msgspec.structs.asdict(draft)
+            row = await _insert(
+                db, "ledger", {**values, "balance_after": after, "created_at": now, "updated_at": now}
+            )
+        return _record(LedgerEntry, row), use
 
     async def post_ledger(self, draft: LedgerDraft, *, floor: int | None = 0) -> LedgerEntry:
         async with self._write() as db:
@@ -520,13 +581,20 @@ def _found(rows: list[sqlite3.Row], kind: str, row_id: int) -> sqlite3.Row:
 
 def _record(cls: type[_R], row: sqlite3.Row) -> _R:
     # Columns carry the struct's field names; *_at columns are ms timestamps.
-    values = {field: row[field] for field in cls.__struct_fields__}
+    if cls is ApiKey:
+        limits = RateLimits(row["requests_per_minute"], row["tokens_per_minute"], row["concurrent_requests"])
+        return cls(**{**_values(ApiKey, row, ("limits",)), "limits": limits})
+    return cls(**_values(cls, row))
+
+
+def _values(cls: type[msgspec.Struct], row: sqlite3.Row, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    values = {field: row[field] for field in cls.__struct_fields__ if field not in skip}
     for field in values:
         if field.endswith("_at") and values[field] is not None:
             values[field] = _EPOCH + values[field] * _MS
     if "favorite" in values:
         values["favorite"] = bool(values["favorite"])
-    return cls(**values)
+    return values
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -543,6 +611,10 @@ def _statements(script: str) -> Iterator[str]:
 
 def _normal_email(email: str) -> str:
     return email.strip().lower()
+
+
+WINDOW_MS = 60_000  # the sliding minute of rate limits
+IN_FLIGHT_MS = 15 * 60_000  # an older unsettled reservation belongs to a crashed process
 
 
 def _now() -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from ..config import ModelConfig
-from ..store import LedgerDraft, LedgerEntry, LedgerSettlement, Message, Store
+from ..store import LedgerDraft, LedgerEntry, LedgerSettlement, Message, RateLimits, RateUse, Store
 from ..tokens import estimate_prompt_tokens, estimate_tokens
 from ..types import ChatRequest, Usage
 from .catalog import Route
@@ -21,10 +21,15 @@ from .catalog import Route
 
 @dataclass(frozen=True)
 class Reservation:
-    """A worst-case charge held on a balance until the request settles."""
+    """A worst-case charge held on a balance until the request settles.
+
+    ``use`` is the key's use of its rate limits, counting this request, when
+    it was admitted under limits.
+    """
 
     entry: LedgerEntry
     route: Route
+    use: RateUse | None = None
 
 
 class Billing:
@@ -53,11 +58,18 @@ class Billing:
         return self.cost(route, prompt, reply)
 
     async def reserve(
-        self, user_id: int, route: Route, request: ChatRequest, *, key_id: int | None
+        self,
+        user_id: int,
+        route: Route,
+        request: ChatRequest,
+        *,
+        key_id: int | None,
+        limits: RateLimits | None = None,
     ) -> Reservation:
-        """Hold the worst-case cost.
+        """Hold the worst-case cost; with ``limits``, only if the key is within them.
 
         Raises:
+            RateLimitExceeded: admitting the request would pass a limit; nothing was written.
             InsufficientBalance: the balance cannot cover it; nothing was written.
         """
         draft = LedgerDraft(
@@ -70,6 +82,9 @@ class Billing:
             provider=route.provider.instance,
             outcome="pending",
         )
+        if limits is not None and key_id is not None:
+            entry, use = await self.store.admit(draft, limits)
+            return Reservation(entry, route, use)
         return Reservation(await self.store.post_ledger(draft, floor=0), route)
 
     async def settle(

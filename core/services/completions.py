@@ -19,6 +19,7 @@ from contextlib import aclosing
 
 from ..errors import ProviderError
 from ..provider import merge_tool_call
+from ..store import RateLimits
 from ..tokens import estimate_tokens
 from ..types import (
     ChatRequest,
@@ -62,6 +63,7 @@ class Completion:
         self.error: ProviderError | None = None
         self._billing = billing
         self._reservation = reservation
+        self.use = reservation.use
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._ended = False
         self._started = time.monotonic()
@@ -169,12 +171,15 @@ class Completions:
     def __init__(self, billing: Billing) -> None:
         self.billing = billing
 
-    async def start(self, caller: Caller, route: Route, request: ChatRequest) -> Completion:
-        """Reserve the worst-case cost on the caller's balance, then start the reply.
+    async def start(
+        self, caller: Caller, route: Route, request: ChatRequest, limits: RateLimits | None = None
+    ) -> Completion:
+        """Reserve the worst-case cost on the caller's balance (within ``limits``), then start the reply.
 
         Raises:
+            RateLimitExceeded: the caller's key is at one of its limits; nothing went upstream.
             InsufficientBalance: the balance cannot cover the worst case; nothing went upstream.
         """
         key_id = caller.key.id if caller.key is not None else None
-        reservation = await self.billing.reserve(caller.user.id, route, request, key_id=key_id)
+        reservation = await self.billing.reserve(caller.user.id, route, request, key_id=key_id, limits=limits)
         return Completion(self.billing, route, request, reservation)

@@ -30,7 +30,7 @@ from datetime import timedelta
 import pytest
 import pytest_asyncio
 
-from core.errors import InsufficientBalance, NotFound
+from core.errors import InsufficientBalance, NotFound, RateLimitExceeded
 from core.store import (
     ConversationPatch,
     LedgerDraft,
@@ -39,6 +39,7 @@ from core.store import (
     MessageDraft,
     MessagePatch,
     MessageRole,
+    RateLimits,
     Store,
     User,
     utcnow,
@@ -70,6 +71,12 @@ async def funded_user(store: Store, email: str, balance: int) -> User:
 
 def charge(user: User, amount: int) -> LedgerDraft:
     return LedgerDraft(user_id=user.id, amount=-amount, kind="charge")
+
+
+def reservation(user: User, key_id: int, amount: int = 10, prompt_tokens: int = 5) -> LedgerDraft:
+    return LedgerDraft(
+        user_id=user.id, amount=-amount, kind="reservation", key_id=key_id, prompt_tokens=prompt_tokens
+    )
 
 
 class StoreConformance:
@@ -630,3 +637,93 @@ class StoreConformance:
         ledger = await store.list_ledger(user.id)
         assert len(ledger) == 11
         assert sum(entry.amount for entry in ledger) == 0
+
+    # --- rate limits ---
+
+    async def keyed_user(self, store: Store, balance: int = 1_000_000) -> tuple[User, int]:
+        user = await funded_user(store, "limited@example.com", balance)
+        key = await store.create_api_key(user.id, "limited", "sk-cg-limit", "hash-limited")
+        return user, key.id
+
+    @pytest.mark.asyncio
+    async def test_api_key_limits_are_stored_and_replaced(self, store: Store) -> None:
+        user, key_id = await self.keyed_user(store)
+        key = (await store.list_api_keys(user.id))[0]
+        assert key.limits == RateLimits()
+        limits = RateLimits(requests_per_minute=5, tokens_per_minute=None, concurrent_requests=2)
+        assert (await store.set_api_key_limits(key_id, limits)).limits == limits
+        found = await store.find_api_key("hash-limited")
+        assert found is not None
+        assert found.limits == limits
+        assert (await store.set_api_key_limits(key_id, RateLimits())).limits == RateLimits()
+        with pytest.raises(NotFound):
+            await store.set_api_key_limits(key_id + 1000, limits)
+
+    @pytest.mark.asyncio
+    async def test_admit_counts_the_minute_and_refuses_past_the_limit(self, store: Store) -> None:
+        user, key_id = await self.keyed_user(store)
+        limits = RateLimits(requests_per_minute=3)
+        uses = [(await store.admit(reservation(user, key_id), limits))[1] for _ in range(3)]
+        assert [u.requests for u in uses] == [1, 2, 3]
+        assert [u.tokens for u in uses] == [5, 10, 15]
+        assert [u.concurrent for u in uses] == [1, 2, 3]
+        assert all(0 < u.requests_reset <= 60 for u in uses)
+        before = await store.list_ledger(user.id)
+        with pytest.raises(RateLimitExceeded) as caught:
+            await store.admit(reservation(user, key_id), limits)
+        assert caught.value.limit == "requests_per_minute"
+        assert caught.value.allowed == 3
+        assert 0 < caught.value.retry_after <= 60
+        assert await store.list_ledger(user.id) == before  # a refusal writes nothing
+        # Other keys have their own minute.
+        other = await store.create_api_key(user.id, "other", "sk-cg-other", "hash-other")
+        await store.admit(reservation(user, other.id), limits)
+
+    @pytest.mark.asyncio
+    async def test_admit_counts_tokens_of_settled_requests(self, store: Store) -> None:
+        user, key_id = await self.keyed_user(store)
+        limits = RateLimits(tokens_per_minute=100)
+        entry, _ = await store.admit(reservation(user, key_id, prompt_tokens=20), limits)
+        await store.settle_ledger(
+            entry.id, LedgerSettlement(amount=-5, prompt_tokens=20, completion_tokens=60)
+        )
+        _, use = await store.admit(reservation(user, key_id, prompt_tokens=20), limits)
+        assert use.tokens == 100
+        with pytest.raises(RateLimitExceeded) as caught:
+            await store.admit(reservation(user, key_id, prompt_tokens=1), limits)
+        assert caught.value.limit == "tokens_per_minute"
+
+    @pytest.mark.asyncio
+    async def test_settling_frees_a_concurrency_slot(self, store: Store) -> None:
+        user, key_id = await self.keyed_user(store)
+        limits = RateLimits(concurrent_requests=1)
+        entry, _ = await store.admit(reservation(user, key_id), limits)
+        with pytest.raises(RateLimitExceeded) as caught:
+            await store.admit(reservation(user, key_id), limits)
+        assert caught.value.limit == "concurrent_requests"
+        await store.settle_ledger(entry.id, LedgerSettlement(amount=-3))
+        await store.admit(reservation(user, key_id), limits)
+
+    @pytest.mark.asyncio
+    async def test_admit_still_checks_the_balance(self, store: Store) -> None:
+        user, key_id = await self.keyed_user(store, balance=15)
+        await store.admit(reservation(user, key_id, amount=10), RateLimits())
+        with pytest.raises(InsufficientBalance):
+            await store.admit(reservation(user, key_id, amount=10), RateLimits())
+        assert (await store.get_user(user.id)).balance == 5
+
+    @pytest.mark.asyncio
+    async def test_concurrent_admits_across_two_instances_keep_the_limit_exactly(
+        self, store: Store, connect_store: OpenStore
+    ) -> None:
+        other = await connect_store()
+        user, key_id = await self.keyed_user(store)
+        limits = RateLimits(concurrent_requests=5, requests_per_minute=40)
+        results = await asyncio.gather(
+            *((store, other)[i % 2].admit(reservation(user, key_id), limits) for i in range(30)),
+            return_exceptions=True,
+        )
+        admitted = [r for r in results if isinstance(r, tuple)]
+        refused = [r for r in results if isinstance(r, RateLimitExceeded)]
+        assert (len(admitted), len(refused)) == (5, 25)
+        assert sorted(use.concurrent for _, use in admitted) == [1, 2, 3, 4, 5]

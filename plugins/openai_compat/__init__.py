@@ -18,6 +18,7 @@ from core.errors import (
     InsufficientBalance,
     ProviderError,
     RateLimited,
+    RateLimitExceeded,
     Unauthenticated,
     UnknownModel,
     UnknownProvider,
@@ -25,6 +26,7 @@ from core.errors import (
 from core.hookspecs import hookimpl
 from core.services.accounts import Caller
 from core.services.completions import Completion
+from core.store import ApiKey, RateLimits, RateUse
 from core.surface import Surface
 from core.types import ContentDelta, Finish, ReasoningDelta, ToolCallDelta
 
@@ -42,10 +44,77 @@ class Options(msgspec.Struct, forbid_unknown_fields=True):
     """What ``/v1/models`` reports as each model's owner."""
     keepalive_interval: float = 10.0
     """Seconds without a token after which a stream sends an SSE comment, so proxies keep it open."""
+    requests_per_minute: int = 120
+    """Default limit of each key (a key's own limit replaces it); 0: no limit."""
+    tokens_per_minute: int = 400_000
+    """Default limit of prompt plus completion tokens per key per minute; 0: no limit."""
+    concurrent_requests: int = 16
+    """Default limit of requests in flight per key; 0: no limit."""
 
     def __post_init__(self) -> None:
         if self.keepalive_interval <= 0:
             raise ValueError("keepalive_interval to be > 0")
+        for field in ("requests_per_minute", "tokens_per_minute", "concurrent_requests"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} to be >= 0 (0: no limit)")
+
+    def limits_for(self, key: ApiKey | None) -> RateLimits:
+        """The limits a key works under: its own where set, else these defaults (0: none)."""
+        own = key.limits if key is not None else RateLimits()
+
+        def pick(field: str) -> int | None:
+            value = getattr(own, field)
+            value = getattr(self, field) if value is None else value
+            return value or None
+
+        return RateLimits(
+            requests_per_minute=pick("requests_per_minute"),
+            tokens_per_minute=pick("tokens_per_minute"),
+            concurrent_requests=pick("concurrent_requests"),
+        )
+
+
+def duration(seconds: float) -> str:
+    """A reset time the way OpenAI writes it: ``250ms``, ``20s``, ``1m5s``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
+
+
+def rate_headers(limits: RateLimits, use: RateUse | None) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for a key's limits and its use of them."""
+    headers: dict[str, str] = {}
+    if use is None:
+        return headers
+    for kind, allowed, used, reset in (
+        ("requests", limits.requests_per_minute, use.requests, use.requests_reset),
+        ("tokens", limits.tokens_per_minute, use.tokens, use.tokens_reset),
+    ):
+        if allowed is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(allowed)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, allowed - used))
+            headers[f"x-ratelimit-reset-{kind}"] = duration(reset)
+    return headers
+
+
+def rate_limited(exc: RateLimitExceeded, limits: RateLimits) -> Response[Any]:
+    """429 with ``Retry-After`` (and the millisecond form the openai SDK prefers)."""
+    names = {
+        "requests_per_minute": ("requests", "requests per minute (RPM)"),
+        "tokens_per_minute": ("tokens", "tokens per minute (TPM)"),
+        "concurrent_requests": ("requests", "concurrent requests"),
+    }
+    type_, what = names[exc.limit]
+    wait = max(exc.retry_after, 0.001)
+    headers = rate_headers(limits, exc.use if isinstance(exc.use, RateUse) else None)
+    headers["Retry-After"] = str(max(1, math.ceil(wait)))
+    headers["retry-after-ms"] = str(math.ceil(wait * 1000))
+    message = (
+        f"Rate limit reached for {what} on this API key: limit {exc.allowed}. "
+        f"Please try again in {duration(wait)}."
+    )
+    return error(429, message, type_, "rate_limit_exceeded", headers=headers)
 
 
 def error(
@@ -144,15 +213,19 @@ class OpenAICompatSurface(Surface):
                     "model_not_found",
                     "model",
                 )
+            limits = options.limits_for(caller.key)
             try:
-                completion = await services.completions.start(caller, route, parsed.request)
+                completion = await services.completions.start(caller, route, parsed.request, limits)
+            except RateLimitExceeded as exc:
+                return rate_limited(exc, limits)
             except InsufficientBalance as exc:
                 return error(403, str(exc), "insufficient_quota", "insufficient_user_quota")
+            headers = rate_headers(limits, completion.use)
             if parsed.stream:
-                return await stream_reply(completion, parsed)
-            return await whole_reply(completion)
+                return await stream_reply(completion, parsed, headers)
+            return await whole_reply(completion, headers)
 
-        async def whole_reply(completion: Completion) -> Response[Any]:
+        async def whole_reply(completion: Completion, headers: dict[str, str]) -> Response[Any]:
             try:
                 await completion.result()
             except ProviderError as exc:
@@ -165,9 +238,11 @@ class OpenAICompatSurface(Surface):
                 list(completion.tool_calls.values()),
                 completion.finish,
             )
-            return Response(body)
+            return Response(body, headers=headers)
 
-        async def stream_reply(completion: Completion, parsed: wire.Parsed) -> Response[Any]:
+        async def stream_reply(
+            completion: Completion, parsed: wire.Parsed, headers: dict[str, str]
+        ) -> Response[Any]:
             # Wait for the first event before answering, so a request the upstream
             # refuses gets a real status code instead of a 200 with an error event.
             try:
@@ -227,7 +302,7 @@ class OpenAICompatSurface(Surface):
             return Stream(
                 body(),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
                 background=BackgroundTask(stop),
             )
 
