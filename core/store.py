@@ -108,6 +108,21 @@ class RateUse(msgspec.Struct, frozen=True):
     tokens_reset: float = 0.0
 
 
+class UsageDay(msgspec.Struct, frozen=True):
+    """What one key (or, with ``key_id`` None, direct use) of one user consumed on one UTC day.
+
+    ``cost`` is in micro-credits (positive), from settled charges only.
+    """
+
+    day: str
+    user_id: int
+    key_id: int | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+
+
 class LedgerEntry(msgspec.Struct, frozen=True):
     """One posted change of a balance; ``balance_after`` is the balance right after it."""
 
@@ -307,6 +322,12 @@ class Store(abc.ABC):
         settlement; settling an entry again moves the balance by the new
         difference.
         """
+
+    @abc.abstractmethod
+    async def usage_by_day(
+        self, since: datetime, *, user_id: int | None = None, key_id: int | None = None
+    ) -> list[UsageDay]:
+        """Settled charges from ``since`` on, summed per UTC day, user and key, oldest first."""
 
     @abc.abstractmethod
     async def get_ledger_entry(self, entry_id: int) -> LedgerEntry:

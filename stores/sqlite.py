@@ -36,6 +36,7 @@ from core.store import (
     RateLimits,
     RateUse,
     Store,
+    UsageDay,
     User,
     utcnow,
 )
@@ -380,6 +381,24 @@ class SqliteStore(Store):
                 db, "ledger", entry_id, {**values, "balance_after": after, "updated_at": _now()}
             )
         return _record(LedgerEntry, row)
+
+    async def usage_by_day(
+        self, since: datetime, *, user_id: int | None = None, key_id: int | None = None
+    ) -> list[UsageDay]:
+        sql = (
+            "SELECT date(created_at / 1000, 'unixepoch') AS day, user_id, key_id, count(*) AS requests, "
+            "sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, "
+            "-sum(amount) AS cost FROM ledger WHERE kind = 'charge' AND created_at >= ?"
+        )
+        params: list[Any] = [_ms(since)]
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            params.append(user_id)
+        if key_id is not None:
+            sql += " AND key_id = ?"
+            params.append(key_id)
+        rows = await self._fetch(sql + " GROUP BY day, user_id, key_id ORDER BY day, user_id, key_id", params)
+        return [UsageDay(**dict(row)) for row in rows]
 
     async def get_ledger_entry(self, entry_id: int) -> LedgerEntry:
         rows = await self._fetch("SELECT * FROM ledger WHERE id = ?", (entry_id,))

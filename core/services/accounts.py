@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidEmail, NotAllowed, Unauthenticated
-from ..store import ApiKey, Store, User
+from ..store import ApiKey, RateLimits, Store, User
 
 KEY_PREFIX = "sk-cg-"
 PREFIX_LENGTH = len(KEY_PREFIX) + 6
@@ -91,6 +91,33 @@ class Accounts:
         if caller is None:
             raise Unauthenticated("the API key is not valid (unknown or revoked)", missing=False)
         return caller
+
+    async def ensure_user(self, email: str) -> User:
+        """The user with ``email``, created if new (operators create users; no allow-list applies).
+
+        Raises:
+            InvalidEmail: ``email`` is not an address.
+        """
+        return await self.store.ensure_user(checked_email(email))
+
+    async def get_user(self, user_id: int) -> User:
+        """The user with ``user_id``; ``NotFound`` otherwise."""
+        return await self.store.get_user(user_id)
+
+    async def list_users(self) -> list[User]:
+        return await self.store.list_users()
+
+    async def list_keys(self, user_id: int | None = None) -> list[ApiKey]:
+        """Keys (never their secrets), of one user or of everyone."""
+        return await self.store.list_api_keys(user_id)
+
+    async def revoke_key(self, key_id: int) -> ApiKey:
+        """Revoke a key at once: its next request is refused. ``NotFound`` for an unknown id."""
+        return await self.store.revoke_api_key(key_id)
+
+    async def set_limits(self, key_id: int, limits: RateLimits) -> ApiKey:
+        """Replace a key's own rate limits (unset fields fall back to the configured defaults)."""
+        return await self.store.set_api_key_limits(key_id, limits)
 
     async def find_user(self, email: str) -> User | None:
         """The user with ``email``, or None; never creates one."""

@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
 from ..config import ModelConfig
-from ..store import LedgerDraft, LedgerEntry, LedgerSettlement, Message, RateLimits, RateUse, Store
+from ..store import (
+    LedgerDraft,
+    LedgerEntry,
+    LedgerSettlement,
+    Message,
+    RateLimits,
+    RateUse,
+    Store,
+    UsageDay,
+)
 from ..tokens import estimate_prompt_tokens, estimate_tokens
 from ..types import ChatRequest, Usage
 from .catalog import Route
@@ -122,6 +132,12 @@ class Billing:
         """Give a reservation back untouched: the request never went upstream."""
         settlement = LedgerSettlement(amount=0, outcome="not_sent")
         return await self.store.settle_ledger(reservation.entry.id, settlement)
+
+    async def usage_by_day(
+        self, since: datetime, *, user_id: int | None = None, key_id: int | None = None
+    ) -> list[UsageDay]:
+        """Settled charges per UTC day, user and key, from ``since`` on."""
+        return await self.store.usage_by_day(since, user_id=user_id, key_id=key_id)
 
     async def top_up(self, user_id: int, amount: int, note: str | None = None) -> LedgerEntry:
         """Add credits to a balance (negative ``amount`` takes them away, never below zero)."""

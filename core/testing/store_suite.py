@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import pytest_asyncio
@@ -727,3 +727,25 @@ class StoreConformance:
         refused = [r for r in results if isinstance(r, RateLimitExceeded)]
         assert (len(admitted), len(refused)) == (5, 25)
         assert sorted(use.concurrent for _, use in admitted) == [1, 2, 3, 4, 5]
+
+    @pytest.mark.asyncio
+    async def test_usage_by_day_sums_settled_charges_per_key(self, store: Store) -> None:
+        user, key_id = await self.keyed_user(store)
+        other = await store.create_api_key(user.id, "other", "sk-cg-other", "hash-other")
+        for key, prompt, completion, cost in ((key_id, 10, 20, 7), (key_id, 1, 2, 3), (other.id, 5, 5, 4)):
+            entry, _ = await store.admit(reservation(user, key), RateLimits())
+            settlement = LedgerSettlement(amount=-cost, prompt_tokens=prompt, completion_tokens=completion)
+            await store.settle_ledger(entry.id, settlement)
+        await store.admit(reservation(user, key_id), RateLimits())  # in flight: not usage yet
+        since = datetime.now(UTC) - timedelta(days=1)
+        rows = await store.usage_by_day(since)
+        today = datetime.now(UTC).date().isoformat()
+        assert [
+            (r.day, r.key_id, r.requests, r.prompt_tokens, r.completion_tokens, r.cost) for r in rows
+        ] == [
+            (today, key_id, 2, 11, 22, 10),
+            (today, other.id, 1, 5, 5, 4),
+        ]
+        assert [r.key_id for r in await store.usage_by_day(since, key_id=other.id)] == [other.id]
+        assert await store.usage_by_day(since, user_id=user.id + 1000) == []
+        assert await store.usage_by_day(datetime.now(UTC) + timedelta(days=1)) == []

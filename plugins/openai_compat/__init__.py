@@ -24,6 +24,7 @@ from core.errors import (
     UnknownProvider,
 )
 from core.hookspecs import hookimpl
+from core.money import format_amount
 from core.services.accounts import Caller
 from core.services.completions import Completion
 from core.store import ApiKey, RateLimits, RateUse
@@ -31,6 +32,7 @@ from core.surface import Surface
 from core.types import ContentDelta, Finish, ReasoningDelta, ToolCallDelta
 
 from . import wire
+from .admin import admin_router
 
 CREATED = 1_735_689_600  # 2025-01-01: a fixed, honest "created" for configured models
 KEEPALIVE = b": keep-alive\n\n"
@@ -50,6 +52,8 @@ class Options(msgspec.Struct, forbid_unknown_fields=True):
     """Default limit of prompt plus completion tokens per key per minute; 0: no limit."""
     concurrent_requests: int = 16
     """Default limit of requests in flight per key; 0: no limit."""
+    currency: str = "CNY"
+    """What ``/user/balance`` names as the currency credits stand for (DeepSeek's shape)."""
 
     def __post_init__(self) -> None:
         if self.keepalive_interval <= 0:
@@ -306,6 +310,30 @@ class OpenAICompatSurface(Surface):
                 background=BackgroundTask(stop),
             )
 
+        @get("/user/balance", tags=["openai"], summary="The caller's balance, in DeepSeek's shape")
+        async def user_balance(request: Request[Any, Any, Any]) -> Response[Any]:
+            caller = await authenticate(request)
+            if isinstance(caller, Response):
+                return caller
+            user = await services.accounts.get_user(caller.user.id)
+            total = format_amount(max(user.balance, 0))
+            info = {
+                "currency": options.currency,
+                "total_balance": total,
+                "granted_balance": format_amount(0),
+                "topped_up_balance": total,
+            }
+            return Response({"is_available": user.balance > 0, "balance_infos": [info]})
+
+        handlers: list[ControllerRouterHandler] = [
+            list_models,
+            retrieve_model,
+            chat_completions,
+            user_balance,
+        ]
+        token = services.config.server.admin_token
+        if token:
+            handlers.append(admin_router(services, token))
         limit = services.config.server.max_body_bytes
 
         def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
@@ -319,7 +347,7 @@ class OpenAICompatSurface(Surface):
         return [
             Router(
                 "/",
-                route_handlers=[list_models, retrieve_model, chat_completions],
+                route_handlers=handlers,
                 exception_handlers={HTTPException: http_error},
             )
         ]
