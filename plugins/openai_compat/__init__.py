@@ -32,7 +32,7 @@ from core.surface import Surface
 from core.types import ContentDelta, Finish, ReasoningDelta, ToolCallDelta
 
 from . import wire
-from .admin import admin_router
+from .admin import admin_page, admin_router
 
 CREATED = 1_735_689_600  # 2025-01-01: a fixed, honest "created" for configured models
 KEEPALIVE = b": keep-alive\n\n"
@@ -333,7 +333,7 @@ class OpenAICompatSurface(Surface):
         ]
         token = services.config.server.admin_token
         if token:
-            handlers.append(admin_router(services, token))
+            handlers += [admin_router(services, token), admin_page()]
         limit = services.config.server.max_body_bytes
 
         def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -116,6 +117,29 @@ def usage_body(row: UsageDay) -> dict[str, Any]:
         "tokens": row.prompt_tokens + row.completion_tokens,
         "cost": format_amount(row.cost),
     }
+
+
+STATIC = Path(__file__).parent / "static"
+PAGE_FILES = {"admin.css": "text/css; charset=utf-8", "admin.js": "text/javascript; charset=utf-8"}
+
+
+def admin_page() -> Router:
+    """``/admin``: the key-management page, shipped in the package (no CDN: it works offline)."""
+    files = {name: (STATIC / name).read_bytes() for name in (*PAGE_FILES, "admin.html")}
+    # The page holds no secret (it asks for the token), but it must not be framed or cached stale.
+    headers = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"}
+
+    @get("/admin", summary="The key-management page", include_in_schema=False)
+    async def page() -> Response[bytes]:
+        return Response(files["admin.html"], media_type="text/html; charset=utf-8", headers=headers)
+
+    @get("/admin/static/{name:str}", include_in_schema=False)
+    async def asset(name: str) -> Response[bytes]:
+        if name not in PAGE_FILES:
+            return Response(b"not found", status_code=404, media_type="text/plain")
+        return Response(files[name], media_type=PAGE_FILES[name], headers=headers)
+
+    return Router("/", route_handlers=[page, asset])
 
 
 def admin_router(services: Services, token: str) -> Router:
