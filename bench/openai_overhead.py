@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,6 +186,22 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A child Python process, quiet, started from the repository root."""
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def create_key(env: dict[str, str]) -> str:
+    """A funded key, made with the CLI as an operator would."""
+    command = [sys.executable, "-m", "core.cli", "keys", "create", "--email", "bench@example.com"]
+    created = subprocess.run(
+        [*command, "--balance", "1000000000"], env=env, capture_output=True, text=True, check=True
+    )
+    return created.stdout.splitlines()[-1]
+
+
 def free_port() -> int:
     import socket
 
@@ -220,11 +235,8 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="chatgate-bench-"))
     upstream_port, gateway_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
-    fake = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.deepseek", "--port", str(upstream_port), "--api-key", UPSTREAM_KEY,
-         "--tokens", str(REPLY_TOKENS)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    fake = spawn("-m", "tests.fakes.deepseek", "--port", str(upstream_port), "--api-key", UPSTREAM_KEY,
+                 "--tokens", str(REPLY_TOKENS))  # fmt: skip
     upstream_headers = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
     await wait_for(upstream, "/chat/completions", upstream_headers, UPSTREAM_BODY)
 
@@ -233,19 +245,10 @@ async def main() -> None:
         CONFIG.format(port=gateway_port, db=tmp / "bench.db", upstream=upstream, key=UPSTREAM_KEY)
     )
     env = {**os.environ, "CHATGATE_CONFIG": str(config)}
-    created = subprocess.run(
-        [sys.executable, "-m", "core.cli", "keys", "create", "--email", "bench@example.com", "--balance", "1000000000"],
-        env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    key = created.stdout.splitlines()[-1]
+    key = create_key(env)
     gateway = f"http://127.0.0.1:{gateway_port}"
     started = time.perf_counter()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = spawn("-m", "core.cli", "serve", env=env)
     gateway_headers = {"Authorization": f"Bearer {key}"}
     await wait_for(gateway, "/v1/chat/completions", gateway_headers, BODY)
     start_seconds = time.perf_counter() - started
@@ -288,8 +291,9 @@ async def main() -> None:
             if stream
             else "-"
         )
+        mode = "stream" if stream else "whole"
         print(
-            f"| {'stream' if stream else 'whole'} | {concurrency} | {direct.rps():,.0f} | {through.rps():,.0f} "
+            f"| {mode} | {concurrency} | {direct.rps():,.0f} | {through.rps():,.0f} "
             f"| {direct.pct(direct.latencies, 0.5):.2f} | {through.pct(through.latencies, 0.5):.2f} "
             f"| {through.pct(through.latencies, 0.5) - direct.pct(direct.latencies, 0.5):.2f} "
             f"| {direct.pct(direct.latencies, 0.99):.2f} | {through.pct(through.latencies, 0.99):.2f} "
@@ -297,7 +301,6 @@ async def main() -> None:
         )
     if args.compare_litellm:
         print("\n--compare-litellm: not implemented yet (see bench/README.md)")
-    _ = statistics  # medians come from Run.pct
 
 
 if __name__ == "__main__":
