@@ -330,6 +330,15 @@ class Store(abc.ABC):
         """Settled charges from ``since`` on, summed per UTC day, user and key, oldest first."""
 
     @abc.abstractmethod
+    async def stale_reservations(self, created_before: datetime) -> list[LedgerEntry]:
+        """Reservations created before ``created_before`` that no message holds, oldest first.
+
+        A request without a conversation (the OpenAI-compatible API) settles its
+        own reservation; one still unsettled long after any request could run
+        was left by a process that died, and whoever finds it settles it.
+        """
+
+    @abc.abstractmethod
     async def get_ledger_entry(self, entry_id: int) -> LedgerEntry:
         """The ledger entry with this id."""
 

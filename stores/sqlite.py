@@ -400,6 +400,14 @@ class SqliteStore(Store):
         rows = await self._fetch(sql + " GROUP BY day, user_id, key_id ORDER BY day, user_id, key_id", params)
         return [UsageDay(**dict(row)) for row in rows]
 
+    async def stale_reservations(self, created_before: datetime) -> list[LedgerEntry]:
+        rows = await self._fetch(
+            "SELECT * FROM ledger WHERE kind = 'reservation' AND created_at < ?"
+            " AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.ledger_id = ledger.id) ORDER BY id",
+            (_ms(created_before),),
+        )
+        return [_record(LedgerEntry, row) for row in rows]
+
     async def get_ledger_entry(self, entry_id: int) -> LedgerEntry:
         rows = await self._fetch("SELECT * FROM ledger WHERE id = ?", (entry_id,))
         return _record(LedgerEntry, _found(rows, "ledger entry", entry_id))

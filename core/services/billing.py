@@ -128,6 +128,17 @@ class Billing:
         )
         return await self.store.settle_ledger(entry.id, settlement)
 
+    async def settle_stale(self, entry: LedgerEntry) -> LedgerEntry:
+        """Settle a reservation whose process died mid-request: charge its prompt, nothing more.
+
+        What the reply produced died with the process; the prompt was sent, and
+        the upstream charged for it.
+        """
+        model = self.models.get(entry.model or "")
+        cost = 0 if model is None else self.cost_at(model, entry.prompt_tokens, 0)
+        settlement = LedgerSettlement(amount=-cost, prompt_tokens=entry.prompt_tokens, outcome="abandoned")
+        return await self.store.settle_ledger(entry.id, settlement)
+
     async def release(self, reservation: Reservation) -> LedgerEntry:
         """Give a reservation back untouched: the request never went upstream."""
         settlement = LedgerSettlement(amount=0, outcome="not_sent")

@@ -28,6 +28,9 @@ from ..types import ChatRequest, ContentDelta, Finish, ProviderEvent, ReasoningD
 from .billing import Billing, Reservation
 from .catalog import Route
 
+STALE_RESERVATION = timedelta(hours=1)
+"""A reservation older than this, held by no reply, outlived any request (total_timeout is 15 min)."""
+
 log = logging.getLogger("chatgate.generations")
 
 
@@ -159,14 +162,20 @@ class Generations:
 
     async def sweep(self) -> int:
         """Mark replies a crashed process stopped writing as interrupted, and settle their charges."""
-        orphans = await self.store.interrupt_stale_generations(utcnow() - timedelta(seconds=self.stale_after))
+        now = utcnow()
+        orphans = await self.store.interrupt_stale_generations(now - timedelta(seconds=self.stale_after))
         for reply in orphans:
             await self.billing.settle_abandoned(reply)
         if orphans:
             log.warning(
                 "marked %d reply(ies) left generating by a stopped process as interrupted", len(orphans)
             )
-        return len(orphans)
+        stale = await self.store.stale_reservations(now - STALE_RESERVATION)
+        for entry in stale:
+            await self.billing.settle_stale(entry)
+        if stale:
+            log.warning("settled %d reservation(s) a stopped process left unsettled", len(stale))
+        return len(orphans) + len(stale)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, conversation_id: int) -> AsyncIterator[None]:

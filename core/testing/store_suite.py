@@ -749,3 +749,18 @@ class StoreConformance:
         assert [r.key_id for r in await store.usage_by_day(since, key_id=other.id)] == [other.id]
         assert await store.usage_by_day(since, user_id=user.id + 1000) == []
         assert await store.usage_by_day(datetime.now(UTC) + timedelta(days=1)) == []
+
+    @pytest.mark.asyncio
+    async def test_stale_reservations_are_the_unsettled_ones_no_reply_holds(self, store: Store) -> None:
+        user, key_id = await self.keyed_user(store)
+        free, _ = await store.admit(reservation(user, key_id), RateLimits())
+        held, _ = await store.admit(reservation(user, key_id), RateLimits())
+        settled, _ = await store.admit(reservation(user, key_id), RateLimits())
+        await store.settle_ledger(settled.id, LedgerSettlement(amount=-1))
+        conversation = await store.create_conversation(user.id, "test")
+        draft = MessageDraft(role="assistant", status="generating", ledger_id=held.id)
+        await store.append_message(conversation.id, draft)
+        await tick()
+        later = datetime.now(UTC) + timedelta(seconds=1)
+        assert [e.id for e in await store.stale_reservations(later)] == [free.id]
+        assert await store.stale_reservations(free.created_at) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 
 import pytest
 
@@ -328,3 +329,24 @@ async def test_an_abandoned_reply_is_charged_for_what_it_produced(gateway):
     assert (entry.prompt_tokens, entry.completion_tokens) == (prompt, produced)
     assert entry.amount == -(prompt * 1000 + produced * 2000)
     assert (await store.get_user(user.id)).balance == 10_000_000 + entry.amount
+
+
+async def test_the_sweep_settles_a_reservation_a_dead_process_left_behind(gateway, monkeypatch):
+    services = gateway.services
+    user = await services.accounts.user_for_email("gone@example.com", ["*"])
+    await services.billing.top_up(user.id, 10_000_000)
+    route = services.catalog.route("mock-chat")
+    request = ChatRequest(model="mock-chat", messages=(ChatMessage(role="user", content="Hello there"),))
+    reservation = await services.billing.reserve(user.id, route, request, key_id=None)
+    held = (await services.accounts.get_user(user.id)).balance
+    assert held < 10_000_000
+    monkeypatch.setattr("core.services.generations.STALE_RESERVATION", timedelta(0))
+    await asyncio.sleep(0.01)  # stamps are whole milliseconds: let the reservation be in the past
+    # This sweep or the runner's periodic one (every stale_after) settles it: either will do.
+    await services.generations.sweep()
+    entry = await services.billing.store.get_ledger_entry(reservation.entry.id)
+    assert entry.kind == "charge"
+    assert entry.outcome == "abandoned"
+    assert entry.amount == -(reservation.entry.prompt_tokens * 1000)  # the prompt, at mock-chat's price
+    assert (await services.accounts.get_user(user.id)).balance == 10_000_000 + entry.amount
+    assert await services.generations.sweep() == 0
