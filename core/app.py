@@ -71,6 +71,7 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
                 stack.push_async_callback(provider.aclose)
             await generations.start()
             stack.push_async_callback(generations.aclose)
+            stack.push_async_callback(services.completions.aclose)
             for surface in surfaces:
                 await surface.startup()
                 stack.push_async_callback(surface.shutdown)

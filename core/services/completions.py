@@ -66,6 +66,7 @@ class Completion:
         self.use = reservation.use
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._ended = False
+        self._end = asyncio.Event()
         self._started = time.monotonic()
         self._task = asyncio.create_task(self._pump(), name=f"completion {route.model}")
 
@@ -93,8 +94,12 @@ class Completion:
         return item  # type: ignore[return-value]
 
     async def result(self) -> Completion:
-        """Wait for the whole reply; raise the provider's error if it failed."""
-        await asyncio.shield(self._task)
+        """Wait for the whole reply; raise the provider's error if it failed.
+
+        The reply is complete before its settlement is written, so the caller can
+        answer without waiting for the ledger (:meth:`settled` waits for that).
+        """
+        await self._end.wait()
         if self.error is not None:
             raise self.error
         return self
@@ -143,6 +148,7 @@ class Completion:
         finally:
             self._ended = True
             self._queue.put_nowait(_END)
+            self._end.set()
         await self._settle(outcome)
 
     async def _settle(self, outcome: str) -> None:
@@ -170,6 +176,14 @@ class Completions:
 
     def __init__(self, billing: Billing) -> None:
         self.billing = billing
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def aclose(self) -> None:
+        """At shutdown: stop the replies still running and wait until every one is settled."""
+        for task in self._running:
+            task.cancel()
+        if self._running:
+            await asyncio.wait(self._running, timeout=10)
 
     async def start(
         self, caller: Caller, route: Route, request: ChatRequest, limits: RateLimits | None = None
@@ -182,4 +196,8 @@ class Completions:
         """
         key_id = caller.key.id if caller.key is not None else None
         reservation = await self.billing.reserve(caller.user.id, route, request, key_id=key_id, limits=limits)
-        return Completion(self.billing, route, request, reservation)
+        completion = Completion(self.billing, route, request, reservation)
+        # Tracked until settled: answers no longer wait for the ledger, shutdown does.
+        self._running.add(completion._task)
+        completion._task.add_done_callback(self._running.discard)
+        return completion
