@@ -26,9 +26,12 @@ Exception tree::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+if TYPE_CHECKING:
+    from .store import RateUse
 
 
 class ChatgateError(Exception):
@@ -93,7 +96,7 @@ class RateLimitExceeded(StoreError):
     the seconds until trying again can succeed.
     """
 
-    def __init__(self, limit: str, allowed: int, retry_after: float, use: object) -> None:
+    def __init__(self, limit: str, allowed: int, retry_after: float, use: RateUse) -> None:
         self.limit = limit
         self.allowed = allowed
         self.retry_after = retry_after

@@ -45,6 +45,7 @@ from core.types import (
 from .deadline import DeadlineExceeded, ReadDeadline
 from .openai_wire import (
     FINISH_REASONS,
+    Chunk,
     FunctionPart,
     decode_chunk,
     encode,
@@ -362,16 +363,7 @@ class OpenAICompatibleProvider(Provider):
         text = text.strip()
         if not text:
             raise Unavailable(f"{self._who()} answered HTTP 200 with an empty body", upstream_status=200)
-        try:
-            chunk = decode_chunk(text)
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise Unavailable(
-                f"{self._who()} answered HTTP 200 with a body that is not a chat completion ({exc}): "
-                f"{snippet(text.encode())}",
-                upstream_status=200,
-            ) from None
-        if chunk.error is not None:
-            raise self._error_event(chunk.error)
+        chunk = self._decode(text.encode(), "answered HTTP 200 with a body that is not a chat completion")
         if not chunk.choices or chunk.choices[0].message is None:
             raise Unavailable(
                 f"{self._who()} answered HTTP 200 without a message: {snippet(text.encode())}",
@@ -463,6 +455,18 @@ class OpenAICompatibleProvider(Provider):
             )
         return ProviderError(said, upstream_status=status)
 
+    def _decode(self, payload: bytes, what: str) -> Chunk:
+        """A chunk (or whole answer) of the upstream; an error it carries, or garbage, raises."""
+        try:
+            chunk = decode_chunk(payload)
+        except (msgspec.DecodeError, RecursionError) as exc:  # msgspec gives up on deep nesting
+            raise Unavailable(
+                f"{self._who()} {what} ({exc}): {snippet(payload)}", upstream_status=200
+            ) from None
+        if chunk.error is not None:
+            raise self._error_event(chunk.error)
+        return chunk
+
     def _error_event(self, error: Any) -> ProviderError:
         """An error the upstream sent inside a 200 answer (vLLM and LiteLLM do, mid-stream).
 
@@ -541,16 +545,7 @@ class _Reply:
                     )
                 self.done = True
                 return events
-            try:
-                chunk = decode_chunk(payload)
-            except (msgspec.DecodeError, RecursionError) as exc:
-                raise Unavailable(
-                    f"{self._provider._who()} sent an event that is not a chat-completion chunk ({exc}): "
-                    f"{snippet(payload)}",
-                    upstream_status=200,
-                ) from None
-            if chunk.error is not None:
-                raise self._provider._error_event(chunk.error)
+            chunk = self._provider._decode(payload, "sent an event that is not a chat-completion chunk")
             if chunk.usage:
                 self.usage = chunk.usage
             if not chunk.choices:

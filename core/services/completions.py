@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from ..errors import ProviderError
@@ -42,13 +41,12 @@ _END = object()
 class Completion:
     """One completion in flight.
 
-    Promises: :meth:`events` yields the provider's events in order and raises
+    Promises: :meth:`next_event` returns the provider's events in order and raises
     the provider's :class:`~core.errors.ProviderError` if it failed;
     :meth:`cancel` (a client gone) stops the upstream at once; the
     reservation is settled exactly once, with outcome ``complete``,
     ``error`` or ``cancelled``, charging the tokens produced and nothing for
-    a request that failed before producing any. ``ledger_entry`` is the
-    settled entry once :meth:`settled` returns.
+    a request that failed before producing any.
     """
 
     def __init__(
@@ -70,16 +68,6 @@ class Completion:
         self._started = time.monotonic()
         self._task = asyncio.create_task(self._pump(), name=f"completion {route.model}")
 
-    async def events(self) -> AsyncIterator[ProviderEvent]:
-        """The provider's events, as they arrive."""
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item  # type: ignore[misc]
-
     async def next_event(self, timeout: float | None = None) -> ProviderEvent | None:  # noqa: ASYNC109
         """The next event, or None at the end; ``TimeoutError`` when none came within ``timeout``."""
         if timeout is None or not self._queue.empty():
@@ -97,7 +85,7 @@ class Completion:
         """Wait for the whole reply; raise the provider's error if it failed.
 
         The reply is complete before its settlement is written, so the caller can
-        answer without waiting for the ledger (:meth:`settled` waits for that).
+        answer without waiting for the ledger.
         """
         await self._end.wait()
         if self.error is not None:
@@ -108,10 +96,6 @@ class Completion:
         """Stop the reply (its consumer is gone); what it produced is still charged."""
         if not self._ended:  # once the reply has ended, only its settlement is left: let it finish
             self._task.cancel()
-
-    async def settled(self) -> None:
-        """Wait until the reservation is settled (tests and benchmarks use it)."""
-        await asyncio.shield(self._task)
 
     @property
     def text(self) -> str:

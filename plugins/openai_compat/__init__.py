@@ -111,7 +111,7 @@ def rate_limited(exc: RateLimitExceeded, limits: RateLimits) -> Response[Any]:
     }
     type_, what = names[exc.limit]
     wait = max(exc.retry_after, 0.001)
-    headers = rate_headers(limits, exc.use if isinstance(exc.use, RateUse) else None)
+    headers = rate_headers(limits, exc.use)
     headers["Retry-After"] = str(max(1, math.ceil(wait)))
     headers["retry-after-ms"] = str(math.ceil(wait * 1000))
     message = (
@@ -315,7 +315,7 @@ class OpenAICompatSurface(Surface):
             caller = await authenticate(request)
             if isinstance(caller, Response):
                 return caller
-            user = await services.accounts.get_user(caller.user.id)
+            user = caller.user  # read by authenticate, just now
             total = format_amount(max(user.balance, 0))
             info = {
                 "currency": options.currency,
