@@ -305,7 +305,8 @@ class Store(abc.ABC):
 
         In one transaction, across every process sharing the store: counts the
         key's requests and tokens (``prompt_tokens + completion_tokens``) of
-        entries created in the last 60 seconds, and its reservations not yet
+        entries created in the last 60 seconds (a store may count whole
+        seconds, letting an entry go up to a second early), and its reservations not yet
         settled (created in the last 15 minutes: older ones belong to a
         crashed process); refuses with :class:`~core.errors.RateLimitExceeded`
         when admitting would pass a limit, then with

@@ -1,23 +1,27 @@
 """The built-in SQLite store: one file shared by every worker process.
 
-Each store instance owns one aiosqlite connection. Write transactions start
-with ``BEGIN IMMEDIATE`` so that processes sharing the file queue on SQLite's
-write lock (waiting up to ``busy_timeout_ms``) instead of deadlocking while
-upgrading a read lock. The schema moves forward through :data:`MIGRATIONS`,
-tracked in ``PRAGMA user_version``.
+Each store instance owns one connection on one thread of its own, and every
+store call is one function run there: one thread hop, one transaction. (An
+async driver that hops to its thread per statement spent more time hopping
+than SQLite spent working.) Write transactions start with ``BEGIN
+IMMEDIATE`` so that processes sharing the file queue on SQLite's write lock
+(waiting up to ``busy_timeout_ms``) instead of deadlocking while upgrading a
+read lock. The schema moves forward through :data:`MIGRATIONS`, tracked in
+``PRAGMA user_version``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import aiosqlite
 import msgspec
 from msgspec import UNSET
 
@@ -124,6 +128,23 @@ MIGRATIONS: list[str] = [
     ALTER TABLE api_keys ADD COLUMN concurrent_requests INTEGER;
     CREATE INDEX ledger_key ON ledger (key_id, created_at) WHERE key_id IS NOT NULL;
     """,
+    # 5: the sliding minute of rate limits as per-second counts, so admitting a request
+    # reads at most 60 rows instead of every request of the last minute.
+    """
+    CREATE TABLE rate_window (
+        key_id INTEGER NOT NULL,
+        second INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        PRIMARY KEY (key_id, second)
+    ) WITHOUT ROWID;
+    INSERT INTO rate_window (key_id, second, requests, tokens)
+        SELECT key_id, created_at / 1000, count(*), sum(prompt_tokens + completion_tokens) FROM ledger
+        WHERE key_id IS NOT NULL AND kind IN ('reservation', 'charge')
+            AND created_at > CAST(strftime('%s', 'now') AS INTEGER) * 1000 - 60000
+        GROUP BY key_id, created_at / 1000;
+    CREATE INDEX ledger_in_flight ON ledger (key_id, created_at) WHERE kind = 'reservation';
+    """,
 ]
 """Forward migrations; applying ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
 
@@ -132,6 +153,16 @@ LATEST_VERSION = len(MIGRATIONS)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _R = TypeVar("_R", bound=msgspec.Struct)
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+COUNTED = ("reservation", "charge")
+"""Ledger kinds that count against a key's rate limits."""
+
+WINDOW_MS = 60_000  # the sliding minute of rate limits
+IN_FLIGHT_MS = 15 * 60_000  # an older unsettled reservation belongs to a crashed process
 
 
 class SqliteOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -160,8 +191,12 @@ class SqliteStore(Store):
 
     Promises beyond :class:`~core.store.Store`: WAL journal, foreign keys on,
     ``balance_after`` of a settled entry is the user's balance right after
-    the settlement (not a rewrite of history), and a database written by a
-    newer chatgate is refused rather than touched.
+    the settlement (not a rewrite of history), a database written by a newer
+    chatgate is refused rather than touched, and every call is one
+    transaction: a caller cancelled while its call waits for the store's
+    thread writes nothing, one cancelled while the call runs does not stop it
+    (it completes or fails as a whole). The rate window counts whole seconds:
+    a request counts against its key's minute for 59 to 60 seconds.
     """
 
     name = "sqlite"
@@ -170,45 +205,51 @@ class SqliteStore(Store):
     def __init__(self, options: SqliteOptions) -> None:
         super().__init__(options)
         self.path = Path(options.path).absolute()
-        self._db: aiosqlite.Connection | None = None
-        # One connection runs one transaction at a time; reads take the lock
-        # too so they never see another task's uncommitted writes.
-        self._lock = asyncio.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._opening = asyncio.Lock()
 
     # lifecycle
 
     async def open(self) -> None:
-        async with self._lock:  # two concurrent opens must not leak a connection
-            if self._db is None:
-                try:
-                    self._db = await self._connect()
-                except (OSError, sqlite3.Error) as exc:
-                    raise StoreError(
-                        f"cannot open the SQLite database {self.path}: {exc}; "
-                        "check [store] path and its permissions"
-                    ) from exc
+        async with self._opening:  # two concurrent opens must not leak a connection
+            if self._db is not None:
+                return
+            thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatgate-sqlite")
+            try:
+                self._db = await asyncio.get_running_loop().run_in_executor(thread, self._connect)
+            except (OSError, sqlite3.Error) as exc:
+                thread.shutdown(wait=False)
+                raise StoreError(
+                    f"cannot open the SQLite database {self.path}: {exc}; "
+                    "check [store] path and its permissions"
+                ) from exc
+            except BaseException:
+                thread.shutdown(wait=False)
+                raise
+            self._thread = thread
 
-    async def _connect(self) -> aiosqlite.Connection:
-        await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
-        db = await aiosqlite.connect(self.path, isolation_level=None)
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None)
         try:
             db.row_factory = sqlite3.Row
-            await db.execute_fetchall(f"PRAGMA busy_timeout = {int(self.options.busy_timeout_ms)}")
+            db.execute(f"PRAGMA busy_timeout = {int(self.options.busy_timeout_ms)}")
             # Before anything persistent (the journal mode is stored in the file),
             # so a database from a newer chatgate is left exactly as it was.
-            await _schema_version(db, str(self.path))
-            mode = await self._enable_wal(db)
+            _schema_version(db, str(self.path))
+            mode = self._enable_wal(db)
             if mode.lower() != "wal":
                 raise StoreError(f"{self.path}: SQLite refused WAL journal mode (got {mode!r})")
-            await db.execute_fetchall("PRAGMA synchronous = NORMAL")
-            await db.execute_fetchall("PRAGMA foreign_keys = ON")
-            await migrate(db)
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            migrate(db)
         except BaseException:
-            await db.close()  # its thread would otherwise keep the process alive
+            db.close()
             raise
         return db
 
-    async def _enable_wal(self, db: aiosqlite.Connection) -> str:
+    def _enable_wal(self, db: sqlite3.Connection) -> str:
         """Switch the file to WAL, retrying while another worker holds it.
 
         The switch needs an exclusive lock and SQLite may refuse it at once
@@ -216,24 +257,27 @@ class SqliteStore(Store):
         together); the mode is stored in the file, so the first to succeed
         settles it for all.
         """
-        deadline = asyncio.get_running_loop().time() + self.options.busy_timeout_ms / 1000
+        deadline = time.monotonic() + self.options.busy_timeout_ms / 1000
         while True:
             try:
-                [(mode,)] = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+                [(mode,)] = db.execute("PRAGMA journal_mode = WAL").fetchall()
                 return str(mode)
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or asyncio.get_running_loop().time() >= deadline:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
                     raise
-                await asyncio.sleep(0.01)
+                time.sleep(0.01)  # on the store's own thread, never the event loop
 
     async def close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            async with self._lock:
-                await db.close()
+        async with self._opening:
+            db, thread = self._db, self._thread
+            self._db = self._thread = None
+            if db is not None and thread is not None:
+                # Queued calls run first: the thread takes jobs in order.
+                await asyncio.get_running_loop().run_in_executor(thread, db.close)
+                thread.shutdown(wait=False)
 
     async def ping(self) -> None:
-        await self._fetch("SELECT 1")
+        await self._run(_rows, "SELECT 1")
 
     # users
 
@@ -241,146 +285,58 @@ class SqliteStore(Store):
         email = _normal_email(email)
         if not email:
             raise ValueError("email must not be empty")
-        if user := await self.find_user(email):
-            return user
-        async with self._write() as db:
-            await _rows(
-                db,
-                "INSERT INTO users (email, balance, created_at) VALUES (?, 0, ?)"
-                " ON CONFLICT (email) DO NOTHING",
-                (email, _now()),
-            )
-            [row] = await _rows(db, "SELECT * FROM users WHERE email = ?", (email,))
-        return _record(User, row)
+        return await self._run(_ensure_user, email)
 
     async def get_user(self, user_id: int) -> User:
-        rows = await self._fetch("SELECT * FROM users WHERE id = ?", (user_id,))
-        return _record(User, _found(rows, "user", user_id))
+        return await self._run(_get, User, "users", user_id, "user")
 
     async def find_user(self, email: str) -> User | None:
-        rows = await self._fetch("SELECT * FROM users WHERE email = ?", (_normal_email(email),))
-        return _record(User, rows[0]) if rows else None
+        return await self._run(_first, User, "SELECT * FROM users WHERE email = ?", (_normal_email(email),))
 
     async def list_users(self) -> list[User]:
-        return [_record(User, row) for row in await self._fetch("SELECT * FROM users ORDER BY id")]
+        return await self._run(_all, User, "SELECT * FROM users ORDER BY id")
 
     # API keys
 
     async def create_api_key(self, user_id: int, name: str, prefix: str, key_hash: str) -> ApiKey:
         values = {"user_id": user_id, "name": name, "prefix": prefix, "key_hash": key_hash}
-        async with self._write() as db:
-            await _balance(db, user_id)
-            if await _rows(db, "SELECT 1 FROM api_keys WHERE key_hash = ?", (key_hash,)):
-                raise StoreError(f"an api key with this hash already exists (prefix {prefix!r})")
-            row = await _insert(db, "api_keys", {**values, "created_at": _now()})
-        return _record(ApiKey, row)
+        return await self._run(_create_api_key, values)
 
     async def find_api_key(self, key_hash: str) -> ApiKey | None:
-        rows = await self._fetch("SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,))
-        return _record(ApiKey, rows[0]) if rows else None
+        return await self._run(_first, ApiKey, "SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,))
 
     async def list_api_keys(self, user_id: int | None = None) -> list[ApiKey]:
         if user_id is None:
-            rows = await self._fetch("SELECT * FROM api_keys ORDER BY id")
-        else:
-            rows = await self._fetch("SELECT * FROM api_keys WHERE user_id = ? ORDER BY id", (user_id,))
-        return [_record(ApiKey, row) for row in rows]
+            return await self._run(_all, ApiKey, "SELECT * FROM api_keys ORDER BY id")
+        return await self._run(
+            _all, ApiKey, "SELECT * FROM api_keys WHERE user_id = ? ORDER BY id", (user_id,)
+        )
 
     async def revoke_api_key(self, key_id: int) -> ApiKey:
-        async with self._write() as db:
-            rows = await _rows(
-                db,
-                # COALESCE keeps the first revocation time: revoking again changes nothing.
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING *",
-                (_now(), key_id),
-            )
-        return _record(ApiKey, _found(rows, "api key", key_id))
+        # COALESCE keeps the first revocation time: revoking again changes nothing.
+        sql = "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING *"
+        return await self._run(_write_one, ApiKey, sql, (_now(), key_id), "api key", key_id)
 
     async def set_api_key_limits(self, key_id: int, limits: RateLimits) -> ApiKey:
-        async with self._write() as db:
-            rows = await _rows(
-                db,
-                "UPDATE api_keys SET requests_per_minute = ?, tokens_per_minute = ?, concurrent_requests = ? "
-                "WHERE id = ? RETURNING *",
-                (limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_requests, key_id),
-            )
-        return _record(ApiKey, _found(rows, "api key", key_id))
+        sql = (
+            "UPDATE api_keys SET requests_per_minute = ?, tokens_per_minute = ?, concurrent_requests = ? "
+            "WHERE id = ? RETURNING *"
+        )
+        params = (limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_requests, key_id)
+        return await self._run(_write_one, ApiKey, sql, params, "api key", key_id)
 
     # ledger
 
     async def admit(
         self, draft: LedgerDraft, limits: RateLimits, *, floor: int = 0
     ) -> tuple[LedgerEntry, RateUse]:
-        async with self._write() as db:
-            now = _now()
-            [window] = await _rows(
-                db,
-                "SELECT count(*), coalesce(sum(prompt_tokens + completion_tokens), 0), min(created_at) "
-                "FROM ledger WHERE key_id = ? AND kind IN ('reservation', 'charge') AND created_at > ?",
-                (draft.key_id, now - WINDOW_MS),
-            )
-            [(concurrent,)] = await _rows(
-                db,
-                "SELECT count(*) FROM ledger WHERE key_id = ? AND kind = 'reservation' AND created_at > ?",
-                (draft.key_id, now - IN_FLIGHT_MS),
-            )
-            requests, tokens, oldest = (
-                window[0] + 1,
-                window[1] + draft.prompt_tokens + draft.completion_tokens,
-                window[2],
-            )
-            reset = max(0.0, ((oldest or now) + WINDOW_MS - now) / 1000)
-            use = RateUse(requests, tokens, concurrent + 1, reset, reset)
-            for limit, used, retry in (
-                ("requests_per_minute", requests, reset),
-                ("tokens_per_minute", tokens, reset),
-                ("concurrent_requests", concurrent + 1, 1.0),
-            ):
-                allowed = getattr(limits, limit)
-                if allowed is not None and used > allowed:
-                    raise RateLimitExceeded(limit, allowed, retry, use)
-            balance = await _balance(db, draft.user_id)
-            after = balance + draft.amount
-            if draft.amount < 0 and after < floor:
-                raise InsufficientBalance(balance, draft.amount)
-            await _rows(db, "UPDATE users SET balance = ? WHERE id = ?", (after, draft.user_id))
-            values = msgspec.structs.asdict(draft)
-            row = await _insert(
-                db, "ledger", {**values, "balance_after": after, "created_at": now, "updated_at": now}
-            )
-        return _record(LedgerEntry, row), use
+        return await self._run(_admit, draft, limits, floor)
 
     async def post_ledger(self, draft: LedgerDraft, *, floor: int | None = 0) -> LedgerEntry:
-        async with self._write() as db:
-            balance = await _balance(db, draft.user_id)
-            after = balance + draft.amount
-            if floor is not None and draft.amount < 0 and after < floor:
-                raise InsufficientBalance(balance, draft.amount)
-            await _rows(db, "UPDATE users SET balance = ? WHERE id = ?", (after, draft.user_id))
-            now = _now()
-            values = msgspec.structs.asdict(draft)
-            row = await _insert(
-                db, "ledger", {**values, "balance_after": after, "created_at": now, "updated_at": now}
-            )
-        return _record(LedgerEntry, row)
+        return await self._run(_post_ledger, draft, floor)
 
     async def settle_ledger(self, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
-        async with self._write() as db:
-            entry = _found(
-                await _rows(db, "SELECT user_id, amount FROM ledger WHERE id = ?", (entry_id,)),
-                "ledger entry",
-                entry_id,
-            )
-            [(after,)] = await _rows(
-                db,
-                "UPDATE users SET balance = balance + ? WHERE id = ? RETURNING balance",
-                (settlement.amount - entry["amount"], entry["user_id"]),
-            )
-            values = msgspec.structs.asdict(settlement)
-            [row] = await _update(
-                db, "ledger", entry_id, {**values, "balance_after": after, "updated_at": _now()}
-            )
-        return _record(LedgerEntry, row)
+        return await self._run(_settle_ledger, entry_id, settlement)
 
     async def usage_by_day(
         self, since: datetime, *, user_id: int | None = None, key_id: int | None = None
@@ -397,26 +353,23 @@ class SqliteStore(Store):
         if key_id is not None:
             sql += " AND key_id = ?"
             params.append(key_id)
-        rows = await self._fetch(sql + " GROUP BY day, user_id, key_id ORDER BY day, user_id, key_id", params)
+        sql += " GROUP BY day, user_id, key_id ORDER BY day, user_id, key_id"
+        rows = await self._run(_rows, sql, params)
         return [UsageDay(**dict(row)) for row in rows]
 
     async def stale_reservations(self, created_before: datetime) -> list[LedgerEntry]:
-        rows = await self._fetch(
+        sql = (
             "SELECT * FROM ledger WHERE kind = 'reservation' AND created_at < ?"
-            " AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.ledger_id = ledger.id) ORDER BY id",
-            (_ms(created_before),),
+            " AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.ledger_id = ledger.id) ORDER BY id"
         )
-        return [_record(LedgerEntry, row) for row in rows]
+        return await self._run(_all, LedgerEntry, sql, (_ms(created_before),))
 
     async def get_ledger_entry(self, entry_id: int) -> LedgerEntry:
-        rows = await self._fetch("SELECT * FROM ledger WHERE id = ?", (entry_id,))
-        return _record(LedgerEntry, _found(rows, "ledger entry", entry_id))
+        return await self._run(_get, LedgerEntry, "ledger", entry_id, "ledger entry")
 
     async def list_ledger(self, user_id: int, limit: int = 100) -> list[LedgerEntry]:
-        rows = await self._fetch(
-            "SELECT * FROM ledger WHERE user_id = ? ORDER BY id DESC LIMIT ?", (user_id, limit)
-        )
-        return [_record(LedgerEntry, row) for row in rows]
+        sql = "SELECT * FROM ledger WHERE user_id = ? ORDER BY id DESC LIMIT ?"
+        return await self._run(_all, LedgerEntry, sql, (user_id, limit))
 
     # conversations
 
@@ -424,15 +377,10 @@ class SqliteStore(Store):
         self, user_id: int, kind: str, name: str = "", series_id: int | None = None
     ) -> Conversation:
         values = {"user_id": user_id, "kind": kind, "name": name, "series_id": series_id}
-        async with self._write() as db:
-            now = _now()
-            await _balance(db, user_id)
-            row = await _insert(db, "conversations", {**values, "created_at": now, "updated_at": now})
-        return _record(Conversation, row)
+        return await self._run(_create_conversation, values)
 
     async def get_conversation(self, conversation_id: int) -> Conversation:
-        rows = await self._fetch("SELECT * FROM conversations WHERE id = ?", (conversation_id,))
-        return _record(Conversation, _found(rows, "conversation", conversation_id))
+        return await self._run(_get, Conversation, "conversations", conversation_id, "conversation")
 
     async def list_conversations(
         self, user_id: int, kind: str | None = None, series_id: int | None = None
@@ -440,83 +388,56 @@ class SqliteStore(Store):
         filters: dict[str, Any] = {"user_id": user_id, "kind": kind, "series_id": series_id}
         filters = {column: value for column, value in filters.items() if value is not None}
         where = " AND ".join(f"{column} = ?" for column in filters)
-        rows = await self._fetch(
-            f"SELECT * FROM conversations WHERE {where} ORDER BY id", list(filters.values())
-        )
-        return [_record(Conversation, row) for row in rows]
+        sql = f"SELECT * FROM conversations WHERE {where} ORDER BY id"
+        return await self._run(_all, Conversation, sql, list(filters.values()))
 
     async def update_conversation(self, conversation_id: int, patch: ConversationPatch) -> Conversation:
-        async with self._write() as db:
-            rows = await _update(db, "conversations", conversation_id, {**_set(patch), "updated_at": _now()})
-        return _record(Conversation, _found(rows, "conversation", conversation_id))
+        values = {**_set(patch), "updated_at": _now()}
+        return await self._run(
+            _update_one, Conversation, "conversations", conversation_id, values, "conversation"
+        )
 
     async def delete_conversation(self, conversation_id: int) -> Conversation:
-        async with self._write() as db:
-            # Messages go with it through ON DELETE CASCADE.
-            rows = await _rows(db, "DELETE FROM conversations WHERE id = ? RETURNING *", (conversation_id,))
-        return _record(Conversation, _found(rows, "conversation", conversation_id))
+        # Messages go with it through ON DELETE CASCADE.
+        sql = "DELETE FROM conversations WHERE id = ? RETURNING *"
+        return await self._run(
+            _write_one, Conversation, sql, (conversation_id,), "conversation", conversation_id
+        )
 
     # messages
 
     async def append_message(self, conversation_id: int, draft: MessageDraft) -> Message:
-        async with self._write() as db:
-            now = _now()  # under the write lock, so timestamps follow ids across processes too
-            bumped = await _rows(
-                db,
-                "UPDATE conversations SET updated_at = ? WHERE id = ? RETURNING id",
-                (now, conversation_id),
-            )
-            _found(bumped, "conversation", conversation_id)
-            values = msgspec.structs.asdict(draft)
-            row = await _insert(
-                db,
-                "messages",
-                {**values, "conversation_id": conversation_id, "created_at": now, "updated_at": now},
-            )
-        return _record(Message, row)
+        return await self._run(_append_message, conversation_id, draft)
 
     async def update_message(self, message_id: int, patch: MessagePatch) -> Message:
-        async with self._write() as db:
-            rows = await _update(db, "messages", message_id, {**_set(patch), "updated_at": _now()})
-        return _record(Message, _found(rows, "message", message_id))
+        values = {**_set(patch), "updated_at": _now()}
+        return await self._run(_update_one, Message, "messages", message_id, values, "message")
 
     async def get_message(self, message_id: int) -> Message:
-        rows = await self._fetch("SELECT * FROM messages WHERE id = ?", (message_id,))
-        return _record(Message, _found(rows, "message", message_id))
+        return await self._run(_get, Message, "messages", message_id, "message")
 
     async def list_messages(self, conversation_id: int) -> list[Message]:
-        rows = await self._fetch(
-            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
-        )
-        return [_record(Message, row) for row in rows]
+        sql = "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id"
+        return await self._run(_all, Message, sql, (conversation_id,))
 
     async def interrupt_stale_generations(self, updated_before: datetime) -> list[Message]:
-        async with self._write() as db:
-            rows = await _rows(
-                db,
-                "UPDATE messages SET status = 'interrupted', updated_at = ?"
-                " WHERE status = 'generating' AND updated_at < ? RETURNING *",
-                # Stamps are whole milliseconds, so stamp < cutoff exactly when
-                # stamp < the cutoff rounded up to a whole millisecond.
-                (_now(), -((_EPOCH - updated_before) // _MS)),
-            )
-        return sorted((_record(Message, row) for row in rows), key=lambda m: m.id)
+        # Stamps are whole milliseconds, so stamp < cutoff exactly when
+        # stamp < the cutoff rounded up to a whole millisecond.
+        cutoff = -((_EPOCH - updated_before) // _MS)
+        messages = await self._run(_interrupt_stale, cutoff)
+        return sorted(messages, key=lambda m: m.id)
 
     # plumbing
 
-    def _connection(self) -> aiosqlite.Connection:
-        if self._db is None:
+    async def _run(
+        self, call: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Run ``call(connection, *args)`` on the store's thread."""
+        db, thread = self._db, self._thread
+        if db is None or thread is None:
             raise StoreError(f"sqlite store {self.path} is not open")
-        return self._db
-
-    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        async with self._lock:
-            return await _rows(self._connection(), sql, params)
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock, _transaction(self._connection()) as db:
-            yield db
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(thread, lambda: call(db, *args, **kwargs))
 
 
 @hookimpl
@@ -524,29 +445,192 @@ def register_stores() -> list[type[Store]]:
     return [SqliteStore]
 
 
-async def migrate(conn: aiosqlite.Connection, target: int | None = None) -> int:
+# --- what runs on the store's thread: each function is one whole call ---
+
+
+def _ensure_user(db: sqlite3.Connection, email: str) -> User:
+    if found := _first(db, User, "SELECT * FROM users WHERE email = ?", (email,)):
+        return found
+    with _transaction(db):
+        db.execute(
+            "INSERT INTO users (email, balance, created_at) VALUES (?, 0, ?) ON CONFLICT (email) DO NOTHING",
+            (email, _now()),
+        )
+        [row] = _rows(db, "SELECT * FROM users WHERE email = ?", (email,))
+    return _record(User, row)
+
+
+def _create_api_key(db: sqlite3.Connection, values: dict[str, Any]) -> ApiKey:
+    with _transaction(db):
+        _balance(db, values["user_id"])
+        if _rows(db, "SELECT 1 FROM api_keys WHERE key_hash = ?", (values["key_hash"],)):
+            raise StoreError(f"an api key with this hash already exists (prefix {values['prefix']!r})")
+        return _record(ApiKey, _insert(db, "api_keys", {**values, "created_at": _now()}))
+
+
+def _admit(
+    db: sqlite3.Connection, draft: LedgerDraft, limits: RateLimits, floor: int
+) -> tuple[LedgerEntry, RateUse]:
+    with _transaction(db):
+        now = _now()
+        # Whole seconds that lie entirely within the last minute.
+        first_second = (now - WINDOW_MS) // 1000 + 1
+        db.execute("DELETE FROM rate_window WHERE key_id = ? AND second < ?", (draft.key_id, first_second))
+        [(requests, tokens, oldest)] = db.execute(
+            "SELECT coalesce(sum(requests), 0), coalesce(sum(tokens), 0), min(second) FROM rate_window"
+            " WHERE key_id = ?",
+            (draft.key_id,),
+        ).fetchall()
+        [(concurrent,)] = db.execute(
+            "SELECT count(*) FROM ledger WHERE key_id = ? AND kind = 'reservation' AND created_at > ?",
+            (draft.key_id, now - IN_FLIGHT_MS),
+        ).fetchall()
+        requests += 1
+        tokens += draft.prompt_tokens + draft.completion_tokens
+        concurrent += 1
+        # The window frees up when its oldest second (this one, when it is empty) leaves it.
+        oldest = now // 1000 if oldest is None else oldest
+        reset = max(0.0, (oldest * 1000 + WINDOW_MS - now) / 1000)
+        use = RateUse(requests, tokens, concurrent, reset, reset)
+        for limit, used, retry in (
+            ("requests_per_minute", requests, reset),
+            ("tokens_per_minute", tokens, reset),
+            ("concurrent_requests", concurrent, 1.0),
+        ):
+            allowed = getattr(limits, limit)
+            if allowed is not None and used > allowed:
+                raise RateLimitExceeded(limit, allowed, retry, use)
+        return _post(db, draft, floor, now), use
+
+
+def _post_ledger(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None) -> LedgerEntry:
+    with _transaction(db):
+        return _post(db, draft, floor, _now())
+
+
+def _post(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, now: int) -> LedgerEntry:
+    balance = _balance(db, draft.user_id)
+    after = balance + draft.amount
+    if floor is not None and draft.amount < 0 and after < floor:
+        raise InsufficientBalance(balance, draft.amount)
+    db.execute("UPDATE users SET balance = ? WHERE id = ?", (after, draft.user_id))
+    values = msgspec.structs.asdict(draft)
+    row = _insert(db, "ledger", {**values, "balance_after": after, "created_at": now, "updated_at": now})
+    if draft.key_id is not None and draft.kind in COUNTED:
+        _count(db, draft.key_id, now, 1, draft.prompt_tokens + draft.completion_tokens)
+    return _record(LedgerEntry, row)
+
+
+def _settle_ledger(db: sqlite3.Connection, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
+    with _transaction(db):
+        old = _found(_rows(db, "SELECT * FROM ledger WHERE id = ?", (entry_id,)), "ledger entry", entry_id)
+        [(after,)] = db.execute(
+            "UPDATE users SET balance = balance + ? WHERE id = ? RETURNING balance",
+            (settlement.amount - old["amount"], old["user_id"]),
+        ).fetchall()
+        values = msgspec.structs.asdict(settlement)
+        [row] = _update(db, "ledger", entry_id, {**values, "balance_after": after, "updated_at": _now()})
+        if old["key_id"] is not None:
+            # The minute the entry was counted in now counts what it really used.
+            was = old["kind"] in COUNTED
+            now = settlement.kind in COUNTED
+            tokens = (settlement.prompt_tokens + settlement.completion_tokens) * now
+            tokens -= (old["prompt_tokens"] + old["completion_tokens"]) * was
+            _count(db, old["key_id"], old["created_at"], now - was, tokens)
+        return _record(LedgerEntry, row)
+
+
+def _count(db: sqlite3.Connection, key_id: int, at_ms: int, requests: int, tokens: int) -> None:
+    if requests or tokens:
+        db.execute(
+            "INSERT INTO rate_window (key_id, second, requests, tokens) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (key_id, second) DO UPDATE"
+            " SET requests = requests + excluded.requests, tokens = tokens + excluded.tokens",
+            (key_id, at_ms // 1000, requests, tokens),
+        )
+
+
+def _create_conversation(db: sqlite3.Connection, values: dict[str, Any]) -> Conversation:
+    with _transaction(db):
+        now = _now()
+        _balance(db, values["user_id"])
+        return _record(
+            Conversation, _insert(db, "conversations", {**values, "created_at": now, "updated_at": now})
+        )
+
+
+def _append_message(db: sqlite3.Connection, conversation_id: int, draft: MessageDraft) -> Message:
+    with _transaction(db):
+        now = _now()  # under the write lock, so timestamps follow ids across processes too
+        bumped = _rows(
+            db, "UPDATE conversations SET updated_at = ? WHERE id = ? RETURNING id", (now, conversation_id)
+        )
+        _found(bumped, "conversation", conversation_id)
+        values = {**msgspec.structs.asdict(draft), "conversation_id": conversation_id}
+        return _record(Message, _insert(db, "messages", {**values, "created_at": now, "updated_at": now}))
+
+
+def _interrupt_stale(db: sqlite3.Connection, cutoff_ms: int) -> list[Message]:
+    sql = (
+        "UPDATE messages SET status = 'interrupted', updated_at = ?"
+        " WHERE status = 'generating' AND updated_at < ? RETURNING *"
+    )
+    with _transaction(db):
+        return [_record(Message, row) for row in _rows(db, sql, (_now(), cutoff_ms))]
+
+
+def _get(db: sqlite3.Connection, cls: type[_R], table: str, row_id: int, kind: str) -> _R:
+    # Table names come from this module, never from callers' data.
+    return _record(cls, _found(_rows(db, f"SELECT * FROM {table} WHERE id = ?", (row_id,)), kind, row_id))
+
+
+def _first(db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any] = ()) -> _R | None:
+    rows = _rows(db, sql, params)
+    return _record(cls, rows[0]) if rows else None
+
+
+def _all(db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any] = ()) -> list[_R]:
+    return [_record(cls, row) for row in _rows(db, sql, params)]
+
+
+def _write_one(
+    db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any], kind: str, row_id: int
+) -> _R:
+    with _transaction(db):
+        return _record(cls, _found(_rows(db, sql, params), kind, row_id))
+
+
+def _update_one(
+    db: sqlite3.Connection, cls: type[_R], table: str, row_id: int, values: dict[str, Any], kind: str
+) -> _R:
+    with _transaction(db):
+        return _record(cls, _found(_update(db, table, row_id, values), kind, row_id))
+
+
+def migrate(conn: sqlite3.Connection, target: int | None = None) -> int:
     """Apply forward migrations until the schema is at ``target`` (default: the latest).
 
-    Each migration runs in its own ``BEGIN IMMEDIATE`` transaction that
-    re-reads the version first, so workers opening a fresh file at once
-    apply each migration exactly once. Returns the version reached; raises
+    ``conn`` is in autocommit mode (``isolation_level=None``). Each migration
+    runs in its own ``BEGIN IMMEDIATE`` transaction that re-reads the version
+    first, so workers opening a fresh file at once apply each migration
+    exactly once. Returns the version reached; raises
     :class:`~core.errors.StoreError` for a database newer than this code.
     """
     target = LATEST_VERSION if target is None else target
     if not 0 <= target <= LATEST_VERSION:
         raise ValueError(f"no schema version {target}; this chatgate knows 0..{LATEST_VERSION}")
     while True:
-        async with _transaction(conn):
-            version = await _schema_version(conn)
+        with _transaction(conn):
+            version = _schema_version(conn)
             if version >= target:
                 return version
             for statement in _statements(MIGRATIONS[version]):
-                await _rows(conn, statement)
-            await _rows(conn, f"PRAGMA user_version = {version + 1}")
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
 
 
-async def _schema_version(conn: aiosqlite.Connection, database: str = "the database") -> int:
-    [(version,)] = await _rows(conn, "PRAGMA user_version")
+def _schema_version(conn: sqlite3.Connection, database: str = "the database") -> int:
+    [(version,)] = conn.execute("PRAGMA user_version").fetchall()
     if version > LATEST_VERSION:
         raise StoreError(
             f"{database} is at schema version {version}, but this chatgate supports"
@@ -555,45 +639,37 @@ async def _schema_version(conn: aiosqlite.Connection, database: str = "the datab
     return int(version)
 
 
-@asynccontextmanager
-async def _transaction(conn: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Connection]:
-    # BEGIN sits inside the try: if the caller is cancelled while it is queued,
-    # it still runs on the connection thread and must be rolled back.
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
     try:
-        await _rows(conn, "BEGIN IMMEDIATE")
         yield conn
-        await conn.commit()
     except BaseException:
-        await conn.rollback()
+        conn.rollback()
         raise
+    conn.commit()
 
 
-async def _rows(conn: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-    return list(await conn.execute_fetchall(sql, params))
+def _rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    return conn.execute(sql, params).fetchall()
 
 
-async def _balance(db: aiosqlite.Connection, user_id: int) -> int:
-    rows = await _rows(db, "SELECT balance FROM users WHERE id = ?", (user_id,))
+def _balance(db: sqlite3.Connection, user_id: int) -> int:
+    rows = _rows(db, "SELECT balance FROM users WHERE id = ?", (user_id,))
     return int(_found(rows, "user", user_id)["balance"])
 
 
-async def _insert(db: aiosqlite.Connection, table: str, values: dict[str, Any]) -> sqlite3.Row:
+def _insert(db: sqlite3.Connection, table: str, values: dict[str, Any]) -> sqlite3.Row:
     # Column names come from struct fields, never from callers' data.
     columns = ", ".join(values)
     marks = ", ".join("?" * len(values))
-    [row] = await _rows(
-        db, f"INSERT INTO {table} ({columns}) VALUES ({marks}) RETURNING *", list(values.values())
-    )
+    [row] = _rows(db, f"INSERT INTO {table} ({columns}) VALUES ({marks}) RETURNING *", list(values.values()))
     return row
 
 
-async def _update(
-    db: aiosqlite.Connection, table: str, row_id: int, values: dict[str, Any]
-) -> list[sqlite3.Row]:
+def _update(db: sqlite3.Connection, table: str, row_id: int, values: dict[str, Any]) -> list[sqlite3.Row]:
     assignments = ", ".join(f"{column} = ?" for column in values)
-    return await _rows(
-        db, f"UPDATE {table} SET {assignments} WHERE id = ? RETURNING *", [*values.values(), row_id]
-    )
+    return _rows(db, f"UPDATE {table} SET {assignments} WHERE id = ? RETURNING *", [*values.values(), row_id])
 
 
 def _set(patch: msgspec.Struct) -> dict[str, Any]:
@@ -638,10 +714,6 @@ def _statements(script: str) -> Iterator[str]:
 
 def _normal_email(email: str) -> str:
     return email.strip().lower()
-
-
-WINDOW_MS = 60_000  # the sliding minute of rate limits
-IN_FLIGHT_MS = 15 * 60_000  # an older unsettled reservation belongs to a crashed process
 
 
 def _now() -> int:

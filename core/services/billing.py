@@ -8,6 +8,7 @@ entry.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,6 +49,7 @@ class Billing:
     def __init__(self, store: Store, models: dict[str, ModelConfig]) -> None:
         self.store = store
         self.models = models
+        self._giving_back: set[asyncio.Future[LedgerEntry]] = set()
 
     @staticmethod
     def cost(route: Route, prompt_tokens: int, completion_tokens: int) -> int:
@@ -93,9 +95,32 @@ class Billing:
             outcome="pending",
         )
         if limits is not None and key_id is not None:
-            entry, use = await self.store.admit(draft, limits)
-            return Reservation(entry, route, use)
-        return Reservation(await self.store.post_ledger(draft, floor=0), route)
+            write: asyncio.Future[tuple[LedgerEntry, RateUse | None]] = asyncio.ensure_future(
+                self.store.admit(draft, limits)
+            )
+        else:
+            write = asyncio.ensure_future(self._post(draft))
+        try:
+            entry, use = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # A store may finish the write after its caller is gone; nothing will
+            # go upstream, so give the hold back once it lands.
+            write.add_done_callback(self._give_back)
+            raise
+        return Reservation(entry, route, use)
+
+    async def _post(self, draft: LedgerDraft) -> tuple[LedgerEntry, None]:
+        return await self.store.post_ledger(draft, floor=0), None
+
+    def _give_back(self, write: asyncio.Future[tuple[LedgerEntry, RateUse | None]]) -> None:
+        if write.cancelled() or write.exception() is not None:
+            return
+        entry, _ = write.result()
+        task = asyncio.ensure_future(
+            self.store.settle_ledger(entry.id, LedgerSettlement(amount=0, outcome="not_sent"))
+        )
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     async def settle(
         self, reservation: Reservation, usage: Usage, *, outcome: str, latency_ms: int

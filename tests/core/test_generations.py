@@ -350,3 +350,32 @@ async def test_the_sweep_settles_a_reservation_a_dead_process_left_behind(gatewa
     assert entry.amount == -(reservation.entry.prompt_tokens * 1000)  # the prompt, at mock-chat's price
     assert (await services.accounts.get_user(user.id)).balance == 10_000_000 + entry.amount
     assert await services.generations.sweep() == 0
+
+
+async def test_a_reservation_whose_caller_is_cancelled_is_given_back(gateway):
+    services = gateway.services
+    user = await services.accounts.user_for_email("cancelled@example.com", ["*"])
+    await services.billing.top_up(user.id, 10_000_000)
+    route = services.catalog.route("mock-chat")
+    request = ChatRequest(model="mock-chat", messages=(ChatMessage(role="user", content="hi"),))
+    cancelled = 0
+    for step in range(10):
+        task = asyncio.create_task(services.billing.reserve(user.id, route, request, key_id=None))
+        await asyncio.sleep(step * 0.0003)
+        task.cancel()
+        try:
+            await services.billing.release(await task)  # it finished first: the caller gives it back
+        except asyncio.CancelledError:
+            cancelled += 1
+    assert cancelled >= 3
+    store = services.conversations.store
+    for _ in range(100):  # the give-backs land shortly after
+        ledger = await store.list_ledger(user.id)
+        if all(entry.kind != "reservation" for entry in ledger):
+            break
+        await asyncio.sleep(0.01)
+    held = [entry for entry in ledger if entry.kind == "reservation"]
+    given_back = [entry for entry in ledger if entry.outcome == "not_sent"]
+    assert held == [], (held, ledger)
+    assert (await store.get_user(user.id)).balance == 10_000_000
+    assert all(entry.amount == 0 for entry in given_back)

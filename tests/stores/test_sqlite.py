@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import sqlite3
 import sys
 import textwrap
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
-import aiosqlite
 import msgspec
 import pytest
 
@@ -44,9 +44,13 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     await store.close()
 
 
+def connect(path: Path) -> contextlib.closing[sqlite3.Connection]:
+    return contextlib.closing(sqlite3.connect(path, isolation_level=None))
+
+
 async def user_version(path: Path) -> int:
-    async with aiosqlite.connect(path) as conn:
-        [(version,)] = await conn.execute_fetchall("PRAGMA user_version")
+    with connect(path) as conn:
+        [(version,)] = conn.execute("PRAGMA user_version").fetchall()
         return int(version)
 
 
@@ -68,10 +72,8 @@ def test_in_memory_database_is_rejected(path: str) -> None:
 
 
 async def test_pragmas(store: SqliteStore) -> None:
-    conn = store._connection()
-
     async def pragma(name: str) -> object:
-        [(value,)] = await conn.execute_fetchall(f"PRAGMA {name}")
+        [(value,)] = await store._run(lambda db: db.execute(f"PRAGMA {name}").fetchall())
         return value
 
     assert await pragma("journal_mode") == "wal"
@@ -81,7 +83,7 @@ async def test_pragmas(store: SqliteStore) -> None:
 
 
 async def test_fresh_database_is_at_latest_version(store: SqliteStore, tmp_path: Path) -> None:
-    assert LATEST_VERSION == len(MIGRATIONS) == 4
+    assert LATEST_VERSION == len(MIGRATIONS) == 5
     assert await user_version(tmp_path / "chatgate.db") == LATEST_VERSION
 
 
@@ -100,14 +102,13 @@ async def test_creates_parent_directory_and_resolves_relative_path(
 
 async def test_version_1_database_upgrades_keeping_data(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    async with aiosqlite.connect(path) as conn:
-        assert await migrate(conn, target=1) == 1
-        await conn.execute("INSERT INTO users (id, email, balance, created_at) VALUES (1, 'a@b.c', 5, 0)")
-        await conn.execute(
+    with connect(path) as conn:
+        assert migrate(conn, target=1) == 1
+        conn.execute("INSERT INTO users (id, email, balance, created_at) VALUES (1, 'a@b.c', 5, 0)")
+        conn.execute(
             "INSERT INTO conversations (id, user_id, kind, name, favorite, created_at, updated_at)"
             " VALUES (7, 1, 'topic', 'old talk', 1, 1000, 2000)"
         )
-        await conn.commit()
     assert await user_version(path) == 1
 
     store = sqlite_store(path)
@@ -126,9 +127,9 @@ async def test_version_1_database_upgrades_keeping_data(tmp_path: Path) -> None:
 
 async def test_newer_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "future.db"
-    async with aiosqlite.connect(path) as conn:
-        await migrate(conn)
-        await conn.execute(f"PRAGMA user_version = {LATEST_VERSION + 1}")
+    with connect(path) as conn:
+        migrate(conn)
+        conn.execute(f"PRAGMA user_version = {LATEST_VERSION + 1}")
     store = sqlite_store(path)
     found, supported = LATEST_VERSION + 1, LATEST_VERSION
     expected = (
@@ -137,8 +138,8 @@ async def test_newer_database_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=expected):
         await store.open()
     assert await user_version(path) == LATEST_VERSION + 1
-    async with aiosqlite.connect(path) as conn:
-        assert list(await conn.execute_fetchall("PRAGMA journal_mode")) == [("delete",)]
+    with connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchall() == [("delete",)]
     with pytest.raises(StoreError, match="not open"):
         await store.ping()
 
