@@ -2,7 +2,7 @@
 
 One class, registered twice: ``deepseek`` (defaults for api.deepseek.com) and
 ``openai_compatible`` (OpenAI, vLLM, Ollama, llama.cpp, LiteLLM, ...). Each
-configured instance owns one pooled ``httpx.AsyncClient``; every reply is
+configured instance owns one pooled ``aiohttp.ClientSession``; every reply is
 streamed from upstream, parsed incrementally and turned into provider
 events. Failures before the first delta are retried with backoff; after it,
 they are reported and the partial reply stands.
@@ -16,7 +16,7 @@ import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, ClassVar
 
-import httpx
+import aiohttp
 import msgspec
 
 from core.errors import (
@@ -58,6 +58,8 @@ from .openai_wire import (
 from .sse import SSEDecoder
 
 log = logging.getLogger("chatgate.providers.deepseek")
+
+_JSON = {"Content-Type": "application/json"}
 
 
 class Alias(msgspec.Struct, forbid_unknown_fields=True):
@@ -164,7 +166,7 @@ class OpenAICompatibleProvider(Provider):
     def __init__(self, instance: str, options: OpenAICompatibleOptions) -> None:
         super().__init__(instance, options)
         self.options: OpenAICompatibleOptions
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self._url = options.base_url.rstrip("/") + "/chat/completions"
         self._random = random.Random()
 
@@ -181,21 +183,16 @@ class OpenAICompatibleProvider(Provider):
         }
         if options.api_key:
             headers["Authorization"] = f"Bearer {options.api_key}"
-        self._client = httpx.AsyncClient(
+        # aiohttp, not httpx: under concurrency httpx's connection pool cost more CPU
+        # per request than the rest of the gateway together (bench/README.md).
+        self._client = aiohttp.ClientSession(
             headers=headers,
-            # Reads are bounded by first_token/idle/total deadlines of our own (see
-            # _read); httpx's read timeout cannot tell a queued request from a stalled one.
-            timeout=httpx.Timeout(
-                connect=options.connect_timeout,
-                read=None,
-                write=options.idle_timeout,
-                pool=options.first_token_timeout,
-            ),
-            limits=httpx.Limits(
-                max_connections=options.max_connections,
-                max_keepalive_connections=options.max_connections,
-            ),
-            follow_redirects=False,
+            connector=aiohttp.TCPConnector(limit=options.max_connections, limit_per_host=0),
+            # Reads, the pool wait and the request itself are bounded by first_token/idle/
+            # total deadlines of our own (see stream); a socket read timeout cannot tell a
+            # queued request from a stalled one.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=options.connect_timeout),
+            cookie_jar=aiohttp.DummyCookieJar(),  # replies must not leak state into each other
         )
 
         if self.needs_key and not options.api_key:
@@ -203,7 +200,7 @@ class OpenAICompatibleProvider(Provider):
 
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
     def models(self) -> Sequence[str]:
@@ -233,10 +230,8 @@ class OpenAICompatibleProvider(Provider):
                             yield event
                         return
                     reply = _Reply(self, request)
-                    # Raw bytes skip httpx's decoder layer; a server that compresses anyway
-                    # (despite Accept-Encoding: identity) gets it.
-                    encoding = response.headers.get("content-encoding", "identity")
-                    chunks = response.aiter_raw() if encoding == "identity" else response.aiter_bytes()
+                    # Decompressed, should a server compress despite Accept-Encoding: identity.
+                    chunks = response.content.iter_any()
                     end = started + options.total_timeout
                     first = min(started + options.first_token_timeout, end)
                     deadline = ReadDeadline(first)
@@ -247,15 +242,17 @@ class OpenAICompatibleProvider(Provider):
                             except DeadlineExceeded:
                                 what = "the reply stalled" if produced else "no first token"
                                 raise self._timeout(what, started) from None
-                            except httpx.HTTPError as exc:
+                            except aiohttp.ClientError as exc:
                                 raise self._transport_error(exc, produced=produced) from None
                             events = reply.feed(raw)
                             if events:
                                 produced = True
                                 for event in events:
                                     yield event
+                            if reply.error is not None:
+                                raise reply.error
                             if reply.done:
-                                await self._drain(chunks)
+                                await self._drain(chunks, response)
                                 yield reply.finish()
                                 return
                             if raw is None:
@@ -265,9 +262,9 @@ class OpenAICompatibleProvider(Provider):
                     finally:
                         deadline.close()
                 finally:
-                    # Closing before the body is complete closes the connection: the upstream
+                    # Closing a response not yet released closes its connection: the upstream
                     # sees the client go at once and stops generating (and billing) the reply.
-                    await response.aclose()
+                    response.close()
             except ProviderError as exc:
                 if produced or not exc.retryable or attempt >= options.max_retries:
                     raise
@@ -329,7 +326,7 @@ class OpenAICompatibleProvider(Provider):
 
     # --- one upstream request ---
 
-    async def _open(self, body: bytes) -> tuple[httpx.Response, float]:
+    async def _open(self, body: bytes) -> tuple[aiohttp.ClientResponse, float]:
         """Send the request; return the 200 response (body unread) and when it was sent."""
         if self._client is None:
             raise Unavailable(f"provider {self.instance!r} is not open (the app has not started)")
@@ -340,21 +337,18 @@ class OpenAICompatibleProvider(Provider):
                 '(plugins.toml reads it with api_key = "${DEEPSEEK_API_KEY}")'
             )
         started = asyncio.get_running_loop().time()
-        request = self._client.build_request(
-            "POST", self._url, content=body, headers={"Content-Type": "application/json"}
-        )
         try:
             async with asyncio.timeout_at(started + min(options.first_token_timeout, options.total_timeout)):
-                response = await self._client.send(request, stream=True)
+                response = await self._client.post(self._url, data=body, headers=_JSON, allow_redirects=False)
+        except aiohttp.ClientError as exc:  # before TimeoutError: aiohttp's timeouts are both
+            raise self._transport_error(exc, produced=False) from None
         except TimeoutError:
             raise self._timeout("no response", started) from None
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, produced=False) from None
-        if response.status_code != 200:
+        if response.status != 200:
             try:
                 text = await self._read_all(response, started)
             finally:
-                await response.aclose()
+                response.close()
             raise self._status_error(response, text)
         return response, started
 
@@ -387,20 +381,20 @@ class OpenAICompatibleProvider(Provider):
         )
         return events
 
-    async def _read_all(self, response: httpx.Response, started: float) -> str:
+    async def _read_all(self, response: aiohttp.ClientResponse, started: float) -> str:
         """The whole body, within the time allowed for a first token."""
         options = self.options
         try:
             async with asyncio.timeout_at(started + min(options.first_token_timeout, options.total_timeout)):
-                data = await response.aread()
+                data = await response.read()
+        except aiohttp.ClientError as exc:
+            raise self._transport_error(exc, produced=False) from None
         except TimeoutError:
             raise self._timeout("no complete answer", started) from None
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, produced=False) from None
         return data.decode("utf-8", errors="replace")
 
     @staticmethod
-    async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    async def _drain(chunks: AsyncIterator[bytes], response: aiohttp.ClientResponse) -> None:
         """Read what follows ``[DONE]`` (the body's end) so the connection goes back to the pool."""
         try:
             # The end of the body follows [DONE] at once from a sane server; a reply
@@ -408,8 +402,9 @@ class OpenAICompatibleProvider(Provider):
             async with asyncio.timeout(0.05):
                 async for _ in chunks:
                     pass
-        except (TimeoutError, httpx.HTTPError):
-            pass  # the reply is complete; the connection is simply not reused
+        except (TimeoutError, aiohttp.ClientError):
+            return  # the reply is complete; the connection is simply not reused
+        response.release()
 
     # --- turning upstream data into core types ---
 
@@ -425,9 +420,9 @@ class OpenAICompatibleProvider(Provider):
             extra={"estimated": True},
         )
 
-    def _status_error(self, response: httpx.Response, text: str) -> ProviderError:
-        status = response.status_code
-        message = error_message(text) or response.reason_phrase or f"HTTP {status}"
+    def _status_error(self, response: aiohttp.ClientResponse, text: str) -> ProviderError:
+        status = response.status
+        message = error_message(text) or response.reason or f"HTTP {status}"
         return self._error_for(status, message, retry_after(response.headers))
 
     def _error_for(self, status: int, message: str, wait: float | None = None) -> ProviderError:
@@ -485,12 +480,12 @@ class OpenAICompatibleProvider(Provider):
             status = 400 if error.get("type") == "invalid_request_error" else 503
         return self._error_for(status, message)
 
-    def _transport_error(self, exc: httpx.HTTPError, *, produced: bool) -> ProviderError:
-        if isinstance(exc, httpx.TimeoutException):
+    def _transport_error(self, exc: aiohttp.ClientError, *, produced: bool) -> ProviderError:
+        if isinstance(exc, TimeoutError):
             return Timeout(f"{self._who()} timed out ({type(exc).__name__})")
         if produced:
             what = "the connection broke in the middle of the reply"
-        elif isinstance(exc, httpx.ConnectError):
+        elif isinstance(exc, aiohttp.ClientConnectorError):
             what = f"cannot connect to {self.options.base_url}"
         else:
             what = "the connection failed"
@@ -522,7 +517,17 @@ class OpenAICompatibleProvider(Provider):
 class _Reply:
     """The state of one streamed reply: turns raw chunks into events, and knows how it ended."""
 
-    __slots__ = ("_decoder", "_produced", "_provider", "_request", "chunked", "done", "reason", "usage")
+    __slots__ = (
+        "_decoder",
+        "_produced",
+        "_provider",
+        "_request",
+        "chunked",
+        "done",
+        "error",
+        "reason",
+        "usage",
+    )
 
     def __init__(self, provider: OpenAICompatibleProvider, request: ChatRequest) -> None:
         self._provider = provider
@@ -532,6 +537,7 @@ class _Reply:
         self.chunked = self.done = False
         self.reason: FinishReason | None = None
         self.usage: dict[str, Any] | None = None
+        self.error: ProviderError | None = None  # raised once the events before it are out
 
     def feed(self, raw: bytes | None) -> list[ProviderEvent]:
         """The events of the next chunk of the body (``None``: the body ended)."""
@@ -545,7 +551,14 @@ class _Reply:
                     )
                 self.done = True
                 return events
-            chunk = self._provider._decode(payload, "sent an event that is not a chat-completion chunk")
+            try:
+                chunk = self._provider._decode(payload, "sent an event that is not a chat-completion chunk")
+            except ProviderError as exc:
+                if not events:
+                    raise
+                # The events before it in the same read are the reply's; they go out first.
+                self.error = exc
+                return events
             if chunk.usage:
                 self.usage = chunk.usage
             if not chunk.choices:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import httpx
 import msgspec
 
 from core.types import ChatMessage, FinishReason, Usage
@@ -155,8 +154,11 @@ def error_message(text: str) -> str:
     return text.strip()[:500]
 
 
-def retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds a ``Retry-After`` (or ``retry-after-ms``) header asks to wait, if it says."""
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds a ``Retry-After`` (or ``retry-after-ms``) header asks to wait, if it says.
+
+    ``headers`` look names up case-insensitively (as aiohttp's and httpx's do).
+    """
     if ms := headers.get("retry-after-ms"):
         try:
             return max(0.0, float(ms) / 1000)

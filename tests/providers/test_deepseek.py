@@ -697,7 +697,7 @@ async def test_open_and_close_manage_one_client(fake: FakeDeepSeek) -> None:
     assert provider._client is client
     await provider.aclose()
     assert client is not None
-    assert client.is_closed
+    assert client.closed
 
 
 async def test_a_slow_consumer_is_not_mistaken_for_a_stalled_upstream(fake: FakeDeepSeek) -> None:
