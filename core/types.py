@@ -45,6 +45,8 @@ class ChatRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     Sampling parameters left as ``None`` are not sent upstream, so the
     upstream's own defaults apply. ``extra`` is passed through verbatim
     (unknown fields real clients send, provider-specific switches).
+    ``stream`` False says the consumer wants only the whole reply: a
+    provider may then fetch it in one piece, yielding its events at once.
     """
 
     model: str
@@ -61,6 +63,7 @@ class ChatRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     tool_choice: str | dict[str, Any] | None = None
     user: str | None = None
     extra: dict[str, Any] = {}
+    stream: bool = True
 
 
 class Usage(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -140,8 +140,11 @@ class OpenAICompatibleProvider(Provider):
 
     Promises, beyond :class:`core.provider.Provider`'s:
         * one pooled HTTP client per instance, opened and closed with the app;
-        * requests are streamed (``stream_options.include_usage`` on), and a
-          server that answers with one JSON body instead is understood too;
+        * requests are streamed (``stream_options.include_usage`` on) unless
+          the consumer wants only the whole reply (``ChatRequest.stream``
+          False: one answer, bounded by ``total_timeout``, as the upstream
+          would not send a first token early); a server that answers a
+          stream request with one JSON body is understood too;
         * ``reasoning_content`` (or ``reasoning``) deltas become reasoning
           events, ``tool_calls`` deltas pass through, usage is taken from
           whichever chunk carries it, with DeepSeek's cache counters kept in
@@ -222,10 +225,11 @@ class OpenAICompatibleProvider(Provider):
         while True:
             produced = False
             try:
-                response, started = await self._open(body)
+                response, started = await self._open(body, request.stream)
                 try:
                     if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                        for event in self._whole_reply(await self._read_all(response, started), request):
+                        text = await self._read_all(response, started, request.stream)
+                        for event in self._whole_reply(text, request):
                             produced = True
                             yield event
                         return
@@ -293,12 +297,13 @@ class OpenAICompatibleProvider(Provider):
         body: dict[str, Any] = {
             "model": alias.model if alias else request.model,
             "messages": wire_messages(request.messages, reasoning=self.sends_reasoning),
-            "stream": True,
+            "stream": request.stream,
         }
-        client_options = request.extra.get("stream_options")
-        stream_options = dict(client_options) if isinstance(client_options, dict) else {}
-        stream_options["include_usage"] = True
-        body["stream_options"] = stream_options
+        if request.stream:
+            client_options = request.extra.get("stream_options")
+            stream_options = dict(client_options) if isinstance(client_options, dict) else {}
+            stream_options["include_usage"] = True
+            body["stream_options"] = stream_options
         for field in (
             "temperature",
             "top_p",
@@ -326,7 +331,7 @@ class OpenAICompatibleProvider(Provider):
 
     # --- one upstream request ---
 
-    async def _open(self, body: bytes) -> tuple[aiohttp.ClientResponse, float]:
+    async def _open(self, body: bytes, streamed: bool) -> tuple[aiohttp.ClientResponse, float]:
         """Send the request; return the 200 response (body unread) and when it was sent."""
         if self._client is None:
             raise Unavailable(f"provider {self.instance!r} is not open (the app has not started)")
@@ -338,7 +343,7 @@ class OpenAICompatibleProvider(Provider):
             )
         started = asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout_at(started + min(options.first_token_timeout, options.total_timeout)):
+            async with asyncio.timeout_at(started + self._first_answer(streamed)):
                 response = await self._client.post(self._url, data=body, headers=_JSON, allow_redirects=False)
         except aiohttp.ClientError as exc:  # before TimeoutError: aiohttp's timeouts are both
             raise self._transport_error(exc, produced=False) from None
@@ -346,7 +351,7 @@ class OpenAICompatibleProvider(Provider):
             raise self._timeout("no response", started) from None
         if response.status != 200:
             try:
-                text = await self._read_all(response, started)
+                text = await self._read_all(response, started, streamed)
             finally:
                 response.close()
             raise self._status_error(response, text)
@@ -381,11 +386,15 @@ class OpenAICompatibleProvider(Provider):
         )
         return events
 
-    async def _read_all(self, response: aiohttp.ClientResponse, started: float) -> str:
-        """The whole body, within the time allowed for a first token."""
+    def _first_answer(self, streamed: bool) -> float:
+        """Seconds allowed from sending a request to having something of the reply."""
         options = self.options
+        return min(options.first_token_timeout, options.total_timeout) if streamed else options.total_timeout
+
+    async def _read_all(self, response: aiohttp.ClientResponse, started: float, streamed: bool) -> str:
+        """The whole body, within the time allowed for a first answer."""
         try:
-            async with asyncio.timeout_at(started + min(options.first_token_timeout, options.total_timeout)):
+            async with asyncio.timeout_at(started + self._first_answer(streamed)):
                 data = await response.read()
         except aiohttp.ClientError as exc:
             raise self._transport_error(exc, produced=False) from None

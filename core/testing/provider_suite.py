@@ -75,6 +75,9 @@ class ProviderConformance:
     subclass; and the configured ``secret`` appears in no error message and
     not in ``describe()``.
 
+    A request that does not stream (``ChatRequest.stream`` False) must keep
+    the same promises.
+
     A subclass provides a fixture ``provider`` (an opened instance, closed
     after the test), ``model``, a model it serves, as a class attribute or
     a fixture, and a fixture ``failing``. The class attributes below tune
@@ -139,10 +142,11 @@ class ProviderConformance:
             return [event async for event in events]
 
     @pytest.mark.asyncio
+    @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
     async def test_stream_yields_deltas_then_exactly_one_finish(
-        self, provider: Provider, served_model: str
+        self, provider: Provider, served_model: str, stream: bool
     ) -> None:
-        events = await self.collect(provider, self.chat_request(served_model))
+        events = await self.collect(provider, self.chat_request(served_model, stream=stream))
         strays = [e for e in events if not isinstance(e, EVENT_TYPES)]
         assert not strays, f"stream yielded non-event values: {strays!r}"
         assert any(isinstance(e, ContentDelta) for e in events), "stream yielded no ContentDelta"
@@ -150,8 +154,9 @@ class ProviderConformance:
         assert isinstance(events[-1], Finish), "Finish must be the last event"
 
     @pytest.mark.asyncio
-    async def test_finish_reports_usage(self, provider: Provider, served_model: str) -> None:
-        events = await self.collect(provider, self.chat_request(served_model))
+    @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+    async def test_finish_reports_usage(self, provider: Provider, served_model: str, stream: bool) -> None:
+        events = await self.collect(provider, self.chat_request(served_model, stream=stream))
         finish = events[-1]
         assert isinstance(finish, Finish)
         assert finish.usage.prompt_tokens > 0

@@ -135,6 +135,7 @@ def parse(raw: bytes) -> Parsed:
         tool_choice=tool_choice,
         user=user,
         extra=extra,
+        stream=stream,
     )
     return Parsed(request, stream, include_usage)
 

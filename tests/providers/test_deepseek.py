@@ -719,3 +719,17 @@ async def test_an_outside_cancellation_is_not_reported_as_a_timeout(fake: FakeDe
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_reply_nobody_streams_is_asked_for_in_one_piece(fake: FakeDeepSeek) -> None:
+    # Slower than first_token_timeout: without a stream there is no first token to time.
+    fake.scenario = Scenario(thinking=True, tokens=5, delay=0.2)
+    async with opened(make(fake, first_token_timeout=0.05, max_retries=0)) as provider:
+        events = await collect(provider, ask(model="deepseek-reasoner", stream=False))
+    body = fake.requests[-1].body
+    assert body["stream"] is False
+    assert "stream_options" not in body  # OpenAI refuses stream_options without a stream
+    assert isinstance(events[-1], Finish)
+    assert events[-1].usage.completion_tokens > 0 and not events[-1].usage.extra.get("estimated")
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+    assert "".join(e.text for e in events if isinstance(e, ContentDelta))
