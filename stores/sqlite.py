@@ -1,13 +1,15 @@
 """The built-in SQLite store: one file shared by every worker process.
 
-Each store instance owns one connection on one thread of its own, and every
-store call is one function run there: one thread hop, one transaction. (An
-async driver that hops to its thread per statement spent more time hopping
-than SQLite spent working.) Write transactions start with ``BEGIN
-IMMEDIATE`` so that processes sharing the file queue on SQLite's write lock
-(waiting up to ``busy_timeout_ms``) instead of deadlocking while upgrading a
-read lock. The schema moves forward through :data:`MIGRATIONS`, tracked in
-``PRAGMA user_version``.
+Each store instance owns one connection on a thread of its own
+(:class:`~stores.sqlite_worker.SqliteWorker`); every store call is one plain
+function run there, and calls that queue up together share one transaction
+(group commit), each atomic in a savepoint of its own. (An async driver that
+hopped to its thread per statement spent more time hopping than SQLite spent
+working.) Groups that write start with ``BEGIN IMMEDIATE`` so that processes
+sharing the file queue on SQLite's write lock (waiting up to
+``busy_timeout_ms``) instead of deadlocking while upgrading a read lock. The
+schema moves forward through :data:`MIGRATIONS`, tracked in ``PRAGMA
+user_version``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from msgspec import UNSET
@@ -44,6 +45,8 @@ from core.store import (
     User,
     utcnow,
 )
+
+from .sqlite_worker import SqliteWorker
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema. Times are INTEGER milliseconds since the epoch (UTC).
@@ -155,7 +158,6 @@ _MS = timedelta(milliseconds=1)
 _R = TypeVar("_R", bound=msgspec.Struct)
 
 
-_P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 COUNTED = ("reservation", "charge")
@@ -192,10 +194,10 @@ class SqliteStore(Store):
     Promises beyond :class:`~core.store.Store`: WAL journal, foreign keys on,
     ``balance_after`` of a settled entry is the user's balance right after
     the settlement (not a rewrite of history), a database written by a newer
-    chatgate is refused rather than touched, and every call is one
-    transaction: a caller cancelled while its call waits for the store's
-    thread writes nothing, one cancelled while the call runs does not stop it
-    (it completes or fails as a whole). The rate window counts whole seconds:
+    chatgate is refused rather than touched, and every call is atomic: a
+    caller cancelled before the store's thread took its call up writes
+    nothing, one cancelled later does not stop it (it completes or fails as a
+    whole). The rate window counts whole seconds:
     a request counts against its key's minute for 59 to 60 seconds.
     """
 
@@ -205,29 +207,31 @@ class SqliteStore(Store):
     def __init__(self, options: SqliteOptions) -> None:
         super().__init__(options)
         self.path = Path(options.path).absolute()
-        self._db: sqlite3.Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._worker: SqliteWorker | None = None
         self._opening = asyncio.Lock()
 
     # lifecycle
 
     async def open(self) -> None:
         async with self._opening:  # two concurrent opens must not leak a connection
-            if self._db is not None:
+            if self._worker is not None:
                 return
-            thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatgate-sqlite")
+            worker = SqliteWorker()
             try:
-                self._db = await asyncio.get_running_loop().run_in_executor(thread, self._connect)
+                await worker.run("alone", self._attach)
             except (OSError, sqlite3.Error) as exc:
-                thread.shutdown(wait=False)
+                await worker.stop()
                 raise StoreError(
                     f"cannot open the SQLite database {self.path}: {exc}; "
                     "check [store] path and its permissions"
                 ) from exc
             except BaseException:
-                thread.shutdown(wait=False)
+                await worker.stop()
                 raise
-            self._thread = thread
+            self._worker = worker
+
+    def _attach(self, worker: SqliteWorker) -> None:
+        worker.db = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,15 +273,14 @@ class SqliteStore(Store):
 
     async def close(self) -> None:
         async with self._opening:
-            db, thread = self._db, self._thread
-            self._db = self._thread = None
-            if db is not None and thread is not None:
-                # Queued calls run first: the thread takes jobs in order.
-                await asyncio.get_running_loop().run_in_executor(thread, db.close)
-                thread.shutdown(wait=False)
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                # Calls queued before this one run first: the thread takes them in order.
+                await worker.run("alone", _detach)
+                await worker.stop()
 
     async def ping(self) -> None:
-        await self._run(_rows, "SELECT 1")
+        await self._read(_rows, "SELECT 1")
 
     # users
 
@@ -285,37 +288,37 @@ class SqliteStore(Store):
         email = _normal_email(email)
         if not email:
             raise ValueError("email must not be empty")
-        return await self._run(_ensure_user, email)
+        return await self._write(_ensure_user, email)
 
     async def get_user(self, user_id: int) -> User:
-        return await self._run(_get, User, "users", user_id, "user")
+        return await self._read(_get, User, "users", user_id, "user")
 
     async def find_user(self, email: str) -> User | None:
-        return await self._run(_first, User, "SELECT * FROM users WHERE email = ?", (_normal_email(email),))
+        return await self._read(_first, User, "SELECT * FROM users WHERE email = ?", (_normal_email(email),))
 
     async def list_users(self) -> list[User]:
-        return await self._run(_all, User, "SELECT * FROM users ORDER BY id")
+        return await self._read(_all, User, "SELECT * FROM users ORDER BY id")
 
     # API keys
 
     async def create_api_key(self, user_id: int, name: str, prefix: str, key_hash: str) -> ApiKey:
         values = {"user_id": user_id, "name": name, "prefix": prefix, "key_hash": key_hash}
-        return await self._run(_create_api_key, values)
+        return await self._write(_create_api_key, values)
 
     async def find_api_key(self, key_hash: str) -> ApiKey | None:
-        return await self._run(_first, ApiKey, "SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,))
+        return await self._read(_first, ApiKey, "SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,))
 
     async def list_api_keys(self, user_id: int | None = None) -> list[ApiKey]:
         if user_id is None:
-            return await self._run(_all, ApiKey, "SELECT * FROM api_keys ORDER BY id")
-        return await self._run(
+            return await self._read(_all, ApiKey, "SELECT * FROM api_keys ORDER BY id")
+        return await self._read(
             _all, ApiKey, "SELECT * FROM api_keys WHERE user_id = ? ORDER BY id", (user_id,)
         )
 
     async def revoke_api_key(self, key_id: int) -> ApiKey:
         # COALESCE keeps the first revocation time: revoking again changes nothing.
         sql = "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING *"
-        return await self._run(_write_one, ApiKey, sql, (_now(), key_id), "api key", key_id)
+        return await self._write(_write_one, ApiKey, sql, (_now(), key_id), "api key", key_id)
 
     async def set_api_key_limits(self, key_id: int, limits: RateLimits) -> ApiKey:
         sql = (
@@ -323,20 +326,20 @@ class SqliteStore(Store):
             "WHERE id = ? RETURNING *"
         )
         params = (limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_requests, key_id)
-        return await self._run(_write_one, ApiKey, sql, params, "api key", key_id)
+        return await self._write(_write_one, ApiKey, sql, params, "api key", key_id)
 
     # ledger
 
     async def admit(
         self, draft: LedgerDraft, limits: RateLimits, *, floor: int = 0
     ) -> tuple[LedgerEntry, RateUse]:
-        return await self._run(_admit, draft, limits, floor)
+        return await self._write(_admit, draft, limits, floor)
 
     async def post_ledger(self, draft: LedgerDraft, *, floor: int | None = 0) -> LedgerEntry:
-        return await self._run(_post_ledger, draft, floor)
+        return await self._write(_post_ledger, draft, floor)
 
     async def settle_ledger(self, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
-        return await self._run(_settle_ledger, entry_id, settlement)
+        return await self._write(_settle_ledger, entry_id, settlement)
 
     async def usage_by_day(
         self, since: datetime, *, user_id: int | None = None, key_id: int | None = None
@@ -354,7 +357,7 @@ class SqliteStore(Store):
             sql += " AND key_id = ?"
             params.append(key_id)
         sql += " GROUP BY day, user_id, key_id ORDER BY day, user_id, key_id"
-        rows = await self._run(_rows, sql, params)
+        rows = await self._read(_rows, sql, params)
         return [UsageDay(**dict(row)) for row in rows]
 
     async def stale_reservations(self, created_before: datetime) -> list[LedgerEntry]:
@@ -362,14 +365,14 @@ class SqliteStore(Store):
             "SELECT * FROM ledger WHERE kind = 'reservation' AND created_at < ?"
             " AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.ledger_id = ledger.id) ORDER BY id"
         )
-        return await self._run(_all, LedgerEntry, sql, (_ms(created_before),))
+        return await self._read(_all, LedgerEntry, sql, (_ms(created_before),))
 
     async def get_ledger_entry(self, entry_id: int) -> LedgerEntry:
-        return await self._run(_get, LedgerEntry, "ledger", entry_id, "ledger entry")
+        return await self._read(_get, LedgerEntry, "ledger", entry_id, "ledger entry")
 
     async def list_ledger(self, user_id: int, limit: int = 100) -> list[LedgerEntry]:
         sql = "SELECT * FROM ledger WHERE user_id = ? ORDER BY id DESC LIMIT ?"
-        return await self._run(_all, LedgerEntry, sql, (user_id, limit))
+        return await self._read(_all, LedgerEntry, sql, (user_id, limit))
 
     # conversations
 
@@ -377,10 +380,10 @@ class SqliteStore(Store):
         self, user_id: int, kind: str, name: str = "", series_id: int | None = None
     ) -> Conversation:
         values = {"user_id": user_id, "kind": kind, "name": name, "series_id": series_id}
-        return await self._run(_create_conversation, values)
+        return await self._write(_create_conversation, values)
 
     async def get_conversation(self, conversation_id: int) -> Conversation:
-        return await self._run(_get, Conversation, "conversations", conversation_id, "conversation")
+        return await self._read(_get, Conversation, "conversations", conversation_id, "conversation")
 
     async def list_conversations(
         self, user_id: int, kind: str | None = None, series_id: int | None = None
@@ -389,55 +392,60 @@ class SqliteStore(Store):
         filters = {column: value for column, value in filters.items() if value is not None}
         where = " AND ".join(f"{column} = ?" for column in filters)
         sql = f"SELECT * FROM conversations WHERE {where} ORDER BY id"
-        return await self._run(_all, Conversation, sql, list(filters.values()))
+        return await self._read(_all, Conversation, sql, list(filters.values()))
 
     async def update_conversation(self, conversation_id: int, patch: ConversationPatch) -> Conversation:
         values = {**_set(patch), "updated_at": _now()}
-        return await self._run(
+        return await self._write(
             _update_one, Conversation, "conversations", conversation_id, values, "conversation"
         )
 
     async def delete_conversation(self, conversation_id: int) -> Conversation:
         # Messages go with it through ON DELETE CASCADE.
         sql = "DELETE FROM conversations WHERE id = ? RETURNING *"
-        return await self._run(
+        return await self._write(
             _write_one, Conversation, sql, (conversation_id,), "conversation", conversation_id
         )
 
     # messages
 
     async def append_message(self, conversation_id: int, draft: MessageDraft) -> Message:
-        return await self._run(_append_message, conversation_id, draft)
+        return await self._write(_append_message, conversation_id, draft)
 
     async def update_message(self, message_id: int, patch: MessagePatch) -> Message:
         values = {**_set(patch), "updated_at": _now()}
-        return await self._run(_update_one, Message, "messages", message_id, values, "message")
+        return await self._write(_update_one, Message, "messages", message_id, values, "message")
 
     async def get_message(self, message_id: int) -> Message:
-        return await self._run(_get, Message, "messages", message_id, "message")
+        return await self._read(_get, Message, "messages", message_id, "message")
 
     async def list_messages(self, conversation_id: int) -> list[Message]:
         sql = "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id"
-        return await self._run(_all, Message, sql, (conversation_id,))
+        return await self._read(_all, Message, sql, (conversation_id,))
 
     async def interrupt_stale_generations(self, updated_before: datetime) -> list[Message]:
         # Stamps are whole milliseconds, so stamp < cutoff exactly when
         # stamp < the cutoff rounded up to a whole millisecond.
         cutoff = -((_EPOCH - updated_before) // _MS)
-        messages = await self._run(_interrupt_stale, cutoff)
+        messages = await self._write(_interrupt_stale, cutoff)
         return sorted(messages, key=lambda m: m.id)
 
     # plumbing
 
-    async def _run(
-        self, call: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
-    ) -> _T:
-        """Run ``call(connection, *args)`` on the store's thread."""
-        db, thread = self._db, self._thread
-        if db is None or thread is None:
+    async def _read(self, call: Callable[..., _T], *args: Any) -> _T:
+        """``call(connection, *args)`` on the store's thread; it must not write."""
+        result: _T = await self._worker_or_fail().run("read", call, *args)
+        return result
+
+    async def _write(self, call: Callable[..., _T], *args: Any) -> _T:
+        """``call(connection, *args)`` on the store's thread, holding the write lock; atomic."""
+        result: _T = await self._worker_or_fail().run("write", call, *args)
+        return result
+
+    def _worker_or_fail(self) -> SqliteWorker:
+        if self._worker is None:
             raise StoreError(f"sqlite store {self.path} is not open")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(thread, lambda: call(db, *args, **kwargs))
+        return self._worker
 
 
 @hookimpl
@@ -445,67 +453,69 @@ def register_stores() -> list[type[Store]]:
     return [SqliteStore]
 
 
-# --- what runs on the store's thread: each function is one whole call ---
+# --- what runs on the store's thread: each function is one whole call, made atomic by the worker ---
+
+
+def _detach(worker: SqliteWorker) -> None:
+    if worker.db is not None:
+        worker.db.close()
+        worker.db = None
 
 
 def _ensure_user(db: sqlite3.Connection, email: str) -> User:
     if found := _first(db, User, "SELECT * FROM users WHERE email = ?", (email,)):
         return found
-    with _transaction(db):
-        db.execute(
-            "INSERT INTO users (email, balance, created_at) VALUES (?, 0, ?) ON CONFLICT (email) DO NOTHING",
-            (email, _now()),
-        )
-        [row] = _rows(db, "SELECT * FROM users WHERE email = ?", (email,))
+    db.execute(
+        "INSERT INTO users (email, balance, created_at) VALUES (?, 0, ?) ON CONFLICT (email) DO NOTHING",
+        (email, _now()),
+    )
+    [row] = _rows(db, "SELECT * FROM users WHERE email = ?", (email,))
     return _record(User, row)
 
 
 def _create_api_key(db: sqlite3.Connection, values: dict[str, Any]) -> ApiKey:
-    with _transaction(db):
-        _balance(db, values["user_id"])
-        if _rows(db, "SELECT 1 FROM api_keys WHERE key_hash = ?", (values["key_hash"],)):
-            raise StoreError(f"an api key with this hash already exists (prefix {values['prefix']!r})")
-        return _record(ApiKey, _insert(db, "api_keys", {**values, "created_at": _now()}))
+    _balance(db, values["user_id"])
+    if _rows(db, "SELECT 1 FROM api_keys WHERE key_hash = ?", (values["key_hash"],)):
+        raise StoreError(f"an api key with this hash already exists (prefix {values['prefix']!r})")
+    return _record(ApiKey, _insert(db, "api_keys", {**values, "created_at": _now()}))
 
 
 def _admit(
     db: sqlite3.Connection, draft: LedgerDraft, limits: RateLimits, floor: int
 ) -> tuple[LedgerEntry, RateUse]:
-    with _transaction(db):
-        now = _now()
-        # Whole seconds that lie entirely within the last minute.
-        first_second = (now - WINDOW_MS) // 1000 + 1
-        db.execute("DELETE FROM rate_window WHERE key_id = ? AND second < ?", (draft.key_id, first_second))
-        [(requests, tokens, oldest)] = db.execute(
-            "SELECT coalesce(sum(requests), 0), coalesce(sum(tokens), 0), min(second) FROM rate_window"
-            " WHERE key_id = ?",
-            (draft.key_id,),
-        ).fetchall()
-        [(concurrent,)] = db.execute(
-            "SELECT count(*) FROM ledger WHERE key_id = ? AND kind = 'reservation' AND created_at > ?",
-            (draft.key_id, now - IN_FLIGHT_MS),
-        ).fetchall()
-        requests += 1
-        tokens += draft.prompt_tokens + draft.completion_tokens
-        concurrent += 1
-        # The window frees up when its oldest second (this one, when it is empty) leaves it.
-        oldest = now // 1000 if oldest is None else oldest
-        reset = max(0.0, (oldest * 1000 + WINDOW_MS - now) / 1000)
-        use = RateUse(requests, tokens, concurrent, reset, reset)
-        for limit, used, retry in (
-            ("requests_per_minute", requests, reset),
-            ("tokens_per_minute", tokens, reset),
-            ("concurrent_requests", concurrent, 1.0),
-        ):
-            allowed = getattr(limits, limit)
-            if allowed is not None and used > allowed:
-                raise RateLimitExceeded(limit, allowed, retry, use)
-        return _post(db, draft, floor, now), use
+    now = _now()
+    # Whole seconds that lie entirely within the last minute.
+    first_second = (now - WINDOW_MS) // 1000 + 1
+    db.execute("DELETE FROM rate_window WHERE key_id = ? AND second < ?", (draft.key_id, first_second))
+    [(requests, tokens, oldest)] = db.execute(
+        "SELECT coalesce(sum(requests), 0), coalesce(sum(tokens), 0), min(second) FROM rate_window"
+        " WHERE key_id = ?",
+        (draft.key_id,),
+    ).fetchall()
+    [(concurrent,)] = db.execute(
+        "SELECT count(*) FROM ledger WHERE key_id = ? AND kind = 'reservation' AND created_at > ?",
+        (draft.key_id, now - IN_FLIGHT_MS),
+    ).fetchall()
+    requests += 1
+    tokens += draft.prompt_tokens + draft.completion_tokens
+    concurrent += 1
+    # The window frees up when its oldest second (this one, when it is empty) leaves it.
+    oldest = now // 1000 if oldest is None else oldest
+    reset = max(0.0, (oldest * 1000 + WINDOW_MS - now) / 1000)
+    use = RateUse(requests, tokens, concurrent, reset, reset)
+    for limit, used, retry in (
+        ("requests_per_minute", requests, reset),
+        ("tokens_per_minute", tokens, reset),
+        ("concurrent_requests", concurrent, 1.0),
+    ):
+        allowed = getattr(limits, limit)
+        if allowed is not None and used > allowed:
+            raise RateLimitExceeded(limit, allowed, retry, use)
+    return _post(db, draft, floor, now), use
 
 
 def _post_ledger(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None) -> LedgerEntry:
-    with _transaction(db):
-        return _post(db, draft, floor, _now())
+    return _post(db, draft, floor, _now())
 
 
 def _post(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, now: int) -> LedgerEntry:
@@ -522,22 +532,21 @@ def _post(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, now: in
 
 
 def _settle_ledger(db: sqlite3.Connection, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
-    with _transaction(db):
-        old = _found(_rows(db, "SELECT * FROM ledger WHERE id = ?", (entry_id,)), "ledger entry", entry_id)
-        [(after,)] = db.execute(
-            "UPDATE users SET balance = balance + ? WHERE id = ? RETURNING balance",
-            (settlement.amount - old["amount"], old["user_id"]),
-        ).fetchall()
-        values = msgspec.structs.asdict(settlement)
-        [row] = _update(db, "ledger", entry_id, {**values, "balance_after": after, "updated_at": _now()})
-        if old["key_id"] is not None:
-            # The minute the entry was counted in now counts what it really used.
-            was = old["kind"] in COUNTED
-            now = settlement.kind in COUNTED
-            tokens = (settlement.prompt_tokens + settlement.completion_tokens) * now
-            tokens -= (old["prompt_tokens"] + old["completion_tokens"]) * was
-            _count(db, old["key_id"], old["created_at"], now - was, tokens)
-        return _record(LedgerEntry, row)
+    old = _found(_rows(db, "SELECT * FROM ledger WHERE id = ?", (entry_id,)), "ledger entry", entry_id)
+    [(after,)] = db.execute(
+        "UPDATE users SET balance = balance + ? WHERE id = ? RETURNING balance",
+        (settlement.amount - old["amount"], old["user_id"]),
+    ).fetchall()
+    values = msgspec.structs.asdict(settlement)
+    [row] = _update(db, "ledger", entry_id, {**values, "balance_after": after, "updated_at": _now()})
+    if old["key_id"] is not None:
+        # The minute the entry was counted in now counts what it really used.
+        was = old["kind"] in COUNTED
+        now = settlement.kind in COUNTED
+        tokens = (settlement.prompt_tokens + settlement.completion_tokens) * now
+        tokens -= (old["prompt_tokens"] + old["completion_tokens"]) * was
+        _count(db, old["key_id"], old["created_at"], now - was, tokens)
+    return _record(LedgerEntry, row)
 
 
 def _count(db: sqlite3.Connection, key_id: int, at_ms: int, requests: int, tokens: int) -> None:
@@ -551,23 +560,21 @@ def _count(db: sqlite3.Connection, key_id: int, at_ms: int, requests: int, token
 
 
 def _create_conversation(db: sqlite3.Connection, values: dict[str, Any]) -> Conversation:
-    with _transaction(db):
-        now = _now()
-        _balance(db, values["user_id"])
-        return _record(
-            Conversation, _insert(db, "conversations", {**values, "created_at": now, "updated_at": now})
-        )
+    now = _now()
+    _balance(db, values["user_id"])
+    return _record(
+        Conversation, _insert(db, "conversations", {**values, "created_at": now, "updated_at": now})
+    )
 
 
 def _append_message(db: sqlite3.Connection, conversation_id: int, draft: MessageDraft) -> Message:
-    with _transaction(db):
-        now = _now()  # under the write lock, so timestamps follow ids across processes too
-        bumped = _rows(
-            db, "UPDATE conversations SET updated_at = ? WHERE id = ? RETURNING id", (now, conversation_id)
-        )
-        _found(bumped, "conversation", conversation_id)
-        values = {**msgspec.structs.asdict(draft), "conversation_id": conversation_id}
-        return _record(Message, _insert(db, "messages", {**values, "created_at": now, "updated_at": now}))
+    now = _now()  # under the write lock, so timestamps follow ids across processes too
+    bumped = _rows(
+        db, "UPDATE conversations SET updated_at = ? WHERE id = ? RETURNING id", (now, conversation_id)
+    )
+    _found(bumped, "conversation", conversation_id)
+    values = {**msgspec.structs.asdict(draft), "conversation_id": conversation_id}
+    return _record(Message, _insert(db, "messages", {**values, "created_at": now, "updated_at": now}))
 
 
 def _interrupt_stale(db: sqlite3.Connection, cutoff_ms: int) -> list[Message]:
@@ -575,8 +582,7 @@ def _interrupt_stale(db: sqlite3.Connection, cutoff_ms: int) -> list[Message]:
         "UPDATE messages SET status = 'interrupted', updated_at = ?"
         " WHERE status = 'generating' AND updated_at < ? RETURNING *"
     )
-    with _transaction(db):
-        return [_record(Message, row) for row in _rows(db, sql, (_now(), cutoff_ms))]
+    return [_record(Message, row) for row in _rows(db, sql, (_now(), cutoff_ms))]
 
 
 def _get(db: sqlite3.Connection, cls: type[_R], table: str, row_id: int, kind: str) -> _R:
@@ -596,15 +602,13 @@ def _all(db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any] 
 def _write_one(
     db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any], kind: str, row_id: int
 ) -> _R:
-    with _transaction(db):
-        return _record(cls, _found(_rows(db, sql, params), kind, row_id))
+    return _record(cls, _found(_rows(db, sql, params), kind, row_id))
 
 
 def _update_one(
     db: sqlite3.Connection, cls: type[_R], table: str, row_id: int, values: dict[str, Any], kind: str
 ) -> _R:
-    with _transaction(db):
-        return _record(cls, _found(_update(db, table, row_id, values), kind, row_id))
+    return _record(cls, _found(_update(db, table, row_id, values), kind, row_id))
 
 
 def migrate(conn: sqlite3.Connection, target: int | None = None) -> int:

@@ -73,7 +73,7 @@ def test_in_memory_database_is_rejected(path: str) -> None:
 
 async def test_pragmas(store: SqliteStore) -> None:
     async def pragma(name: str) -> object:
-        [(value,)] = await store._run(lambda db: db.execute(f"PRAGMA {name}").fetchall())
+        [(value,)] = await store._read(lambda db: db.execute(f"PRAGMA {name}").fetchall())
         return value
 
     assert await pragma("journal_mode") == "wal"
@@ -223,3 +223,34 @@ async def test_worker_processes_share_the_file(store: SqliteStore) -> None:
     ledger = await store.list_ledger(user.id)
     assert (await store.get_user(user.id)).balance == 1000 - 3 * 25 * 7
     assert sorted(entry.balance_after for entry in ledger) == [1000 - 7 * k for k in range(75, -1, -1)]
+
+
+async def test_calls_grouped_in_one_transaction_stay_atomic_each(store: SqliteStore) -> None:
+    user = await store.ensure_user("a@example.com")
+
+    def credit(db: sqlite3.Connection, amount: int, fail: bool) -> int:
+        db.execute("UPDATE users SET balance = balance + ? WHERE id = ?", (amount, user.id))
+        if fail:
+            raise ValueError("this call fails after writing")
+        [(balance,)] = db.execute("SELECT balance FROM users WHERE id = ?", (user.id,)).fetchall()
+        return int(balance)
+
+    # Queued together, so the store's thread runs them as one group.
+    results = await asyncio.gather(
+        *(store._write(credit, 10**k, k % 2 == 1) for k in range(6)), return_exceptions=True
+    )
+    failed = [r for r in results if isinstance(r, ValueError)]
+    assert len(failed) == 3
+    assert (await store.get_user(user.id)).balance == 1 + 100 + 10_000  # only the calls that succeeded
+    assert [r for r in results if isinstance(r, int)] == [1, 101, 10_101]
+
+
+async def test_a_closed_store_refuses_calls(tmp_path: Path) -> None:
+    store = sqlite_store(tmp_path / "chatgate.db")
+    await store.open()
+    await store.close()
+    with pytest.raises(StoreError, match="not open"):
+        await store.list_users()
+    await store.open()  # and opens again
+    assert await store.list_users() == []
+    await store.close()
