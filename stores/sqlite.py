@@ -308,6 +308,9 @@ class SqliteStore(Store):
     async def find_api_key(self, key_hash: str) -> ApiKey | None:
         return await self._read(_first, ApiKey, "SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,))
 
+    async def find_api_key_owner(self, key_hash: str) -> tuple[ApiKey, User] | None:
+        return await self._read(_key_and_owner, key_hash)
+
     async def list_api_keys(self, user_id: int | None = None) -> list[ApiKey]:
         if user_id is None:
             return await self._read(_all, ApiKey, "SELECT * FROM api_keys ORDER BY id")
@@ -471,6 +474,11 @@ def _ensure_user(db: sqlite3.Connection, email: str) -> User:
     )
     [row] = _rows(db, "SELECT * FROM users WHERE email = ?", (email,))
     return _record(User, row)
+
+
+def _key_and_owner(db: sqlite3.Connection, key_hash: str) -> tuple[ApiKey, User] | None:
+    key = _first(db, ApiKey, "SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,))
+    return None if key is None else (key, _get(db, User, "users", key.user_id, "user"))
 
 
 def _create_api_key(db: sqlite3.Connection, values: dict[str, Any]) -> ApiKey:

@@ -71,10 +71,11 @@ class Accounts:
         """The caller a key belongs to, or None when it is unknown or revoked."""
         if not secret.startswith(KEY_PREFIX):
             return None
-        key = await self.store.find_api_key(hash_key(secret))
-        if key is None or not key.active:
+        found = await self.store.find_api_key_owner(hash_key(secret))
+        if found is None or not found[0].active:
             return None
-        return Caller(await self.store.get_user(key.user_id), key)
+        key, user = found
+        return Caller(user, key)
 
     async def authenticate_headers(self, headers: Mapping[str, str]) -> Caller:
         """The caller of a request, from ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.

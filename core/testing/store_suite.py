@@ -182,6 +182,8 @@ class StoreConformance:
         assert key.active
         assert await store.find_api_key("hash-1") == key
         assert await store.find_api_key("hash-unknown") is None
+        assert await store.find_api_key_owner("hash-1") == (key, await store.get_user(user.id))
+        assert await store.find_api_key_owner("hash-unknown") is None
 
     @pytest.mark.asyncio
     async def test_list_api_keys_by_user_and_all(self, store: Store) -> None:

@@ -730,6 +730,7 @@ async def test_a_reply_nobody_streams_is_asked_for_in_one_piece(fake: FakeDeepSe
     assert body["stream"] is False
     assert "stream_options" not in body  # OpenAI refuses stream_options without a stream
     assert isinstance(events[-1], Finish)
-    assert events[-1].usage.completion_tokens > 0 and not events[-1].usage.extra.get("estimated")
+    assert events[-1].usage.completion_tokens > 0
+    assert not events[-1].usage.extra.get("estimated")
     assert "".join(e.text for e in events if isinstance(e, ReasoningDelta))
     assert "".join(e.text for e in events if isinstance(e, ContentDelta))
