@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -55,10 +56,22 @@ class Caller:
 
 
 class Accounts:
-    """Users and their API keys."""
+    """Users and their API keys.
+
+    Promises: an authenticated key is remembered for ``key_cache_seconds``
+    (a store round trip per request was the largest part of the latency
+    chatgate adds), so a key revoked or re-limited through this process
+    takes effect at once and one changed by another process (another worker,
+    the CLI) within that time. Unknown keys are never remembered: a new key
+    works at once. A remembered caller's balance may be that old too; read
+    the user for a balance to show.
+    """
+
+    key_cache_seconds: float = 2.0
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._callers: dict[str, tuple[float, Caller]] = {}  # key hash -> (until, caller)
 
     async def create_key(self, email: str, name: str = "") -> tuple[ApiKey, str]:
         """Create a key for the user with ``email`` (created if new). The secret is returned only here."""
@@ -71,11 +84,21 @@ class Accounts:
         """The caller a key belongs to, or None when it is unknown or revoked."""
         if not secret.startswith(KEY_PREFIX):
             return None
-        found = await self.store.find_api_key_owner(hash_key(secret))
+        digest = hash_key(secret)
+        now = time.monotonic()
+        remembered = self._callers.get(digest)
+        if remembered is not None and remembered[0] > now:
+            return remembered[1]
+        found = await self.store.find_api_key_owner(digest)
         if found is None or not found[0].active:
+            self._callers.pop(digest, None)
             return None
         key, user = found
-        return Caller(user, key)
+        caller = Caller(user, key)
+        if len(self._callers) >= 10_000:  # only valid keys get here; drop the expired ones
+            self._callers = {h: r for h, r in self._callers.items() if r[0] > now}
+        self._callers[digest] = (now + self.key_cache_seconds, caller)
+        return caller
 
     async def authenticate_headers(self, headers: Mapping[str, str]) -> Caller:
         """The caller of a request, from ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
@@ -114,11 +137,18 @@ class Accounts:
 
     async def revoke_key(self, key_id: int) -> ApiKey:
         """Revoke a key at once: its next request is refused. ``NotFound`` for an unknown id."""
-        return await self.store.revoke_api_key(key_id)
+        key = await self.store.revoke_api_key(key_id)
+        self._forget(key_id)
+        return key
 
     async def set_limits(self, key_id: int, limits: RateLimits) -> ApiKey:
         """Replace a key's own rate limits (unset fields fall back to the configured defaults)."""
-        return await self.store.set_api_key_limits(key_id, limits)
+        key = await self.store.set_api_key_limits(key_id, limits)
+        self._forget(key_id)
+        return key
+
+    def _forget(self, key_id: int) -> None:
+        self._callers = {h: r for h, r in self._callers.items() if r[1].key is None or r[1].key.id != key_id}
 
     async def find_user(self, email: str) -> User | None:
         """The user with ``email``, or None; never creates one."""

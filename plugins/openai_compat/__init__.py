@@ -315,7 +315,7 @@ class OpenAICompatSurface(Surface):
             caller = await authenticate(request)
             if isinstance(caller, Response):
                 return caller
-            user = caller.user  # read by authenticate, just now
+            user = await services.accounts.get_user(caller.user.id)  # the caller may be remembered
             total = format_amount(max(user.balance, 0))
             info = {
                 "currency": options.currency,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from core.errors import NotAllowed
@@ -26,8 +28,20 @@ async def test_unknown_malformed_and_revoked_keys_do_not_authenticate(gateway):
     assert await accounts.authenticate(secret + "x") is None
     assert await accounts.authenticate("not-a-key") is None
     assert await accounts.authenticate("") is None
-    await accounts.store.revoke_api_key(key.id)
-    assert await accounts.authenticate(secret) is None
+    assert await accounts.authenticate(secret) is not None
+    await accounts.revoke_key(key.id)
+    assert await accounts.authenticate(secret) is None  # at once, though it was remembered
+
+
+async def test_a_key_changed_by_another_process_takes_effect_within_the_cache_time(gateway):
+    accounts = gateway.services.accounts
+    accounts.key_cache_seconds = 0.2
+    key, secret = await accounts.create_key("owner@example.com")
+    assert await accounts.authenticate(secret) is not None
+    await accounts.store.revoke_api_key(key.id)  # what `chatgate keys revoke` does, from its own process
+    assert await accounts.authenticate(secret) is not None  # remembered ...
+    await asyncio.sleep(0.25)
+    assert await accounts.authenticate(secret) is None  # ... for key_cache_seconds, no longer
 
 
 async def test_only_the_hash_of_a_key_is_stored(gateway):

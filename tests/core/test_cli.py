@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -38,8 +40,14 @@ def test_serve_answers_healthz_and_keys_created_by_the_cli_work(write_config, se
     assert secret.startswith(prefix.removesuffix("..."))
     assert row[-1] == "active"
 
-    chatgate("keys", "revoke", key_id, "--config", str(config), check=True)
-    assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    revoked = chatgate("keys", "revoke", key_id, "--config", str(config), check=True).stdout
+    assert "refuse it within 2 seconds" in revoked
+    # The server remembers keys it saw for 2 s; after that the revocation holds.
+    deadline = time.monotonic() + 3
+    while (status := httpx.get(url + "/v1/models", headers={"X-API-Key": secret}).status_code) == 200:
+        assert time.monotonic() < deadline, "a revoked key still works after 3 s"
+        time.sleep(0.1)
+    assert status == 401
     assert "revoked" in chatgate("keys", "list", "--config", str(config), check=True).stdout
 
 
