@@ -63,9 +63,10 @@ class Billing:
         price += Decimal(str(model.output_price)) * completion_tokens
         return math.ceil(price)
 
-    def worst_case(self, route: Route, request: ChatRequest) -> int:
-        """The most ``request`` can cost: its estimated prompt plus the longest allowed reply."""
-        prompt = estimate_prompt_tokens(request.messages)
+    def worst_case(self, route: Route, request: ChatRequest, prompt: int | None = None) -> int:
+        """The most ``request`` can cost: its estimated prompt (``prompt`` tokens, when known)
+        plus the longest allowed reply."""
+        prompt = estimate_prompt_tokens(request.messages) if prompt is None else prompt
         reply = min(request.max_tokens or route.config.max_output_tokens, route.config.max_output_tokens)
         return self.cost(route, prompt, reply)
 
@@ -84,11 +85,12 @@ class Billing:
             RateLimitExceeded: admitting the request would pass a limit; nothing was written.
             InsufficientBalance: the balance cannot cover it; nothing was written.
         """
+        prompt = estimate_prompt_tokens(request.messages)
         draft = LedgerDraft(
             user_id=user_id,
-            amount=-self.worst_case(route, request),
+            amount=-self.worst_case(route, request, prompt),
             kind="reservation",
-            prompt_tokens=estimate_prompt_tokens(request.messages),  # what an orphan is charged for
+            prompt_tokens=prompt,  # what an orphan is charged for
             key_id=key_id,
             model=route.model,
             provider=route.provider.instance,

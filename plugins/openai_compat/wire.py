@@ -8,8 +8,8 @@ not model are kept and passed upstream, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import random
 import time
-import uuid
 from typing import Any
 
 import msgspec
@@ -292,7 +292,8 @@ class Reply:
     __slots__ = ("created", "head", "id", "model")
 
     def __init__(self, model: str) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        # Unique, not secret: no system call for random bytes on every request.
+        self.id = f"chatcmpl-{random.getrandbits(128):032x}"
         self.created = int(time.time())
         self.model = model
         # Every chunk starts the same way: render it once.

@@ -81,4 +81,5 @@ def test_token_estimates_follow_deepseeks_ratios():
     assert estimate_tokens("") == 0
     assert estimate_tokens("a" * 10) == 3  # 0.3 per English character
     assert estimate_tokens("你好世界吗") == 3  # 0.6 per Chinese character
+    assert estimate_tokens("привет") == 3  # a two-byte character counts as half a wide one: 0.45 each
     assert estimate_message_tokens(ChatMessage(role="user", content="a" * 10)) == 3 + 4
