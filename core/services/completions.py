@@ -81,6 +81,18 @@ class Completion:
             return None
         return item  # type: ignore[return-value]
 
+    def ready_events(self) -> list[ProviderEvent]:
+        """The events already waiting, without waiting for more (the end stays queued)."""
+        ready: list[ProviderEvent] = []
+        queue = self._queue
+        while not queue.empty():
+            item = queue.get_nowait()
+            if item is _END:
+                queue.put_nowait(_END)
+                break
+            ready.append(item)  # type: ignore[arg-type]
+        return ready
+
     async def result(self) -> Completion:
         """Wait for the whole reply; raise the provider's error if it failed.
 

@@ -29,7 +29,7 @@ from core.services.accounts import Caller
 from core.services.completions import Completion
 from core.store import ApiKey, RateLimits, RateUse
 from core.surface import Surface
-from core.types import ContentDelta, Finish, ReasoningDelta, ToolCallDelta
+from core.types import ContentDelta, Finish, ProviderEvent, ReasoningDelta, ToolCallDelta
 
 from . import wire
 from .admin import admin_page, admin_router
@@ -244,6 +244,19 @@ class OpenAICompatSurface(Surface):
             )
             return Response(body, headers=headers)
 
+        def render(reply: wire.Reply, event: ProviderEvent, usage: bool) -> bytes:
+            match event:
+                case ContentDelta(text=text):
+                    return wire.chunk(reply, {"content": text}, usage=usage)
+                case ReasoningDelta(text=text):
+                    return wire.chunk(reply, {"reasoning_content": text}, usage=usage)
+                case ToolCallDelta() as part:
+                    return wire.chunk(reply, {"tool_calls": [wire.tool_call_delta(part)]}, usage=usage)
+                case Finish(reason=reason, usage=counted):
+                    end = wire.chunk(reply, {}, reason, usage=usage)
+                    return end + wire.usage_chunk(reply, counted) if usage else end
+            return b""
+
         async def stream_reply(
             completion: Completion, parsed: wire.Parsed, headers: dict[str, str]
         ) -> Response[Any]:
@@ -276,19 +289,8 @@ class OpenAICompatSurface(Surface):
                             pending = False
                         if event is None:
                             break
-                        match event:
-                            case ContentDelta(text=text):
-                                yield wire.chunk(reply, {"content": text}, usage=usage)
-                            case ReasoningDelta(text=text):
-                                yield wire.chunk(reply, {"reasoning_content": text}, usage=usage)
-                            case ToolCallDelta() as part:
-                                yield wire.chunk(
-                                    reply, {"tool_calls": [wire.tool_call_delta(part)]}, usage=usage
-                                )
-                            case Finish(reason=reason, usage=counted):
-                                yield wire.chunk(reply, {}, reason, usage=usage)
-                                if usage:
-                                    yield wire.usage_chunk(reply, counted)
+                        # Events that arrived together leave together: one write, not one each.
+                        yield b"".join([render(reply, e, usage) for e in [event, *completion.ready_events()]])
                         event = await completion.next_event()
                 except ProviderError as exc:
                     # Too late for a status code: OpenAI's SDK raises APIError on this event.
