@@ -7,8 +7,16 @@ serve`` (one worker, an API key, billing and rate limits on) as child
 processes, then sends the same chat requests straight to the upstream and
 through chatgate, non-streaming and streaming, at concurrency 1, 16 and 64,
 and prints requests per second, p50/p99 latency, the latency chatgate adds,
-the time-to-first-token overhead, chatgate's peak RSS, and how long it takes
-from start to its first answered request.
+the time-to-first-token overhead, CPU per request, peak RSS, and how long
+it takes from start to its first answered request.
+
+With ``--compare-litellm`` it also installs LiteLLM's proxy (pinned to
+``LITELLM_VERSION``) into a virtualenv cached under
+``~/.cache/chatgate-bench/``, runs it with one worker against the same
+upstream and measures it in the same cells, interleaved with chatgate, and
+prints chatgate against it and against the targets. LiteLLM runs with a
+master key and no database, its cheapest setup: no per-key budgets or
+spend logs, which chatgate keeps on.
 
 The load generator is a small keep-alive HTTP/1.1 client on raw sockets (one
 connection per concurrent caller), so the client is not what is measured.
@@ -20,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +39,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_KEY = "sk-bench-upstream-0123456789"
 CONCURRENCY = (1, 16, 64)
+LITELLM_VERSION = "1.100.0"  # pinned; 1.82.7 and 1.82.8 were compromised releases
+LITELLM_KEY = "sk-litellm-bench-master"
+LITELLM_CONFIG = """
+model_list:
+  - model_name: deepseek-chat
+    litellm_params:
+      model: openai/deepseek-v4-flash
+      api_base: {upstream}
+      api_key: {key}
+      extra_body:
+        thinking:
+          type: disabled
+general_settings:
+  master_key: {master}
+litellm_settings:
+  telemetry: false
+"""
 REPLY_TOKENS = 24
 BODY = {
     "model": "deepseek-chat",
@@ -186,11 +212,32 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """A child Python process, quiet, started from the repository root."""
+def spawn(
+    *args: str, env: dict[str, str] | None = None, program: str = sys.executable
+) -> subprocess.Popen[bytes]:
+    """A child process (Python by default), quiet, started from the repository root."""
     return subprocess.Popen(
-        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [program, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of ``pid`` and its children that were waited for (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def litellm_program() -> str:
+    """The ``litellm`` command of a cached virtualenv, installed on first use."""
+    venv = Path.home() / ".cache" / "chatgate-bench" / f"litellm-{LITELLM_VERSION}"
+    program = venv / "bin" / "litellm"
+    if not program.exists():
+        print(f"installing litellm[proxy]=={LITELLM_VERSION} into {venv} (once) ...", flush=True)
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, f"litellm[proxy]=={LITELLM_VERSION}"], check=True)
+    return str(program)
 
 
 def create_key(env: dict[str, str]) -> str:
@@ -224,21 +271,143 @@ async def wait_for(url: str, path: str, headers: dict[str, str], body: dict[str,
     raise RuntimeError(f"{url} did not answer within 60 s")
 
 
+@dataclass
+class Target:
+    """One server under measurement and how to call it."""
+
+    name: str
+    url: str
+    path: str
+    headers: dict[str, str]
+    body: dict[str, object]
+    process: subprocess.Popen[bytes] | None = None
+    start_seconds: float = 0.0
+    peak_rss: float = 0.0
+
+    def sample_rss(self) -> None:
+        if self.process is not None:
+            self.peak_rss = max(self.peak_rss, rss_mb(self.process.pid))
+
+
+@dataclass
+class Cell:
+    """One (mode, concurrency) measurement of every target, and their CPU per request."""
+
+    stream: bool
+    concurrency: int
+    runs: dict[str, Run] = field(default_factory=dict)
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+
+
+async def measure(targets: list[Target], stream: bool, concurrency: int, requests: int) -> Cell:
+    cell = Cell(stream, concurrency)
+    for target in targets:
+        body = {**target.body, "stream": stream}
+        await load(target.url, target.path, target.headers, body, concurrency, 100)  # warm-up
+    for target in targets:
+        body = {**target.body, "stream": stream}
+        before = cpu_seconds(target.process.pid) if target.process else 0.0
+        cell.runs[target.name] = await load(
+            target.url, target.path, target.headers, body, concurrency, requests
+        )
+        if target.process:
+            cell.cpu_ms[target.name] = (cpu_seconds(target.process.pid) - before) / requests * 1000
+        target.sample_rss()
+    return cell
+
+
+async def start(target: Target, args: list[str], env: dict[str, str], program: str = sys.executable) -> None:
+    started = time.perf_counter()
+    target.process = spawn(*args, env=env, program=program)
+    await wait_for(target.url, target.path, target.headers, target.body)
+    target.start_seconds = time.perf_counter() - started
+    target.sample_rss()
+
+
+def stop(target: Target) -> None:
+    if target.process is not None:
+        target.process.terminate()
+        try:
+            target.process.wait(15)
+        except subprocess.TimeoutExpired:
+            target.process.kill()
+
+
+def table(cells: list[Cell], gateways: list[str]) -> None:
+    print(
+        "| mode | conc | server | req/s | p50 ms | p99 ms | added p50 ms | TTFT overhead p50 ms "
+        "| CPU ms/req | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for cell in cells:
+        direct = cell.runs["direct"]
+        for name in ["direct", *gateways]:
+            run = cell.runs[name]
+            added = run.pct(run.latencies, 0.5) - direct.pct(direct.latencies, 0.5)
+            ttft = run.pct(run.first_tokens, 0.5) - direct.pct(direct.first_tokens, 0.5)
+            print(
+                f"| {'stream' if cell.stream else 'whole'} | {cell.concurrency} | {name} | {run.rps():,.0f} "
+                f"| {run.pct(run.latencies, 0.5):.2f} | {run.pct(run.latencies, 0.99):.2f} "
+                f"| {'-' if name == 'direct' else f'{added:.2f}'} "
+                f"| {'-' if name == 'direct' or not cell.stream else f'{ttft:.2f}'} "
+                f"| {cell.cpu_ms.get(name, float('nan')):.2f} | {run.errors} |"
+            )
+
+
+def verdict(cells: list[Cell], chatgate: Target, litellm: Target | None) -> None:
+    """chatgate against the targets of issue 4 (and against LiteLLM, when measured)."""
+    print("\nTargets:")
+    for cell in cells:
+        if cell.concurrency == 1 and not cell.stream:
+            run, direct = cell.runs["chatgate"], cell.runs["direct"]
+            added = run.pct(run.latencies, 0.5) - direct.pct(direct.latencies, 0.5)
+            print(f"- added p50 at concurrency 1 (whole): {added:.2f} ms (target < 1 ms)")
+    print(f"- peak RSS: {chatgate.peak_rss:.0f} MB (target < 120 MB)")
+    print(f"- start to first answered request: {chatgate.start_seconds:.2f} s (target < 1.5 s)")
+    if litellm is None:
+        return
+    print(
+        f"- LiteLLM {LITELLM_VERSION}: start {litellm.start_seconds:.2f} s, "
+        f"peak RSS {litellm.peak_rss:.0f} MB"
+    )
+    for cell in cells:
+        if cell.concurrency == 1:
+            continue
+        ours, theirs = cell.runs["chatgate"], cell.runs["litellm"]
+        ratio = ours.rps() / theirs.rps() if theirs.rps() else float("inf")
+        p99 = theirs.pct(theirs.latencies, 0.99) / ours.pct(ours.latencies, 0.99)
+        mode = "stream" if cell.stream else "whole"
+        print(
+            f"- {mode} at {cell.concurrency}: {ratio:.1f}x LiteLLM's requests/s (target >= 20x), "
+            f"p99 1/{p99:.1f} of LiteLLM's (target <= 1/20)"
+        )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per measurement (default 2000)")
     parser.add_argument(
-        "--compare-litellm", action="store_true", help="also measure LiteLLM's proxy (not yet)"
+        "--compare-litellm",
+        action="store_true",
+        help=f"also measure LiteLLM's proxy {LITELLM_VERSION} (installed once into ~/.cache/chatgate-bench)",
     )
     args = parser.parse_args()
+    program = litellm_program() if args.compare_litellm else None
 
     tmp = Path(tempfile.mkdtemp(prefix="chatgate-bench-"))
-    upstream_port, gateway_port = free_port(), free_port()
+    upstream_port, gateway_port, litellm_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     fake = spawn("-m", "tests.fakes.deepseek", "--port", str(upstream_port), "--api-key", UPSTREAM_KEY,
                  "--tokens", str(REPLY_TOKENS))  # fmt: skip
-    upstream_headers = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
-    await wait_for(upstream, "/chat/completions", upstream_headers, UPSTREAM_BODY)
+    direct = Target(
+        "direct",
+        upstream,
+        "/chat/completions",
+        {"Authorization": f"Bearer {UPSTREAM_KEY}"},
+        UPSTREAM_BODY,
+        fake,
+    )
+    await wait_for(direct.url, direct.path, direct.headers, direct.body)
 
     config = tmp / "plugins.toml"
     config.write_text(
@@ -246,61 +415,49 @@ async def main() -> None:
     )
     env = {**os.environ, "CHATGATE_CONFIG": str(config)}
     key = create_key(env)
-    gateway = f"http://127.0.0.1:{gateway_port}"
-    started = time.perf_counter()
-    server = spawn("-m", "core.cli", "serve", env=env)
-    gateway_headers = {"Authorization": f"Bearer {key}"}
-    await wait_for(gateway, "/v1/chat/completions", gateway_headers, BODY)
-    start_seconds = time.perf_counter() - started
-    peak = rss_mb(server.pid)
-
-    rows = []
+    chatgate = Target(
+        "chatgate", f"http://127.0.0.1:{gateway_port}", "/v1/chat/completions",
+        {"Authorization": f"Bearer {key}"}, BODY,
+    )  # fmt: skip
+    targets = [direct, chatgate]
+    litellm = None
     try:
+        await start(chatgate, ["-m", "core.cli", "serve"], env)
+        if program is not None:
+            (tmp / "litellm.yaml").write_text(
+                LITELLM_CONFIG.format(upstream=upstream, key=UPSTREAM_KEY, master=LITELLM_KEY)
+            )
+            litellm = Target(
+                "litellm", f"http://127.0.0.1:{litellm_port}", "/v1/chat/completions",
+                {"Authorization": f"Bearer {LITELLM_KEY}"}, BODY,
+            )  # fmt: skip
+            # The price list ships in the package; do not wait for a download that cannot happen.
+            litellm_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+            litellm_args = ["--config", str(tmp / "litellm.yaml"), "--host", "127.0.0.1",
+                            "--port", str(litellm_port), "--num_workers", "1"]  # fmt: skip
+            await start(litellm, litellm_args, litellm_env, program)
+            targets.append(litellm)
+        cells = []
         for stream in (False, True):
             for concurrency in CONCURRENCY:
-                body = {**BODY, "stream": stream}
-                direct_body = {**UPSTREAM_BODY, "stream": stream}
-                await load(
-                    upstream, "/chat/completions", upstream_headers, direct_body, concurrency, 100
-                )  # warm-up
-                await load(gateway, "/v1/chat/completions", gateway_headers, body, concurrency, 100)
-                direct = await load(
-                    upstream, "/chat/completions", upstream_headers, direct_body, concurrency, args.requests
-                )
-                through = await load(
-                    gateway, "/v1/chat/completions", gateway_headers, body, concurrency, args.requests
-                )
-                peak = max(peak, rss_mb(server.pid))
-                rows.append((stream, concurrency, direct, through))
+                cells.append(await measure(targets, stream, concurrency, args.requests))
     finally:
-        server.terminate()
-        fake.terminate()
-        server.wait(10)
-        fake.wait(10)
+        for target in reversed(targets):
+            stop(target)
 
-    print(f"\nchatgate: one worker, SQLite, billing and rate limits on; {args.requests} requests per cell")
-    print(f"start to first answered request: {start_seconds:.2f} s; peak RSS: {peak:.0f} MB\n")
+    gateways = [t.name for t in targets[1:]]
     print(
-        "| mode | conc | direct req/s | chatgate req/s | direct p50 ms | chatgate p50 ms | added p50 ms "
-        "| direct p99 ms | chatgate p99 ms | TTFT overhead p50 ms | errors |"
+        "\nOne worker each; chatgate with SQLite, billing and rate limits on; "
+        f"{args.requests} requests per cell"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for stream, concurrency, direct, through in rows:
-        ttft = (
-            f"{through.pct(through.first_tokens, 0.5) - direct.pct(direct.first_tokens, 0.5):.2f}"
-            if stream
-            else "-"
-        )
-        mode = "stream" if stream else "whole"
+    for target in targets[1:]:
         print(
-            f"| {mode} | {concurrency} | {direct.rps():,.0f} | {through.rps():,.0f} "
-            f"| {direct.pct(direct.latencies, 0.5):.2f} | {through.pct(through.latencies, 0.5):.2f} "
-            f"| {through.pct(through.latencies, 0.5) - direct.pct(direct.latencies, 0.5):.2f} "
-            f"| {direct.pct(direct.latencies, 0.99):.2f} | {through.pct(through.latencies, 0.99):.2f} "
-            f"| {ttft} | {direct.errors + through.errors} |"
+            f"{target.name}: start to first answered request {target.start_seconds:.2f} s, "
+            f"peak RSS {target.peak_rss:.0f} MB"
         )
-    if args.compare_litellm:
-        print("\n--compare-litellm: not implemented yet (see bench/README.md)")
+    print()
+    table(cells, gateways)
+    verdict(cells, chatgate, litellm)
 
 
 if __name__ == "__main__":
