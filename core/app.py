@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -75,6 +76,10 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
             for surface in surfaces:
                 await surface.startup()
                 stack.push_async_callback(surface.shutdown)
+            # What start-up built lives as long as the server: keep it out of every
+            # garbage collection (their pauses were the slowest requests' latency).
+            gc.collect()
+            gc.freeze()
             log.info(
                 "chatgate %s ready: store %s, providers %s, surfaces %s",
                 __version__,
