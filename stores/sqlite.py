@@ -306,7 +306,7 @@ class SqliteStore(Store):
         return await self._write(_create_api_key, values)
 
     async def find_api_key(self, key_hash: str) -> ApiKey | None:
-        return await self._read(_first, ApiKey, "SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,))
+        return await self._read(_key_by_hash, key_hash)
 
     async def find_api_key_owner(self, key_hash: str) -> tuple[ApiKey, User] | None:
         return await self._read(_key_and_owner, key_hash)
@@ -476,8 +476,12 @@ def _ensure_user(db: sqlite3.Connection, email: str) -> User:
     return _record(User, row)
 
 
+def _key_by_hash(db: sqlite3.Connection, key_hash: str) -> ApiKey | None:
+    return _first(db, ApiKey, "SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,))
+
+
 def _key_and_owner(db: sqlite3.Connection, key_hash: str) -> tuple[ApiKey, User] | None:
-    key = _first(db, ApiKey, "SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,))
+    key = _key_by_hash(db, key_hash)
     return None if key is None else (key, _get(db, User, "users", key.user_id, "user"))
 
 
