@@ -9,6 +9,7 @@ entry.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +44,13 @@ class Reservation:
     use: RateUse | None = None
 
 
+@functools.lru_cache(maxsize=256)
+def _exact(price: float) -> Decimal:
+    # A configured price as written (0.1, not 0.1000000000000000055...); a handful of
+    # distinct prices, converted once instead of on every request.
+    return Decimal(str(price))
+
+
 class Billing:
     """Prices, reservations and settlements."""
 
@@ -59,8 +67,8 @@ class Billing:
     @staticmethod
     def cost_at(model: ModelConfig, prompt_tokens: int, completion_tokens: int) -> int:
         """Micro-credits for this many tokens; prices are credits per million tokens, rounded up."""
-        price = Decimal(str(model.input_price)) * prompt_tokens
-        price += Decimal(str(model.output_price)) * completion_tokens
+        price = _exact(model.input_price) * prompt_tokens
+        price += _exact(model.output_price) * completion_tokens
         return math.ceil(price)
 
     def worst_case(self, route: Route, request: ChatRequest, prompt: int | None = None) -> int:
