@@ -24,6 +24,7 @@ from .services.catalog import Catalog
 from .services.completions import Completions
 from .services.conversations import Conversations
 from .services.generations import Generations
+from .services.memory import Memory
 
 log = logging.getLogger("chatgate")
 
@@ -51,6 +52,7 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
         flush_interval=config.generation.flush_interval,
         stale_after=config.generation.stale_after,
     )
+    memory = Memory(store, billing)
     services = Services(
         config=config,
         catalog=Catalog(config.models, providers, {n: t.fallbacks for n, t in config.providers.items()}),
@@ -58,7 +60,8 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
         billing=billing,
         completions=Completions(billing),
         generations=generations,
-        conversations=Conversations(store, generations, billing),
+        conversations=Conversations(store, generations, billing, memory),
+        memory=memory,
     )
     surfaces = [c.registered.cls(c.options, services) for c in setup.surfaces.values()]
 

@@ -11,6 +11,7 @@ from .catalog import Catalog
 from .completions import Completions
 from .conversations import Conversations
 from .generations import Generations
+from .memory import Memory
 
 
 @dataclass(frozen=True)
@@ -24,3 +25,4 @@ class Services:
     completions: Completions
     generations: Generations
     conversations: Conversations
+    memory: Memory

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import ContextTooLong
 from ..store import Message
-from ..tokens import estimate_message_tokens
+from ..tokens import estimate_message_tokens, estimate_prompt_tokens
 from ..types import ChatMessage
 
 SUMMARY_PREAMBLE = "Summary of the earlier part of this conversation:\n"
@@ -33,13 +33,17 @@ def fit_context(
     budget: int,
     system: str | None = None,
     summary: str = "",
+    question: str | None = None,
 ) -> ContextWindow:
     """Keep the newest messages of ``history`` that fit ``budget`` tokens.
 
-    ``history`` ends with the newest input, which is always kept. The system
+    The newest input is ``question`` (a user turn not stored yet) when given,
+    else the last message of ``history``; it is always kept. The system
     prompt and the rolling ``summary`` come first and count against the
     budget. Messages without content (a reply that failed before its first
-    token) are left out; the kept part starts with a user turn.
+    token) are left out; the kept part starts with a user turn, and turns of
+    the same role that end up next to each other are joined into one (some
+    upstreams, DeepSeek's reasoner among them, refuse two user turns in a row).
 
     Raises:
         ContextTooLong: the system prompt, summary and newest input alone exceed ``budget``.
@@ -51,23 +55,35 @@ def fit_context(
         head.append(ChatMessage(role="system", content=SUMMARY_PREAMBLE + summary))
     used = sum(estimate_message_tokens(m) for m in head)
     usable = [m for m in history if m.content]
-    if not usable:
+    if question is not None:
+        newest = ChatMessage(role="user", content=question)
+    elif usable:
+        newest = to_chat_message(usable.pop())
+    else:
         return ContextWindow(tuple(head), (), used)
-    newest = to_chat_message(usable[-1])
     used += estimate_message_tokens(newest)
     if used > budget:
         raise ContextTooLong(used, budget)
-    kept: list[Message] = [usable[-1]]
-    for message in reversed(usable[:-1]):
+    kept: list[Message] = []
+    for message in reversed(usable):
         cost = estimate_message_tokens(to_chat_message(message))
         if used + cost > budget:
             break
         used += cost
         kept.append(message)
     kept.reverse()
-    while len(kept) > 1 and kept[0].role != "user":
+    while kept and kept[0].role != "user":
         used -= estimate_message_tokens(to_chat_message(kept.pop(0)))
-    kept_ids = {m.id for m in kept}
-    dropped = tuple(m for m in history if m.id not in kept_ids and m.content)
-    messages = (*head, *(to_chat_message(m) for m in kept))
-    return ContextWindow(messages, dropped, used)
+    dropped = tuple(usable[: len(usable) - len(kept)])
+    messages = (*head, *_joined([*(to_chat_message(m) for m in kept), newest]))
+    return ContextWindow(messages, dropped, estimate_prompt_tokens(messages))
+
+
+def _joined(turns: list[ChatMessage]) -> list[ChatMessage]:
+    joined: list[ChatMessage] = []
+    for turn in turns:
+        if joined and joined[-1].role == turn.role and turn.role in ("user", "assistant"):
+            joined[-1] = ChatMessage(role=turn.role, content=f"{joined[-1].content}\n\n{turn.content}")
+        else:
+            joined.append(turn)
+    return joined

@@ -7,11 +7,14 @@ from dataclasses import dataclass
 import msgspec
 
 from ..errors import NotFound
+from ..locks import KeyedLock
 from ..store import Conversation, ConversationPatch, Message, MessageDraft, Store
 from ..types import ChatRequest
 from .billing import Billing
 from .catalog import Route
+from .context import fit_context
 from .generations import Generation, Generations
+from .memory import Memory, budget_of
 
 
 @dataclass(frozen=True)
@@ -25,10 +28,52 @@ class Transcript:
 class Conversations:
     """Owner-checked access to conversations: someone else's id is :class:`NotFound`, like a missing one."""
 
-    def __init__(self, store: Store, generations: Generations, billing: Billing) -> None:
+    def __init__(self, store: Store, generations: Generations, billing: Billing, memory: Memory) -> None:
         self.store = store
         self.generations = generations
         self.billing = billing
+        self.memory = memory
+        self._asking = KeyedLock()
+
+    async def ask(
+        self,
+        conversation: Conversation,
+        route: Route,
+        question: str,
+        *,
+        system: str | None = None,
+        memory: bool = True,
+        summarize: bool = True,
+        key_id: int | None = None,
+    ) -> Generation:
+        """Interrupt the conversation's running reply, then answer ``question`` in its context.
+
+        The interrupted reply is persisted first, so its partial text is part
+        of the new context. With ``memory`` the conversation's history goes
+        upstream, fitted to the model's budget (see :class:`Memory`);
+        without it only the system prompt and ``question``. The reply is
+        limited to the model's ``max_output_tokens``, which is also what is
+        reserved.
+
+        Raises:
+            ContextTooLong: ``question`` alone does not fit; nothing was interrupted or written.
+            InsufficientBalance: the owner cannot cover the worst case; nothing was written.
+        """
+        budget = budget_of(route)
+        fit_context((), budget=budget, system=system, question=question)  # too long: refuse before anything
+        async with self._asking.hold(conversation.id):
+            await self.generations.interrupt(conversation.id)
+            if memory:
+                current = await self.store.get_conversation(conversation.id)  # its summary may have grown
+                messages = await self.memory.context(
+                    current, route, question=question, system=system, summarize=summarize
+                )
+            else:
+                messages = fit_context((), budget=budget, system=system, question=question).messages
+            request = ChatRequest(
+                model=route.model, messages=messages, max_tokens=route.config.max_output_tokens
+            )
+            return await self.start_reply(conversation, route, request, question=question, key_id=key_id)
 
     async def start_reply(
         self,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ..errors import ProviderError, Unavailable
+from ..locks import KeyedLock
 from ..provider import merge_tool_call
 from ..store import Message, MessagePatch, MessageStatus, Store, utcnow
 from ..tokens import estimate_prompt_tokens, estimate_tokens
@@ -111,7 +112,7 @@ class Generations:
         self.flush_interval = flush_interval
         self.stale_after = stale_after
         self._running: dict[int, Generation] = {}
-        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}  # lock and how many tasks want it
+        self._exclusive = KeyedLock()  # one start or interrupt at a time per conversation
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -146,7 +147,7 @@ class Generations:
         and, when billing applies, reserved its cost; the generation settles
         the reservation whatever the outcome.
         """
-        async with self._exclusive(conversation_id):
+        async with self._exclusive.hold(conversation_id):
             await self._interrupt_locked(conversation_id)
             generation = Generation(conversation_id, message_id, route, request, reservation)
             self._running[conversation_id] = generation
@@ -157,7 +158,7 @@ class Generations:
 
     async def interrupt(self, conversation_id: int) -> bool:
         """Stop the conversation's running generation, if any, and wait until it is persisted."""
-        async with self._exclusive(conversation_id):
+        async with self._exclusive.hold(conversation_id):
             return await self._interrupt_locked(conversation_id)
 
     async def sweep(self) -> int:
@@ -176,21 +177,6 @@ class Generations:
         if stale:
             log.warning("settled %d reservation(s) a stopped process left unsettled", len(stale))
         return len(orphans) + len(stale)
-
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, conversation_id: int) -> AsyncIterator[None]:
-        """One start or interrupt at a time per conversation; the lock lives only while wanted."""
-        lock, wanted = self._locks.get(conversation_id, (asyncio.Lock(), 0))
-        self._locks[conversation_id] = (lock, wanted + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, wanted = self._locks[conversation_id]
-            if wanted == 1:
-                del self._locks[conversation_id]
-            else:
-                self._locks[conversation_id] = (lock, wanted - 1)
 
     async def _interrupt_locked(self, conversation_id: int) -> bool:
         generation = self._running.get(conversation_id)

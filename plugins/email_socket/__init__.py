@@ -1,18 +1,26 @@
-"""The email-socket surface (seed 000): per-email conversations, polled with ``/api/record``."""
+"""The email-socket surface (seed 000): interruptible per-email conversations, polled with ``/api/record``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ipaddress
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgspec
-from litestar import Request, post
-from litestar.response import Response
+from litestar import Request, Router, post
+from litestar.exceptions import HTTPException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.response import Response, Stream
 from litestar.types import ControllerRouterHandler
 
+from core.errors import ConfigError, ContextTooLong, InsufficientBalance, Problem
 from core.hookspecs import hookimpl
-from core.services.accounts import email_allowed, normalize_email
+from core.services.accounts import EMAIL, email_allowed, normalize_email
+from core.services.conversations import Transcript
+from core.services.generations import Generation
+from core.store import Conversation, User
 from core.surface import Surface
+from core.types import ContentDelta, ReasoningDelta
 
 KIND = "email"
 
@@ -20,56 +28,232 @@ KIND = "email"
 class Options(msgspec.Struct, forbid_unknown_fields=True):
     """``[surfaces.email_socket]`` options."""
 
-    allow: list[str] = msgspec.field(default_factory=lambda: ["*"])
-    """Who may chat: exact addresses, ``*@domain`` patterns, or ``*`` for everyone."""
+    model: str = "mock-chat"
+    """The model of ``[models]`` that answers every email."""
+    allow: list[str] | None = None
+    """Who may chat: exact addresses, ``*@domain`` patterns, or ``*`` for everyone.
+    Unset: everyone while the server listens on a loopback address, no one otherwise."""
     show_think: bool = True
-    """Whether ``/api/record`` shows the model's reasoning as ``think``."""
+    """Whether ``/api/record`` (and streamed replies) show the model's reasoning as ``think``."""
+    system_prompt: str = ""
+    """Sent first in every conversation; empty: none."""
+    summarize: bool = True
+    """Fold turns that no longer fit the model's context into a rolling summary; off: drop them."""
 
 
 def failure(status: int, message: str) -> Response[Any]:
+    """The seed's error shape."""
     return Response({"status": False, "code": status, "error": message}, status_code=status)
 
 
+class Invalid(Exception):
+    """A request body the seed's API does not accept; ``str()`` says which field and why."""
+
+
+def fields(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a request body, with ``email`` checked and normalized."""
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise Invalid('the body must be a JSON object like {"email": "you@example.com"}') from None
+    if not isinstance(body, dict):
+        raise Invalid('the body must be a JSON object like {"email": "you@example.com"}')
+    email = body.get("email")
+    if email is None:
+        raise Invalid("field 'email' is missing")
+    if not isinstance(email, str) or not EMAIL.fullmatch(normalize_email(email)):
+        raise Invalid(f"field 'email' must be an email address, got {email!r}")
+    body["email"] = normalize_email(email)
+    return body
+
+
+def on_loopback(request: Request[Any, Any, Any]) -> bool:
+    """Whether the request came in on a loopback address (or a Unix socket)."""
+    server = request.scope.get("server")
+    if not server:
+        return True
+    try:
+        return ipaddress.ip_address(server[0]).is_loopback
+    except ValueError:
+        return server[0] == "localhost"
+
+
+def record_entries(transcript: Transcript, show_think: bool) -> list[dict[str, str]]:
+    """The seed's ``text`` array: oldest first, ``think`` and ``status`` only where they apply."""
+    entries = []
+    for message in transcript.messages:
+        if message.role == "user":
+            entries.append({"role": "user", "content": message.content})
+            continue
+        entry = {"role": "ai", "content": message.content}
+        if show_think and message.reasoning:
+            entry["think"] = message.reasoning
+        if message.status in ("interrupted", "error"):
+            entry["status"] = message.status
+        entries.append(entry)
+    return entries
+
+
+def event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
 class EmailSocketSurface(Surface):
-    """Conversations keyed by email address, as the seed's clients expect."""
+    """Conversations keyed by email address, as the seed's clients expect.
+
+    Promises: one conversation per email, isolated from every other; a newer
+    ``/api/chat`` interrupts the running reply (its caller gets ``exit: 1``)
+    and answers with the partial exchange in context; nothing stored is lost
+    by a failure or an interrupt; every error is
+    ``{"status": false, "code": N, "error": ...}``. Interrupts reach replies
+    running in this process: run one worker per email-socket server.
+    """
 
     name = "email_socket"
     Options = Options
 
+    def __init__(self, options: Options, services: Any) -> None:
+        super().__init__(options, services)
+        config = services.config
+        if options.model not in config.models:
+            known = ", ".join(sorted(config.models)) or "none configured"
+            raise ConfigError(
+                [
+                    Problem(
+                        file=str(config.path),
+                        key="surfaces.email_socket.model",
+                        expected=f"one of the models of [models] ({known})",
+                        found=repr(options.model),
+                    )
+                ]
+            )
+
     def route_handlers(self) -> Sequence[ControllerRouterHandler]:
         services = self.services
-        options = self.options
+        options: Options = self.options
+        route = services.catalog.route(options.model)
+        system = options.system_prompt or None
+
+        def admitted(request: Request[Any, Any, Any], email: str) -> Response[Any] | None:
+            allow = options.allow
+            if allow is None:
+                allow = ["*"] if on_loopback(request) else []
+            if email_allowed(email, allow):
+                return None
+            return failure(403, f"{email} is not allowed to use this service; ask the operator to add it")
+
+        async def conversation_of(user: User) -> Conversation:
+            return await services.conversations.latest(user.id, KIND) or await services.conversations.create(
+                user.id, KIND
+            )
+
+        @post("/api/chat", tags=["email-socket"], summary="Send a message; answers when the reply ends")
+        async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
+            try:
+                body = fields(await request.body())
+            except Invalid as exc:
+                return failure(400, str(exc))
+            question = body.get("inp")
+            if not isinstance(question, str) or not question.strip():
+                return failure(400, "field 'inp' is missing or empty; send the message as a string")
+            stream = body.get("stream", False)
+            if not isinstance(stream, bool):
+                return failure(400, f"field 'stream' must be true or false, got {stream!r}")
+            refused = admitted(request, body["email"])
+            if refused:
+                return refused
+            user = await services.accounts.ensure_user(body["email"])
+            conversation = await conversation_of(user)
+            try:
+                generation = await services.conversations.ask(
+                    conversation, route, question, system=system, summarize=options.summarize
+                )
+            except ContextTooLong as exc:
+                return failure(400, f"field 'inp' is too long: {exc}")
+            except InsufficientBalance:
+                return failure(403, f"the balance of {user.email} is used up; ask the operator to top it up")
+            if stream:
+                return Stream(
+                    streamed(generation),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            return await ended(generation)
+
+        async def ended(generation: Generation) -> Response[Any]:
+            try:
+                outcome = await generation.wait()
+            except Exception:  # the store could not record the end; the log has why
+                return failure(500, "the reply could not be saved; see the server log")
+            if outcome.status == "error":
+                return failure(500, outcome.error.message if outcome.error else "the reply failed")
+            return Response({"status": True, "code": 200, "exit": int(outcome.status == "interrupted")})
+
+        async def streamed(generation: Generation) -> AsyncIterator[bytes]:
+            async for part in generation.follow():
+                if isinstance(part, ContentDelta) and part.text:
+                    yield event({"content": part.text})
+                elif isinstance(part, ReasoningDelta) and part.text and options.show_think:
+                    yield event({"think": part.text})
+            try:
+                outcome = await generation.wait()
+            except Exception:
+                yield event({"status": False, "code": 500, "error": "the reply could not be saved"})
+                return
+            if outcome.status == "error":
+                message = outcome.error.message if outcome.error else "the reply failed"
+                yield event({"status": False, "code": 500, "error": message})
+            else:
+                yield event({"status": True, "code": 200, "exit": int(outcome.status == "interrupted")})
 
         @post("/api/record", tags=["email-socket"], summary="The conversation of an email", status_code=200)
         async def record(request: Request[Any, Any, Any]) -> Response[Any]:
             try:
-                body = msgspec.json.decode(await request.body())
-            except msgspec.DecodeError:
-                return failure(400, 'the body must be a JSON object like {"email": "you@example.com"}')
-            email = body.get("email") if isinstance(body, dict) else None
-            if not isinstance(email, str) or "@" not in email:
-                return failure(400, "field 'email' is missing or not an email address")
-            if not email_allowed(email, options.allow):
-                return failure(403, f"{normalize_email(email)} is not allowed to use this service")
-            user = await services.accounts.find_user(email)
+                body = fields(await request.body())
+            except Invalid as exc:
+                return failure(400, str(exc))
+            refused = admitted(request, body["email"])
+            if refused:
+                return refused
+            user = await services.accounts.find_user(body["email"])
             conversation = await services.conversations.latest(user.id, KIND) if user else None
             if conversation is None:
                 return Response({"text": [], "code": 200})
             transcript = await services.conversations.transcript(conversation.id)
-            text = []
-            for message in transcript.messages:
-                entry: dict[str, str] = {
-                    "role": "user" if message.role == "user" else "ai",
-                    "content": message.content,
-                }
-                if message.role == "assistant" and message.reasoning and options.show_think:
-                    entry["think"] = message.reasoning
-                if message.role == "assistant" and message.status in ("interrupted", "error"):
-                    entry["status"] = message.status
-                text.append(entry)
+            text = record_entries(transcript, options.show_think)
             return Response({"text": text, "code": 201 if transcript.generating else 200})
 
-        return [record]
+        @post("/api/clear", tags=["email-socket"], summary="Start a fresh conversation", status_code=200)
+        async def clear(request: Request[Any, Any, Any]) -> Response[Any]:
+            try:
+                body = fields(await request.body())
+            except Invalid as exc:
+                return failure(400, str(exc))
+            refused = admitted(request, body["email"])
+            if refused:
+                return refused
+            user = await services.accounts.find_user(body["email"])
+            conversation = await services.conversations.latest(user.id, KIND) if user else None
+            if user is not None and conversation is not None:
+                await services.generations.interrupt(conversation.id)
+                if (await services.conversations.transcript(conversation.id)).messages:
+                    await services.conversations.create(user.id, KIND)
+            return Response({"status": True, "code": 200})
+
+        limit = services.config.server.max_body_bytes
+
+        def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+            # Litestar's own refusals (oversized body, wrong method) in the seed's shape too.
+            message = exc.detail
+            if isinstance(exc, RequestEntityTooLarge):
+                message = f"the request body is larger than this server's limit of {limit} bytes"
+            response = failure(exc.status_code, message)
+            response.headers.update(exc.headers or {})
+            return response
+
+        return [
+            Router("/", route_handlers=[chat, record, clear], exception_handlers={HTTPException: http_error})
+        ]
 
 
 @hookimpl

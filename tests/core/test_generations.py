@@ -255,7 +255,7 @@ async def test_interrupting_right_after_starting_still_ends_the_reply(write_conf
     async with asyncio.timeout(2):  # not wait_for: its extra task would let the reply start first
         assert await services.generations.interrupt(conversation.id) is True
         assert (await generation.wait()).message.status == "interrupted"
-    assert services.generations._locks == {}  # per-conversation locks do not pile up
+    assert len(services.generations._exclusive) == 0  # per-conversation locks do not pile up
 
 
 async def test_the_charge_is_settled_even_when_the_reply_cannot_be_written(gateway):

@@ -33,7 +33,7 @@ import string
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from types import TracebackType
@@ -263,6 +263,8 @@ class FakeDeepSeek:
         self.port = port
         self.url = ""  # set by start()
         self.scenario = Scenario()
+        self.responder: Callable[[Any], Scenario | None] | None = None
+        """Picks the scenario from the request's JSON body (None: the script's or ``scenario``)."""
         self.requests: list[Received] = []
         self.connections = 0
         self.active_streams = 0
@@ -560,6 +562,8 @@ class FakeDeepSeek:
         # One chat request takes one scenario, whatever becomes of it, so a script stays predictable.
         scenario = self._script.popleft() if self._script else self.scenario
         body, syntax_error = _decode(request.body)
+        if self.responder is not None and syntax_error is None:
+            scenario = self.responder(body) or scenario
         self.requests.append(
             Received(
                 method=request.method,

@@ -1,0 +1,184 @@
+"""Long memory: the context of a conversation's next reply, within the model's budget.
+
+What no longer fits is folded into the conversation's rolling summary,
+written by the conversation's own model (or, with summaries off, dropped
+oldest first), so a conversation of hundreds of turns still carries what
+was said at its start. Summaries are charged to the conversation's owner
+like any reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import aclosing
+
+from ..errors import ContextTooLong, InsufficientBalance, ProviderError, RateLimitExceeded, Unavailable
+from ..store import Conversation, ConversationPatch, Message, Store
+from ..tokens import estimate_tokens
+from ..types import ChatMessage, ChatRequest, ContentDelta, Finish, Usage
+from .billing import Billing
+from .catalog import Route
+from .context import fit_context
+
+log = logging.getLogger("chatgate.memory")
+
+FOLD_INSTRUCTIONS = (
+    "You keep the running summary of a conversation between a user and an assistant. "
+    "Rewrite the summary so far together with the new part of the conversation into one summary. "
+    "Keep what later turns may need: names, facts, numbers, decisions, the user's preferences and "
+    "requests, open questions. Write it in the language the conversation uses, as plain prose "
+    "without preamble, in at most {words} words."
+)
+
+
+def budget_of(route: Route) -> int:
+    """Tokens the prompt may use: the model's context minus room for the longest reply."""
+    return route.config.context_tokens - route.config.max_output_tokens
+
+
+class Memory:
+    """Builds what goes upstream for a conversation's next reply.
+
+    Promises: the messages returned fit the model's budget (system prompt and
+    newest input included); reasoning is never among them; the stored
+    conversation only ever changes by a longer summary, written after the
+    provider produced it, so a failed summary loses nothing (its turns are
+    dropped from this one prompt instead, and folded on a later turn).
+    """
+
+    def __init__(self, store: Store, billing: Billing) -> None:
+        self.store = store
+        self.billing = billing
+
+    async def context(
+        self,
+        conversation: Conversation,
+        route: Route,
+        *,
+        question: str | None = None,
+        system: str | None = None,
+        summarize: bool = True,
+        until: int | None = None,
+    ) -> tuple[ChatMessage, ...]:
+        """The prompt for the next reply: summary, then as many recent turns as fit, then the input.
+
+        ``question`` is a user turn not stored yet; without it the newest
+        stored message (up to message id ``until``, when given) is the input.
+
+        Raises:
+            ContextTooLong: the system prompt and the input alone exceed the budget; nothing was written.
+        """
+        messages = await self.store.list_messages(conversation.id)
+        if until is not None:
+            messages = [m for m in messages if m.id <= until]
+        summary, summarized = conversation.summary, conversation.summary_until
+        history = [m for m in messages if summarized is None or m.id > summarized]
+        budget = budget_of(route)
+        window = fit_context(history, budget=budget, system=system, summary=summary, question=question)
+        if not window.dropped or not summarize:
+            return window.messages
+        # Fold down to half the budget, so the next turns fit without another summary.
+        try:
+            fold = fit_context(history, budget=budget // 2, system=system, summary=summary, question=question)
+        except ContextTooLong:
+            fold = window
+        try:
+            summary = await self._fold(conversation, route, summary, fold.dropped, budget)
+        except (ProviderError, InsufficientBalance, RateLimitExceeded) as exc:
+            log.warning(
+                "conversation %d: could not summarize %d earlier message(s), leaving them out of this "
+                "prompt instead: %s",
+                conversation.id,
+                len(fold.dropped),
+                exc,
+            )
+            return window.messages
+        until_id = fold.dropped[-1].id
+        await self.store.update_conversation(
+            conversation.id, ConversationPatch(summary=summary, summary_until=until_id)
+        )
+        history = [m for m in history if m.id > until_id]
+        return fit_context(history, budget=budget, system=system, summary=summary, question=question).messages
+
+    async def _fold(
+        self, conversation: Conversation, route: Route, summary: str, turns: Sequence[Message], budget: int
+    ) -> str:
+        """The summary rewritten to cover ``turns`` too, in as many provider calls as their length needs."""
+        limit = max(64, min(1024, budget // 8))
+        instructions = FOLD_INSTRUCTIONS.format(words=limit * 2 // 3)
+        # What one call may carry besides the instructions and the summary so far.
+        room = budget - limit - estimate_tokens(instructions) - estimate_tokens(summary) - 64
+        room = max(room, 256)
+        batch: list[str] = []
+        used = 0
+        for message in turns:
+            line = f"{'User' if message.role == 'user' else 'Assistant'}: {_clip(message.content, room)}"
+            cost = estimate_tokens(line)
+            if batch and used + cost > room:
+                summary = await self._summarize(conversation, route, instructions, summary, batch, limit)
+                batch, used = [], 0
+            batch.append(line)
+            used += cost
+        if batch:
+            summary = await self._summarize(conversation, route, instructions, summary, batch, limit)
+        return summary
+
+    async def _summarize(
+        self,
+        conversation: Conversation,
+        route: Route,
+        instructions: str,
+        summary: str,
+        lines: list[str],
+        limit: int,
+    ) -> str:
+        earlier = summary or "(none yet)"
+        part = "\n\n".join(lines)
+        request = ChatRequest(
+            model=route.model,
+            messages=(
+                ChatMessage(role="system", content=instructions),
+                ChatMessage(
+                    role="user",
+                    content=f"Summary so far:\n{earlier}\n\nNew part of the conversation:\n{part}",
+                ),
+            ),
+            max_tokens=limit,
+            stream=False,
+        )
+        reservation = await self.billing.reserve(conversation.user_id, route, request, key_id=None)
+        started = time.monotonic()
+        text: list[str] = []
+        usage: Usage | None = None
+        outcome = "summary_error"
+        try:
+            async with aclosing(route.provider.stream(request)) as events:
+                async for event in events:
+                    if isinstance(event, ContentDelta):
+                        text.append(event.text)
+                    elif isinstance(event, Finish):
+                        usage = event.usage
+            outcome = "summary"
+        finally:
+            if usage is None:
+                produced = estimate_tokens("".join(text)) if text else 0
+                usage = Usage(prompt_tokens=reservation.entry.prompt_tokens, completion_tokens=produced)
+            latency_ms = round((time.monotonic() - started) * 1000)
+            # Settled even when the caller was interrupted meanwhile: the tokens were spent.
+            settle = self.billing.settle(reservation, usage, outcome=outcome, latency_ms=latency_ms)
+            await asyncio.shield(settle)
+        folded = "".join(text).strip()
+        if not folded:
+            raise Unavailable(f"provider {route.provider.instance!r} answered an empty summary")
+        return folded
+
+
+def _clip(text: str, tokens: int) -> str:
+    """``text`` cut in the middle to about ``tokens`` tokens (its start and end say the most)."""
+    if estimate_tokens(text) <= tokens:
+        return text
+    keep = max(1, len(text) * tokens // estimate_tokens(text) // 2)
+    return f"{text[:keep]} [...] {text[-keep:]}"
