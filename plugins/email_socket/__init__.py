@@ -147,7 +147,12 @@ class EmailSocketSurface(Surface):
                 user.id, KIND
             )
 
-        @post("/api/chat", tags=["email-socket"], summary="Send a message; answers when the reply ends")
+        @post(
+            "/api/chat",
+            tags=["email-socket"],
+            summary="Send a message; answers when the reply ends",
+            status_code=200,
+        )
         async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
             try:
                 body = fields(await request.body())

@@ -1,0 +1,583 @@
+"""The email-socket surface (seed 000) against a live gateway and the fake DeepSeek upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from core.services.context import SUMMARY_PREAMBLE
+from core.tokens import estimate_prompt_tokens
+from core.types import ChatMessage
+from plugins.email_socket import on_loopback
+from tests.conftest import Gateway, deepseek_config
+from tests.fakes.deepseek import FakeDeepSeek, Scenario
+
+MODELS = """
+[models.deepseek-chat]
+provider = "deepseek"
+context_tokens = 65536
+max_output_tokens = 4096
+
+[models.deepseek-reasoner]
+provider = "deepseek"
+context_tokens = 65536
+max_output_tokens = 4096
+"""
+SEEDS = Path(__file__).parent / "seeds"
+
+
+class Email:
+    """The gateway as the seed's clients see it."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.url = gateway.url
+        self.http = gateway.client
+
+    async def chat(self, email: str, inp: str, **extra: Any) -> httpx.Response:
+        return await self.http.post("/api/chat", json={"email": email, "inp": inp, **extra}, timeout=30)
+
+    async def record(self, email: str) -> dict[str, Any]:
+        response = await self.http.post("/api/record", json={"email": email})
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def email_config(fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path]) -> Callable[..., Path]:
+    """A config whose email surface answers with ``model`` (the fake's reasoner by default)."""
+
+    def write(surface: str = "", *, model: str = "deepseek-reasoner", models: str = MODELS) -> Path:
+        options = f'[surfaces.email_socket]\nmodel = "{model}"\n{surface}'
+        return write_config(  # type: ignore[no-any-return]
+            deepseek_config(fake_deepseek.url, extra="max_retries = 0") + models,
+            replace={"[surfaces.email_socket]\n": options},
+        )
+
+    return write
+
+
+@pytest.fixture
+async def email(email_config: Callable[..., Path], gateway_factory: Callable[..., object]) -> Email:
+    return Email(await gateway_factory(email_config()))  # type: ignore[arg-type,misc]
+
+
+def chat_requests(fake: FakeDeepSeek) -> list[dict[str, Any]]:
+    """The bodies of the replies' upstream requests (summaries left out)."""
+    return [r.body for r in fake.requests if not is_summary(r.body)]
+
+
+def is_summary(body: dict[str, Any]) -> bool:
+    first = body["messages"][0]
+    return first["role"] == "system" and "running summary" in first["content"]
+
+
+# --- the seed's own clients ---
+
+
+async def run(*command: str) -> str:
+    process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+def seed(name: str, url: str, tmp_path: Path, old: str = "http://aisocket.zeromi.cn:5000") -> Path:
+    path = tmp_path / name
+    path.write_text((SEEDS / name).read_text().replace(old, url))
+    return path
+
+
+async def test_the_seed_python_example(email: Email, fake_deepseek: FakeDeepSeek, tmp_path: Path) -> None:
+    fake_deepseek.scenario = Scenario(content="量子计算利用叠加和纠缠。", reasoning="用户想要入门解释。")
+    out = await run(sys.executable, str(seed("000_polling.py", email.url, tmp_path)))
+    assert out.splitlines() == ["AI回复: 量子计算利用叠加和纠缠。", "思考过程: 用户想要入门解释。"]
+    [body] = chat_requests(fake_deepseek)
+    assert body["messages"][-1] == {"role": "user", "content": "解释一下量子计算的基本原理"}
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+async def test_the_seed_javascript_example(email: Email, fake_deepseek: FakeDeepSeek, tmp_path: Path) -> None:
+    fake_deepseek.scenario = Scenario(content="你好!有什么可以帮你?", reasoning="打招呼。")
+    out = await run("node", str(seed("000_chat.js", email.url, tmp_path)))
+    assert "最新回复: {" in out
+    assert "role: 'ai'" in out
+    assert "content: '你好!有什么可以帮你?'" in out
+    assert "think: '打招呼。'" in out
+    assert out.rstrip().endswith("对话完成")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_the_seed_curl_calls(email: Email, fake_deepseek: FakeDeepSeek) -> None:
+    fake_deepseek.scenario = Scenario(content="今天晴。", reasoning="天气问题。")
+    chat = await run(
+        "curl", "-s", "-X", "POST", f"{email.url}/api/chat",
+        "-H", "Content-Type: application/json",
+        "-d", '{ "email": "user@example.com", "inp": "你好,今天天气怎么样?" }',
+    )  # fmt: skip
+    assert json.loads(chat) == {"status": True, "code": 200, "exit": 0}
+    record = await run(
+        "curl", "-s", "-X", "POST", f"{email.url}/api/record",
+        "-H", "Content-Type: application/json",
+        "-d", '{"email": "user@example.com"}',
+    )  # fmt: skip
+    assert json.loads(record) == {
+        "text": [
+            {"role": "user", "content": "你好,今天天气怎么样?"},
+            {"role": "ai", "content": "今天晴。", "think": "天气问题。"},
+        ],
+        "code": 200,
+    }
+
+
+async def test_the_seed_httpie_calls(email: Email, fake_deepseek: FakeDeepSeek) -> None:
+    fake_deepseek.scenario = Scenario(content="今天晴。")
+    http = [sys.executable, "-m", "httpie", "--ignore-stdin"]
+    host = email.url.removeprefix("http://")
+    chat = await run(*http, "POST", f"{host}/api/chat", "email=user@example.com", "inp=你好,今天天气怎么样?")
+    assert json.loads(chat) == {"status": True, "code": 200, "exit": 0}
+    record = json.loads(await run(*http, "POST", f"{host}/api/record", "email=user@example.com"))
+    assert [(e["role"], e["content"]) for e in record["text"]] == [
+        ("user", "你好,今天天气怎么样?"),
+        ("ai", "今天晴。"),
+    ]
+
+
+# --- interrupt ---
+
+
+async def wait_for_partial(email: Email, address: str) -> dict[str, Any]:
+    """The record once the reply being generated shows some text."""
+    async with asyncio.timeout(10):
+        while True:
+            record = await email.record(address)
+            if record["code"] == 201 and record["text"][-1]["content"]:
+                return record
+            await asyncio.sleep(0.02)
+
+
+async def test_a_newer_chat_interrupts_and_answers_with_the_partial_exchange_in_context(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.script(
+        Scenario(content=" ".join(f"word{i}" for i in range(400)), token_delay=0.01, reasoning="r"),
+        Scenario(content="Second answer.", reasoning="r2"),
+    )
+    first = asyncio.create_task(email.chat("a@example.com", "Tell me a long story"))
+    await wait_for_partial(email, "a@example.com")
+    second = await email.chat("a@example.com", "Stop, answer this instead")
+    # The interrupted caller hears exit 1; the upstream saw its request go away.
+    assert (await first).json() == {"status": True, "code": 200, "exit": 1}
+    assert second.json() == {"status": True, "code": 200, "exit": 0}
+    assert len(fake_deepseek.disconnects) == 1
+    record = await email.record("a@example.com")
+    assert record["code"] == 200
+    roles = [(e["role"], e.get("status")) for e in record["text"]]
+    assert roles == [("user", None), ("ai", "interrupted"), ("user", None), ("ai", None)]
+    partial = record["text"][1]["content"]
+    assert partial.startswith("word0 word1")
+    assert not partial.endswith("word399")
+    # The new reply was asked with the partial exchange before it (reasoning never sent back).
+    sent = chat_requests(fake_deepseek)[1]["messages"]
+    assert sent == [
+        {"role": "user", "content": "Tell me a long story"},
+        {"role": "assistant", "content": partial},
+        {"role": "user", "content": "Stop, answer this instead"},
+    ]
+
+
+async def test_twenty_emails_chat_at_once_each_in_their_own_conversation(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(token_delay=0.005, tokens=20, reasoning_tokens=2)
+    addresses = [f"user{i}@example.com" for i in range(20)]
+    answers = await asyncio.gather(*(email.chat(a, f"I am {a}, hello") for a in addresses))
+    assert [r.json() for r in answers] == [{"status": True, "code": 200, "exit": 0}] * 20
+    assert fake_deepseek.disconnects == []
+    for address in addresses:
+        record = await email.record(address)
+        assert [e["role"] for e in record["text"]] == ["user", "ai"]
+        assert record["text"][0]["content"] == f"I am {address}, hello"
+        # The fake's default reply repeats the question's first words: this email's, no one else's.
+        assert record["text"][1]["content"].startswith(f"You said I am {address},")
+        assert "status" not in record["text"][1]
+
+
+# --- live record ---
+
+
+async def test_the_record_grows_while_generating_then_is_complete(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(100)), token_delay=0.02)
+    chat = asyncio.create_task(email.chat("live@example.com", "count slowly"))
+    seen = [await wait_for_partial(email, "live@example.com")]
+    while seen[-1]["code"] == 201:
+        await asyncio.sleep(0.5)
+        seen.append(await email.record("live@example.com"))
+    assert (await chat).json()["exit"] == 0
+    growing = [r["text"][-1]["content"] for r in seen if r["code"] == 201]
+    assert len(growing) >= 2
+    assert all(len(a) < len(b) for a, b in itertools.pairwise(growing))
+    assert seen[-1]["text"][-1]["content"] == " ".join(f"w{i}" for i in range(100))
+    assert all("status" not in r["text"][-1] for r in seen)
+
+
+# --- access and bad input ---
+
+
+async def test_the_allow_list_matches_exact_addresses_and_domains_case_insensitively(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    config = email_config('allow = ["Boss@Example.com", "*@Team.example"]\n')
+    email = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
+    for allowed in ("boss@example.com", "BOSS@EXAMPLE.COM", "anyone@team.example", "x@TEAM.EXAMPLE"):
+        assert (await email.chat(allowed, "hi")).json()["status"] is True
+    for refused in ("other@example.com", "boss@example.org", "a@sub.team.example"):
+        for path in ("/api/chat", "/api/record", "/api/clear"):
+            response = await email.http.post(path, json={"email": refused, "inp": "hi"})
+            assert response.status_code == 403
+            assert response.json() == {
+                "status": False,
+                "code": 403,
+                "error": f"{refused} is not allowed to use this service; ask the operator to add it",
+            }
+    # One conversation per address, whatever its case.
+    record = await email.record("Boss@example.COM")
+    assert [e["role"] for e in record["text"]] == ["user", "ai", "user", "ai"]
+    assert await email.gateway.services.accounts.find_user("other@example.com") is None
+
+
+NO_INP = "field 'inp' is missing or empty; send the message as a string"
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"{not json", 'the body must be a JSON object like {"email": "you@example.com"}'),
+        (b"[]", 'the body must be a JSON object like {"email": "you@example.com"}'),
+        (b'{"inp": "hi"}', "field 'email' is missing"),
+        (b'{"email": "nobody", "inp": "hi"}', "field 'email' must be an email address, got 'nobody'"),
+        (b'{"email": 7, "inp": "hi"}', "field 'email' must be an email address, got 7"),
+        (b'{"email": "a@example.com"}', NO_INP),
+        (b'{"email": "a@example.com", "inp": "  "}', NO_INP),
+        (b'{"email": "a@example.com", "inp": ["hi"]}', NO_INP),
+        (b'{"email": "a@x.io", "inp": "hi", "stream": 1}', "field 'stream' must be true or false, got 1"),
+    ],
+)  # fmt: skip
+async def test_bad_input_is_400_naming_the_field_and_writes_nothing(
+    email: Email, fake_deepseek: FakeDeepSeek, body: bytes, error: str
+) -> None:
+    response = await email.http.post("/api/chat", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json() == {"status": False, "code": 400, "error": error}
+    assert fake_deepseek.requests == []
+    assert await email.gateway.services.accounts.list_users() == []
+
+
+async def test_an_input_larger_than_the_context_is_400_and_interrupts_nothing(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    small = MODELS.replace(
+        "context_tokens = 65536\nmax_output_tokens = 4096", "context_tokens = 600\nmax_output_tokens = 100"
+    )
+    email = Email(await gateway_factory(email_config(models=small)))  # type: ignore[arg-type,misc]
+    fake_deepseek.scenario = Scenario(content="fine")
+    assert (await email.chat("a@example.com", "hello")).json()["exit"] == 0
+    response = await email.chat("a@example.com", "word " * 3000)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("field 'inp' is too long: the input needs about")
+    assert len((await email.record("a@example.com"))["text"]) == 2
+
+
+async def test_an_oversized_body_is_413_in_the_seed_shape(email: Email) -> None:
+    oversized = json.dumps({"email": "a@example.com", "inp": "x" * 2_000_000})
+    response = await email.http.post("/api/chat", content=oversized)
+    assert response.status_code == 413
+    assert response.json()["error"] == "the request body is larger than this server's limit of 1048576 bytes"
+
+
+def test_without_an_allow_list_only_a_loopback_server_lets_everyone_in() -> None:
+    from litestar import Request
+
+    def arrived_on(host: str) -> bool:
+        return on_loopback(Request({"type": "http", "server": (host, 8000), "headers": []}))  # type: ignore[arg-type]
+
+    assert arrived_on("127.0.0.1")
+    assert arrived_on("::1")
+    assert arrived_on("localhost")
+    assert not arrived_on("10.0.0.5")
+    assert not arrived_on("192.168.1.2")
+
+
+async def test_a_public_server_without_an_allow_list_refuses_everyone(
+    email_config: Callable[..., Path], fake_deepseek: FakeDeepSeek
+) -> None:
+    from litestar.testing import AsyncTestClient
+
+    from core.app import create_app
+    from core.config import load_config
+
+    app = create_app(load_config(email_config()))
+    async with AsyncTestClient(app, base_url="http://203.0.113.7:8000") as client:
+        # Litestar's test client reports the base URL's host as the server address.
+        response = await client.post("/api/chat", json={"email": "a@example.com", "inp": "hi"})
+    assert response.status_code == 403
+    assert fake_deepseek.requests == []
+
+
+# --- long memory ---
+
+SMALL = MODELS.replace(
+    "context_tokens = 65536\nmax_output_tokens = 4096", "context_tokens = 700\nmax_output_tokens = 100"
+)
+BUDGET = 600
+
+
+def summarizer(body: dict[str, Any]) -> Scenario | None:
+    """A faithful summarizer: keeps every ``fact-N`` it is shown (the summary so far included)."""
+    if not is_summary(body):
+        return None
+    facts = sorted(set(re.findall(r"fact-\d+", body["messages"][-1]["content"])), key=lambda f: int(f[5:]))
+    return Scenario(content=" ".join(facts), thinking=False)
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    return estimate_prompt_tokens(
+        [ChatMessage(role=m["role"], content=m["content"]) for m in body["messages"]]
+    )
+
+
+async def test_a_long_conversation_fits_the_budget_and_remembers_its_start(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    config = email_config('system_prompt = "You are terse."\n', model="deepseek-chat", models=SMALL)
+    email = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
+    fake_deepseek.responder = summarizer
+    fake_deepseek.scenario = Scenario(tokens=12)
+    for turn in range(120):
+        response = await email.chat("long@example.com", f"Remember fact-{turn}: item {turn} is blue.")
+        assert response.json()["exit"] == 0, response.text
+    bodies = [r.body for r in fake_deepseek.requests]
+    replies = chat_requests(fake_deepseek)
+    assert len(replies) == 120
+    assert 2 <= len(bodies) - len(replies) <= 40  # folded now and then, not on every turn
+    for body in replies:
+        assert prompt_tokens(body) <= BUDGET
+        assert body["messages"][0] == {"role": "system", "content": "You are terse."}
+        assert all("reasoning_content" not in m for m in body["messages"])
+    for body in bodies:
+        assert prompt_tokens(body) <= BUDGET
+    # The last turn still carries the first: through the summary the model wrote.
+    last = replies[-1]["messages"]
+    assert last[1]["role"] == "system"
+    assert last[1]["content"].startswith(SUMMARY_PREAMBLE)
+    assert "fact-0 " in last[1]["content"]
+    assert "fact-1 " in last[1]["content"]
+    assert last[-1] == {"role": "user", "content": "Remember fact-119: item 119 is blue."}
+    # The record keeps every message; the summary only shortens what goes upstream.
+    assert len((await email.record("long@example.com"))["text"]) == 240
+
+
+async def test_without_summaries_the_oldest_turns_are_dropped(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    config = email_config("summarize = false\n", model="deepseek-chat", models=SMALL)
+    email = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
+    fake_deepseek.scenario = Scenario(tokens=12)
+    for turn in range(40):
+        assert (await email.chat("drop@example.com", f"fact-{turn} here")).json()["exit"] == 0
+    replies = chat_requests(fake_deepseek)
+    assert len(replies) == len(fake_deepseek.requests) == 40
+    assert all(prompt_tokens(b) <= BUDGET for b in replies)
+    last = replies[-1]["messages"]
+    assert last[0]["content"] != "fact-0 here"
+    assert last[0]["role"] == "user"
+    assert last[-1]["content"] == "fact-39 here"
+    assert len(last) < 79
+
+
+async def test_a_failed_summary_drops_turns_for_now_and_folds_them_later(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    config = email_config(model="deepseek-chat", models=SMALL)
+    email = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
+    broken = {"on": True}
+
+    def flaky(body: dict[str, Any]) -> Scenario | None:
+        if is_summary(body) and broken["on"]:
+            return Scenario(status=503)
+        return summarizer(body)
+
+    fake_deepseek.responder = flaky
+    fake_deepseek.scenario = Scenario(tokens=12)
+    turn = 0
+    while not any(is_summary(r.body) for r in fake_deepseek.requests):
+        assert (await email.chat("flaky@example.com", f"fact-{turn} noted")).json()["exit"] == 0
+        turn += 1
+    assert prompt_tokens(chat_requests(fake_deepseek)[-1]) <= BUDGET
+    broken["on"] = False
+    assert (await email.chat("flaky@example.com", "and now?")).json()["exit"] == 0
+    last = chat_requests(fake_deepseek)[-1]["messages"]
+    assert last[0]["content"].startswith(SUMMARY_PREAMBLE)
+    assert "fact-0 " in last[0]["content"]
+
+
+# --- failures ---
+
+
+async def test_an_upstream_failure_is_500_and_keeps_the_record_consistent(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.script(Scenario(content="First answer."), Scenario(status=503, message="Server overloaded"))
+    assert (await email.chat("f@example.com", "one")).json()["exit"] == 0
+    response = await email.chat("f@example.com", "two")
+    assert response.status_code == 500
+    body = response.json()
+    assert body["status"] is False
+    assert body["code"] == 500
+    assert "Server overloaded" in body["error"]
+    assert "sk-" not in body["error"]
+    record = await email.record("f@example.com")
+    assert [(e["role"], e["content"], e.get("status")) for e in record["text"]] == [
+        ("user", "one", None),
+        ("ai", "First answer.", None),
+        ("user", "two", None),
+        ("ai", "", "error"),
+    ]
+    # A later question goes up without the failed, empty reply.
+    fake_deepseek.scenario = Scenario(content="Third answer.")
+    assert (await email.chat("f@example.com", "three")).json()["exit"] == 0
+    assert [m["content"] for m in chat_requests(fake_deepseek)[-1]["messages"]] == [
+        "one",
+        "First answer.",
+        "two\n\nthree",
+    ]
+
+
+async def test_a_stream_broken_midway_keeps_its_partial_reply_marked_error(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(
+        content="one two three four five six", disconnect_after=4, thinking=False
+    )
+    response = await email.chat("cut@example.com", "go")
+    assert response.status_code == 500
+    [_, reply] = (await email.record("cut@example.com"))["text"]
+    assert reply["status"] == "error"
+    assert reply["content"] == "one two three"
+
+
+async def test_the_record_survives_a_restart(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    config = email_config()
+    first = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
+    fake_deepseek.scenario = Scenario(content="Kept.", reasoning="Thought.")
+    assert (await first.chat("r@example.com", "remember me")).json()["exit"] == 0
+    before = await first.record("r@example.com")
+    second = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
+    assert await second.record("r@example.com") == before
+
+
+# --- beyond the seed ---
+
+
+async def test_clear_starts_a_fresh_context(email: Email, fake_deepseek: FakeDeepSeek) -> None:
+    fake_deepseek.scenario = Scenario(content="Noted.")
+    assert (await email.chat("c@example.com", "my name is Ada")).json()["exit"] == 0
+    response = await email.http.post("/api/clear", json={"email": "C@example.com"})
+    assert response.json() == {"status": True, "code": 200}
+    assert await email.record("c@example.com") == {"text": [], "code": 200}
+    assert (await email.chat("c@example.com", "what is my name?")).json()["exit"] == 0
+    assert chat_requests(fake_deepseek)[-1]["messages"] == [{"role": "user", "content": "what is my name?"}]
+    # Clearing twice in a row makes one fresh conversation, not two.
+    await email.http.post("/api/clear", json={"email": "c@example.com"})
+    await email.http.post("/api/clear", json={"email": "c@example.com"})
+    user = await email.gateway.services.accounts.find_user("c@example.com")
+    assert user is not None
+    assert len(await email.gateway.services.conversations.list(user.id, "email")) == 3
+
+
+def events(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: ")]
+
+
+async def test_a_streamed_chat_sends_think_and_content_deltas_then_the_end(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(content="Hello there friend", reasoning="Greet back.")
+    async with email.http.stream(
+        "POST", "/api/chat", json={"email": "s@example.com", "inp": "hi", "stream": True}
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        received = events((await response.aread()).decode())
+    assert "".join(e.get("think", "") for e in received) == "Greet back."
+    assert "".join(e.get("content", "") for e in received) == "Hello there friend"
+    assert received[-1] == {"status": True, "code": 200, "exit": 0}
+    record = await email.record("s@example.com")
+    assert record["text"][-1] == {"role": "ai", "content": "Hello there friend", "think": "Greet back."}
+
+
+async def test_a_streamed_chat_is_interrupted_like_any_other(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.script(
+        Scenario(content=" ".join(f"w{i}" for i in range(300)), token_delay=0.01), Scenario(content="ok")
+    )
+
+    async def stream() -> list[dict[str, Any]]:
+        body = {"email": "si@example.com", "inp": "long", "stream": True}
+        async with email.http.stream("POST", "/api/chat", json=body) as response:
+            return events((await response.aread()).decode())
+
+    first = asyncio.create_task(stream())
+    await wait_for_partial(email, "si@example.com")
+    assert (await email.chat("si@example.com", "short")).json()["exit"] == 0
+    received = await first
+    assert received[-1] == {"status": True, "code": 200, "exit": 1}
+    assert len("".join(e.get("content", "") for e in received)) > 0
+
+
+async def test_a_priced_model_charges_the_email_and_refuses_an_empty_balance(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    priced = MODELS.replace(
+        'provider = "deepseek"\n', 'provider = "deepseek"\ninput_price = 1000\noutput_price = 2000\n'
+    )
+    email = Email(await gateway_factory(email_config(model="deepseek-chat", models=priced)))  # type: ignore[arg-type,misc]
+    response = await email.chat("paying@example.com", "hi")
+    assert response.status_code == 403
+    assert response.json() == {
+        "status": False,
+        "code": 403,
+        "error": "the balance of paying@example.com is used up; ask the operator to top it up",
+    }
+    assert (await email.record("paying@example.com"))["text"] == []
+    services = email.gateway.services
+    user = await services.accounts.find_user("paying@example.com")
+    assert user is not None
+    await services.billing.top_up(user.id, 100_000_000)
+    fake_deepseek.scenario = Scenario(content="Paid answer.")
+    assert (await email.chat("paying@example.com", "hi")).json()["exit"] == 0
+    async with asyncio.timeout(5):
+        while True:
+            ledger = await services.billing.store.list_ledger(user.id)
+            charges = [e for e in ledger if e.kind == "charge"]
+            if charges and not any(e.kind == "reservation" for e in ledger):
+                break
+            await asyncio.sleep(0.01)
+    [charge] = charges
+    assert charge.amount == -(charge.prompt_tokens * 1000 + charge.completion_tokens * 2000)
+    assert (await services.accounts.get_user(user.id)).balance == 100_000_000 + charge.amount
