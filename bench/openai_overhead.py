@@ -118,10 +118,12 @@ class Run:
 
 
 class Connection:
-    """One keep-alive HTTP/1.1 connection that posts JSON and reads whole (or streamed) answers."""
+    """One keep-alive HTTP/1.1 connection that posts JSON (or GETs) and reads whole (or streamed) answers."""
 
-    def __init__(self, host: str, port: int, path: str, headers: dict[str, str]) -> None:
-        self.host, self.port, self.path, self.headers = host, port, path, headers
+    def __init__(
+        self, host: str, port: int, path: str, headers: dict[str, str], method: str = "POST"
+    ) -> None:
+        self.host, self.port, self.path, self.headers, self.method = host, port, path, headers, method
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -130,7 +132,7 @@ class Connection:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
-        head = f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+        head = f"{self.method} {self.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in self.headers.items()) + "\r\n"
         started = time.perf_counter()
         self.writer.write(head.encode() + body)
@@ -164,16 +166,25 @@ class Connection:
 
 
 async def load(
-    url: str, path: str, headers: dict[str, str], body: dict[str, object], concurrency: int, total: int
+    url: str,
+    path: str,
+    headers: dict[str, str],
+    body: dict[str, object] | None,
+    concurrency: int,
+    total: int,
 ) -> Run:
+    """``total`` requests from ``concurrency`` keep-alive callers; a GET when ``body`` is None."""
     host, port = url.removeprefix("http://").split(":")
-    payload = json.dumps(body).encode()
+    payload = json.dumps(body).encode() if body is not None else b""
+    method = "POST" if body is not None else "GET"
     run = Run()
     remaining = total
 
     async def caller() -> None:
         nonlocal remaining
-        connection = Connection(host, int(port), path, {"Content-Type": "application/json", **headers})
+        connection = Connection(
+            host, int(port), path, {"Content-Type": "application/json", **headers}, method
+        )
         try:
             while remaining > 0:
                 remaining -= 1

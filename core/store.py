@@ -148,7 +148,7 @@ class Conversation(msgspec.Struct, frozen=True):
 
     ``kind`` is the surface's namespace (``email``, ``topic`` ...); ``summary``
     is the rolling summary of messages up to ``summary_until`` (a message id)
-    that no longer fit the context budget.
+    that no longer fit the context budget; ``revision`` versions its messages.
     """
 
     id: int
@@ -161,6 +161,9 @@ class Conversation(msgspec.Struct, frozen=True):
     summary_until: int | None
     created_at: datetime
     updated_at: datetime
+    revision: int = 0
+    """Changes whenever one of the conversation's messages is added, changed or removed, by
+    any process; equal revisions mean equal messages (so a list of them can be cached)."""
 
 
 class ConversationPatch(msgspec.Struct, frozen=True):

@@ -148,6 +148,20 @@ MIGRATIONS: list[str] = [
         GROUP BY key_id, created_at / 1000;
     CREATE INDEX ledger_in_flight ON ledger (key_id, created_at) WHERE kind = 'reservation';
     """,
+    # 6: a conversation's revision moves with every write to its messages, whoever writes,
+    # so readers can cache a long conversation and check it with one small read.
+    """
+    ALTER TABLE conversations ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+    CREATE TRIGGER messages_added AFTER INSERT ON messages BEGIN
+        UPDATE conversations SET revision = revision + 1 WHERE id = NEW.conversation_id;
+    END;
+    CREATE TRIGGER messages_changed AFTER UPDATE ON messages BEGIN
+        UPDATE conversations SET revision = revision + 1 WHERE id = NEW.conversation_id;
+    END;
+    CREATE TRIGGER messages_removed AFTER DELETE ON messages BEGIN
+        UPDATE conversations SET revision = revision + 1 WHERE id = OLD.conversation_id;
+    END;
+    """,
 ]
 """Forward migrations; applying ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
 
@@ -423,8 +437,7 @@ class SqliteStore(Store):
         return await self._read(_get, Message, "messages", message_id, "message")
 
     async def list_messages(self, conversation_id: int) -> list[Message]:
-        sql = "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id"
-        return await self._read(_all, Message, sql, (conversation_id,))
+        return await self._read(_messages, conversation_id)
 
     async def interrupt_stale_generations(self, updated_before: datetime) -> list[Message]:
         # Stamps are whole milliseconds, so stamp < cutoff exactly when
@@ -609,6 +622,24 @@ def _first(db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any
 
 def _all(db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any] = ()) -> list[_R]:
     return [_record(cls, row) for row in _rows(db, sql, params)]
+
+
+_MESSAGE_COLUMNS = ", ".join(Message.__struct_fields__)
+
+
+def _messages(db: sqlite3.Connection, conversation_id: int) -> list[Message]:
+    # The hot read of long conversations (a polled record): tuples in field order and
+    # positional structs, about 4x faster than rows by name through _record.
+    cursor = db.cursor()
+    cursor.row_factory = None
+    cursor.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+    )
+    epoch, ms = _EPOCH, _MS
+    return [
+        Message(*head, epoch + created * ms, epoch + updated * ms, ledger_id)
+        for *head, created, updated, ledger_id in cursor.fetchall()
+    ]
 
 
 def _write_one(

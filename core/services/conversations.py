@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import msgspec
@@ -28,12 +29,16 @@ class Transcript:
 class Conversations:
     """Owner-checked access to conversations: someone else's id is :class:`NotFound`, like a missing one."""
 
+    cached_conversations = 256
+    """How many conversations' messages are kept in memory (least recently read leave first)."""
+
     def __init__(self, store: Store, generations: Generations, billing: Billing, memory: Memory) -> None:
         self.store = store
         self.generations = generations
         self.billing = billing
         self.memory = memory
         self._asking = KeyedLock()
+        self._messages: OrderedDict[int, tuple[int, list[Message]]] = OrderedDict()
 
     async def ask(
         self,
@@ -66,7 +71,12 @@ class Conversations:
             if memory:
                 current = await self.store.get_conversation(conversation.id)  # its summary may have grown
                 messages = await self.memory.context(
-                    current, route, question=question, system=system, summarize=summarize
+                    current,
+                    await self.messages(current),
+                    route,
+                    question=question,
+                    system=system,
+                    summarize=summarize,
                 )
             else:
                 messages = fit_context((), budget=budget, system=system, question=question).messages
@@ -140,9 +150,29 @@ class Conversations:
         await self.generations.interrupt(conversation_id)
         return await self.store.delete_conversation(conversation_id)
 
-    async def transcript(self, conversation_id: int) -> Transcript:
-        messages = await self.store.list_messages(conversation_id)
-        live = self.generations.current(conversation_id)
+    async def messages(self, conversation: Conversation) -> list[Message]:
+        """The conversation's stored messages, oldest first. Shared: do not mutate the list.
+
+        Cached by the conversation's revision, so a long conversation read
+        again and again (a polled record) costs one store read per change,
+        whichever process made it.
+        """
+        cached = self._messages.get(conversation.id)
+        if cached is not None and cached[0] == conversation.revision:
+            self._messages.move_to_end(conversation.id)
+            return cached[1]
+        # A write after ``conversation`` was read moves its revision past the one this
+        # list is kept under, so the next reader fetches again: newer, never staler.
+        messages = await self.store.list_messages(conversation.id)
+        self._messages[conversation.id] = (conversation.revision, messages)
+        while len(self._messages) > self.cached_conversations:
+            self._messages.popitem(last=False)
+        return messages
+
+    async def transcript(self, conversation: Conversation) -> Transcript:
+        """The messages with the reply being generated here overlaid as far as it has got."""
+        messages = await self.messages(conversation)
+        live = self.generations.current(conversation.id)
         if live is None:
             # Another worker process may be generating: its flushes keep the stored text current.
             return Transcript(messages, generating=any(m.status == "generating" for m in messages))

@@ -56,6 +56,7 @@ class Memory:
     async def context(
         self,
         conversation: Conversation,
+        messages: Sequence[Message],
         route: Route,
         *,
         question: str | None = None,
@@ -65,13 +66,13 @@ class Memory:
     ) -> tuple[ChatMessage, ...]:
         """The prompt for the next reply: summary, then as many recent turns as fit, then the input.
 
+        ``messages`` are the conversation's stored ones, oldest first.
         ``question`` is a user turn not stored yet; without it the newest
-        stored message (up to message id ``until``, when given) is the input.
+        message (up to message id ``until``, when given) is the input.
 
         Raises:
             ContextTooLong: the system prompt and the input alone exceed the budget; nothing was written.
         """
-        messages = await self.store.list_messages(conversation.id)
         if until is not None:
             messages = [m for m in messages if m.id <= until]
         summary, summarized = conversation.summary, conversation.summary_until

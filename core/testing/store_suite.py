@@ -528,6 +528,34 @@ class StoreConformance:
             await store.update_message(MISSING, MessagePatch(content="x"))
 
     @pytest.mark.asyncio
+    async def test_revision_moves_with_every_write_to_the_messages(self, store: Store) -> None:
+        user = await store.ensure_user("talk@example.com")
+        conversation = await store.create_conversation(user.id, "topic")
+        other = await store.create_conversation(user.id, "topic")
+        seen = [conversation.revision]
+
+        async def moved() -> None:
+            revision = (await store.get_conversation(conversation.id)).revision
+            assert revision not in seen
+            seen.append(revision)
+
+        message = await store.append_message(
+            conversation.id, MessageDraft(role="assistant", status="generating")
+        )
+        await moved()
+        await store.update_message(message.id, MessagePatch(content="partial"))
+        await moved()
+        await store.interrupt_stale_generations(utcnow() + timedelta(seconds=1))
+        await moved()
+        # Reads, another conversation's messages and the conversation's own fields leave it alone.
+        await store.list_messages(conversation.id)
+        await store.append_message(other.id, MessageDraft(role="user", content="elsewhere"))
+        await store.update_conversation(conversation.id, ConversationPatch(name="renamed", summary="s"))
+        assert (await store.get_conversation(conversation.id)).revision == seen[-1]
+        listed = await store.list_conversations(user.id)
+        assert [c.revision for c in listed if c.id == conversation.id] == [seen[-1]]
+
+    @pytest.mark.asyncio
     async def test_list_messages_oldest_first_per_conversation(self, store: Store) -> None:
         user = await store.ensure_user("talk@example.com")
         one = await store.create_conversation(user.id, "topic")

@@ -224,7 +224,7 @@ class EmailSocketSurface(Surface):
             conversation = await services.conversations.latest(user.id, KIND) if user else None
             if conversation is None:
                 return Response({"text": [], "code": 200})
-            transcript = await services.conversations.transcript(conversation.id)
+            transcript = await services.conversations.transcript(conversation)
             text = record_entries(transcript, options.show_think)
             return Response({"text": text, "code": 201 if transcript.generating else 200})
 
@@ -241,7 +241,7 @@ class EmailSocketSurface(Surface):
             conversation = await services.conversations.latest(user.id, KIND) if user else None
             if user is not None and conversation is not None:
                 await services.generations.interrupt(conversation.id)
-                if (await services.conversations.transcript(conversation.id)).messages:
+                if await services.conversations.messages(conversation):
                     await services.conversations.create(user.id, KIND)
             return Response({"status": True, "code": 200})
 

@@ -296,7 +296,9 @@ async def test_a_reply_generating_in_another_process_shows_as_generating(gateway
     await store.append_message(
         conversation.id, MessageDraft(role="assistant", content="Hel", status="generating")
     )
-    transcript = await services.conversations.transcript(conversation.id)
+    transcript = await services.conversations.transcript(
+        await services.conversations.store.get_conversation(conversation.id)
+    )
     assert transcript.generating is True
     assert transcript.messages[-1].content == "Hel"
 

@@ -74,7 +74,9 @@ async def test_an_upstream_failure_keeps_the_question_and_marks_the_reply(
     assert outcome.status == "error"
     assert "Insufficient Balance" in (outcome.message.error or "")
     assert FAKE_DEEPSEEK_KEY not in (outcome.message.error or "")
-    transcript = await gateway.services.conversations.transcript(generation.conversation_id)
+    transcript = await gateway.services.conversations.transcript(
+        await gateway.services.conversations.store.get_conversation(generation.conversation_id)
+    )
     assert [m.content for m in transcript.messages if m.role == "user"] == ["Are you there?"]
 
 
