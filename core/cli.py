@@ -155,6 +155,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host or config.server.host,
         port=args.port or config.server.port,
         workers=args.workers or config.server.workers,
+        timeout_graceful_shutdown=config.server.shutdown_grace,
         log_level="info",
     )
     return 0

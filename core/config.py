@@ -36,6 +36,13 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: int = 1_048_576
     admin_token: str | None = None
     """Guards the admin API and key-management page; unset disables them."""
+    shutdown_grace: float = 10.0
+    """Seconds open requests (streams, an /api/chat waiting for its reply) get to end when the
+    server stops; then they are cut, and replies still generating are saved as interrupted."""
+
+    def __post_init__(self) -> None:
+        if self.shutdown_grace < 0:
+            raise ValueError(f"shutdown_grace to be >= 0 (it is {self.shutdown_grace})")
 
 
 class GenerationConfig(msgspec.Struct, forbid_unknown_fields=True):

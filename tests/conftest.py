@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -147,29 +148,32 @@ def chatgate(*args: str, cwd: Path | None = None, env: dict[str, str] | None = N
     return result
 
 
-@pytest.fixture
-def server_process(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """Start ``chatgate serve`` as a real process; returns its base URL once /healthz answers."""
-    processes: list[subprocess.Popen[bytes]] = []
-    logs = []
+class Servers:
+    """``chatgate serve`` processes: call it with a config to start one (its base URL once
+    /healthz answers); ``stop(url)`` stops one gracefully (SIGTERM); the rest stop at teardown."""
 
-    def start(config: Path, *extra: str, env: dict[str, str] | None = None) -> str:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: list[Any] = []
+
+    def __call__(self, config: Path, *extra: str, env: dict[str, str] | None = None) -> str:
         port = free_port()
-        log = open(tmp_path / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed at teardown
-        logs.append(log)
+        log = open(self.tmp_path / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed at teardown
+        self.logs.append(log)
         process = subprocess.Popen(
             [sys.executable, "-m", "core.cli", "serve", "--config", str(config), "--port", str(port), *extra],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            cwd=tmp_path,
+            cwd=self.tmp_path,
         )
-        processes.append(process)
         url = f"http://127.0.0.1:{port}"
+        self.processes[url] = process
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise AssertionError((tmp_path / f"serve-{port}.log").read_text())
+                raise AssertionError((self.tmp_path / f"serve-{port}.log").read_text())
             try:
                 if httpx.get(url + "/healthz", timeout=1).status_code == 200:
                     return url
@@ -178,16 +182,28 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., str]]:
             time.sleep(0.1)
         raise AssertionError("chatgate serve did not answer /healthz within 30 s")
 
-    yield start
-    for process in processes:
+    def stop(self, url: str) -> None:
+        process = self.processes.pop(url)
         process.terminate()
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    for log in logs:
-        log.close()
+
+    def close(self) -> None:
+        for url in list(self.processes):
+            self.stop(url)
+        for log in self.logs:
+            log.close()
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[Servers]:
+    """Start ``chatgate serve`` as real processes (see :class:`Servers`)."""
+    servers = Servers(tmp_path)
+    yield servers
+    servers.close()
 
 
 FAKE_DEEPSEEK_KEY = "sk-fake-0123456789abcdef"

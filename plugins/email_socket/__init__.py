@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -188,6 +189,9 @@ class EmailSocketSurface(Surface):
         async def ended(generation: Generation) -> Response[Any]:
             try:
                 outcome = await generation.wait()
+            except asyncio.CancelledError:
+                # Only a stopping server cancels a waiting /api/chat; it saves the reply as interrupted.
+                return Response({"status": True, "code": 200, "exit": 1})
             except Exception:  # the store could not record the end; the log has why
                 return failure(500, "the reply could not be saved; see the server log")
             if outcome.status == "error":

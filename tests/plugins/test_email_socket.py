@@ -20,7 +20,7 @@ from core.services.context import SUMMARY_PREAMBLE
 from core.tokens import estimate_prompt_tokens
 from core.types import ChatMessage
 from plugins.email_socket import on_loopback
-from tests.conftest import Gateway, deepseek_config
+from tests.conftest import Gateway, Servers, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
 MODELS = """
@@ -581,3 +581,35 @@ async def test_a_priced_model_charges_the_email_and_refuses_an_empty_balance(
     [charge] = charges
     assert charge.amount == -(charge.prompt_tokens * 1000 + charge.completion_tokens * 2000)
     assert (await services.accounts.get_user(user.id)).balance == 100_000_000 + charge.amount
+
+
+async def test_a_server_stopped_mid_reply_keeps_the_partial_reply_interrupted(
+    email_config: Callable[..., Path], server_process: Servers, fake_deepseek: FakeDeepSeek
+) -> None:
+    config = email_config()
+    config.write_text(config.read_text().replace("[server]\n", "[server]\nshutdown_grace = 0.5\n"))
+    url = await asyncio.to_thread(server_process, config)
+    fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(2000)), token_delay=0.005)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        chat = asyncio.create_task(
+            client.post("/api/chat", json={"email": "stop@example.com", "inp": "go on"})
+        )
+        async with asyncio.timeout(10):
+            while True:
+                record = (await client.post("/api/record", json={"email": "stop@example.com"})).json()
+                if record["code"] == 201 and len(record["text"][-1]["content"]) > 20:
+                    break
+                await asyncio.sleep(0.05)
+        seen = record["text"][-1]["content"]
+        await asyncio.to_thread(server_process.stop, url)
+        # The caller hears that its reply was interrupted, in the seed's shape.
+        assert (await chat).json() == {"status": True, "code": 200, "exit": 1}
+    url = await asyncio.to_thread(server_process, config)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        record = (await client.post("/api/record", json={"email": "stop@example.com"})).json()
+    assert record["code"] == 200
+    [question, reply] = record["text"]
+    assert question == {"role": "user", "content": "go on"}
+    assert reply["status"] == "interrupted"
+    assert reply["content"].startswith("w0 w1 w2")
+    assert reply["content"].startswith(seen)
