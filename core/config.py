@@ -36,7 +36,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: int = 1_048_576
     admin_token: str | None = None
     """Guards the admin API and key-management page; unset disables them."""
-    shutdown_grace: float = 10.0
+    shutdown_grace: int = 10
     """Seconds open requests (streams, an /api/chat waiting for its reply) get to end when the
     server stops; then they are cut, and replies still generating are saved as interrupted."""
 

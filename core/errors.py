@@ -11,6 +11,7 @@ Exception tree::
     ├── UnknownModel           a client asked for a model not in the catalog
     ├── UnknownProvider        a client named a provider instance not configured
     ├── ContextTooLong         the newest input alone exceeds the context budget
+    ├── Superseded             a newer question arrived while this one was being prepared
     ├── StoreError
     │   ├── NotFound           the row does not exist (or is not the caller's)
     │   ├── InsufficientBalance  a charge would take a balance below its floor
@@ -222,6 +223,11 @@ class UnknownProvider(ChatgateError):
         self.provider = provider
         self.known = known
         super().__init__(f"provider {provider!r} is not configured; configured: {', '.join(known) or 'none'}")
+
+
+class Superseded(ChatgateError):
+    """A newer question for the same conversation arrived while this one was still being
+    prepared (its context summarized): its input was stored, no reply was started."""
 
 
 class ContextTooLong(ChatgateError):

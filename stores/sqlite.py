@@ -624,22 +624,45 @@ def _all(db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any] 
     return [_record(cls, row) for row in _rows(db, sql, params)]
 
 
-_MESSAGE_COLUMNS = ", ".join(Message.__struct_fields__)
+_MESSAGE_COLUMNS = (
+    "id, conversation_id, role, content, reasoning, status, model, prompt_tokens, completion_tokens,"
+    " error, created_at, updated_at, ledger_id"
+)
 
 
 def _messages(db: sqlite3.Connection, conversation_id: int) -> list[Message]:
-    # The hot read of long conversations (a polled record): tuples in field order and
-    # positional structs, about 4x faster than rows by name through _record.
+    # The hot read of long conversations (a polled record): tuples and positional
+    # structs, about 1.4x faster than rows by name through _record.
     cursor = db.cursor()
     cursor.row_factory = None
     cursor.execute(
         f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
     )
     epoch, ms = _EPOCH, _MS
-    return [
-        Message(*head, epoch + created * ms, epoch + updated * ms, ledger_id)
-        for *head, created, updated, ledger_id in cursor.fetchall()
-    ]
+    messages = []
+    for row in cursor.fetchall():
+        (
+            id_,
+            conversation,
+            role,
+            text,
+            thought,
+            status,
+            model,
+            sent,
+            got,
+            error,
+            created,
+            updated,
+            ledger,
+        ) = row
+        at, changed = epoch + created * ms, epoch + updated * ms
+        messages.append(
+            Message(
+                id_, conversation, role, text, thought, status, model, sent, got, error, at, changed, ledger
+            )
+        )
+    return messages
 
 
 def _write_one(

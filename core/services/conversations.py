@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import msgspec
 
-from ..errors import NotFound
+from ..errors import InsufficientBalance, NotFound, Superseded
 from ..locks import KeyedLock
 from ..store import Conversation, ConversationPatch, Message, MessageDraft, Store
-from ..types import ChatRequest
+from ..tokens import estimate_tokens
+from ..types import ChatMessage, ChatRequest
 from .billing import Billing
 from .catalog import Route
 from .context import fit_context
 from .generations import Generation, Generations
 from .memory import Memory, budget_of
+
+Messages = list[Message]  # named here: inside Conversations, ``list`` is a method
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,8 @@ class Conversations:
         self.billing = billing
         self.memory = memory
         self._asking = KeyedLock()
-        self._messages: OrderedDict[int, tuple[int, list[Message]]] = OrderedDict()
+        self._preparing: dict[int, asyncio.Future[tuple[ChatMessage, ...]]] = {}
+        self._messages: OrderedDict[int, tuple[int, Messages]] = OrderedDict()
 
     async def ask(
         self,
@@ -60,30 +65,74 @@ class Conversations:
         limited to the model's ``max_output_tokens``, which is also what is
         reserved.
 
+        A newer ``ask`` on the same conversation cancels an older one still
+        summarizing its context: the older raises :class:`Superseded`.
+
         Raises:
             ContextTooLong: ``question`` alone does not fit; nothing was interrupted or written.
-            InsufficientBalance: the owner cannot cover the worst case; nothing was written.
+            InsufficientBalance: the owner cannot cover the worst case; nothing was written
+                (nothing was interrupted either, unless the balance only just fell short).
+            Superseded: a newer question arrived while this one was being prepared; this
+                question was stored, without a reply.
         """
         budget = budget_of(route)
         fit_context((), budget=budget, system=system, question=question)  # too long: refuse before anything
+        await self._check_balance(conversation, route, question)
+        self.supersede(conversation.id)
         async with self._asking.hold(conversation.id):
             await self.generations.interrupt(conversation.id)
             if memory:
-                current = await self.store.get_conversation(conversation.id)  # its summary may have grown
-                messages = await self.memory.context(
-                    current,
-                    await self.messages(current),
-                    route,
-                    question=question,
-                    system=system,
-                    summarize=summarize,
+                preparing = asyncio.ensure_future(
+                    self._context(conversation, route, question, system, summarize)
                 )
+                self._preparing[conversation.id] = preparing
+                try:
+                    messages = await preparing
+                except asyncio.CancelledError:
+                    if not preparing.cancelled() or _cancelling():
+                        raise  # our own caller was cancelled
+                    await self.store.append_message(
+                        conversation.id, MessageDraft(role="user", content=question)
+                    )
+                    raise Superseded(f"conversation {conversation.id}: a newer question arrived") from None
+                finally:
+                    if self._preparing.get(conversation.id) is preparing:
+                        del self._preparing[conversation.id]
             else:
                 messages = fit_context((), budget=budget, system=system, question=question).messages
             request = ChatRequest(
                 model=route.model, messages=messages, max_tokens=route.config.max_output_tokens
             )
             return await self.start_reply(conversation, route, request, question=question, key_id=key_id)
+
+    def supersede(self, conversation_id: int) -> None:
+        """Stop a question still being prepared for the conversation (its :meth:`ask` raises
+        :class:`Superseded`), so whoever comes next never waits for its summary."""
+        older = self._preparing.get(conversation_id)
+        if older is not None:
+            older.cancel()
+
+    async def _context(
+        self, conversation: Conversation, route: Route, question: str, system: str | None, summarize: bool
+    ) -> tuple[ChatMessage, ...]:
+        current = await self.store.get_conversation(conversation.id)  # its summary may have grown
+        return await self.memory.context(
+            current,
+            await self.messages(current),
+            route,
+            question=question,
+            system=system,
+            summarize=summarize,
+        )
+
+    async def _check_balance(self, conversation: Conversation, route: Route, question: str) -> None:
+        # Before interrupting anything: a question the balance cannot cover even with the
+        # shortest prompt is refused outright (the reservation is the exact check).
+        least = self.billing.cost(route, estimate_tokens(question), route.config.max_output_tokens)
+        if least > 0:
+            user = await self.store.get_user(conversation.user_id)
+            if user.balance < least:
+                raise InsufficientBalance(user.balance, -least)
 
     async def start_reply(
         self,
@@ -150,7 +199,7 @@ class Conversations:
         await self.generations.interrupt(conversation_id)
         return await self.store.delete_conversation(conversation_id)
 
-    async def messages(self, conversation: Conversation) -> list[Message]:
+    async def messages(self, conversation: Conversation) -> Messages:
         """The conversation's stored messages, oldest first. Shared: do not mutate the list.
 
         Cached by the conversation's revision, so a long conversation read
@@ -173,6 +222,9 @@ class Conversations:
         """The messages with the reply being generated here overlaid as far as it has got."""
         messages = await self.messages(conversation)
         live = self.generations.current(conversation.id)
+        if live is not None and all(m.id != live.message_id for m in messages):
+            # The reply started after the messages were read: read them again, past the cache.
+            messages = await self.store.list_messages(conversation.id)
         if live is None:
             # Another worker process may be generating: its flushes keep the stored text current.
             return Transcript(messages, generating=any(m.status == "generating" for m in messages))
@@ -183,3 +235,8 @@ class Conversations:
             for m in messages
         ]
         return Transcript(overlaid, generating=True)
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -17,7 +17,7 @@ from contextlib import aclosing
 
 from ..errors import ContextTooLong, InsufficientBalance, ProviderError, RateLimitExceeded, Unavailable
 from ..store import Conversation, ConversationPatch, Message, Store
-from ..tokens import estimate_tokens
+from ..tokens import estimate_prompt_tokens, estimate_tokens
 from ..types import ChatMessage, ChatRequest, ContentDelta, Finish, Usage
 from .billing import Billing
 from .catalog import Route
@@ -78,7 +78,11 @@ class Memory:
         summary, summarized = conversation.summary, conversation.summary_until
         history = [m for m in messages if summarized is None or m.id > summarized]
         budget = budget_of(route)
-        window = fit_context(history, budget=budget, system=system, summary=summary, question=question)
+        try:
+            window = fit_context(history, budget=budget, system=system, summary=summary, question=question)
+        except ContextTooLong:
+            # A long input and a long summary do not fit together: this one prompt goes without it.
+            return fit_context((), budget=budget, system=system, question=question).messages
         if not window.dropped or not summarize:
             return window.messages
         # Fold down to half the budget, so the next turns fit without another summary.
@@ -102,7 +106,12 @@ class Memory:
             conversation.id, ConversationPatch(summary=summary, summary_until=until_id)
         )
         history = [m for m in history if m.id > until_id]
-        return fit_context(history, budget=budget, system=system, summary=summary, question=question).messages
+        try:
+            return fit_context(
+                history, budget=budget, system=system, summary=summary, question=question
+            ).messages
+        except ContextTooLong:
+            return fit_context((), budget=budget, system=system, question=question).messages
 
     async def _fold(
         self, conversation: Conversation, route: Route, summary: str, turns: Sequence[Message], budget: int
@@ -110,46 +119,30 @@ class Memory:
         """The summary rewritten to cover ``turns`` too, in as many provider calls as their length needs."""
         limit = max(64, min(1024, budget // 8))
         instructions = FOLD_INSTRUCTIONS.format(words=limit * 2 // 3)
-        # What one call may carry besides the instructions and the summary so far.
-        room = budget - limit - estimate_tokens(instructions) - estimate_tokens(summary) - 64
-        room = max(room, 256)
+        summary = _clip(summary, budget // 4)  # a summary that outgrew its instructions
         batch: list[str] = []
-        used = 0
+
+        def fits(lines: list[str]) -> bool:
+            request = _fold_request(route, instructions, summary, lines)
+            return estimate_prompt_tokens(request.messages) <= budget
+
         for message in turns:
-            line = f"{'User' if message.role == 'user' else 'Assistant'}: {_clip(message.content, room)}"
-            cost = estimate_tokens(line)
-            if batch and used + cost > room:
-                summary = await self._summarize(conversation, route, instructions, summary, batch, limit)
-                batch, used = [], 0
+            line = f"{'User' if message.role == 'user' else 'Assistant'}: {message.content}"
+            # What one call may carry: the budget less the instructions and the summary so far.
+            room = budget - estimate_prompt_tokens(_fold_request(route, instructions, summary, []).messages)
+            line = _clip(line, room // 2)
+            if batch and not fits([*batch, line]):
+                folded = await self._summarize(conversation, route, instructions, summary, batch)
+                summary, batch = _clip(folded, budget // 4), []
             batch.append(line)
-            used += cost
         if batch:
-            summary = await self._summarize(conversation, route, instructions, summary, batch, limit)
+            summary = await self._summarize(conversation, route, instructions, summary, batch)
         return summary
 
     async def _summarize(
-        self,
-        conversation: Conversation,
-        route: Route,
-        instructions: str,
-        summary: str,
-        lines: list[str],
-        limit: int,
+        self, conversation: Conversation, route: Route, instructions: str, summary: str, lines: list[str]
     ) -> str:
-        earlier = summary or "(none yet)"
-        part = "\n\n".join(lines)
-        request = ChatRequest(
-            model=route.model,
-            messages=(
-                ChatMessage(role="system", content=instructions),
-                ChatMessage(
-                    role="user",
-                    content=f"Summary so far:\n{earlier}\n\nNew part of the conversation:\n{part}",
-                ),
-            ),
-            max_tokens=limit,
-            stream=False,
-        )
+        request = _fold_request(route, instructions, summary, lines)
         reservation = await self.billing.reserve(conversation.user_id, route, request, key_id=None)
         started = time.monotonic()
         text: list[str] = []
@@ -175,6 +168,24 @@ class Memory:
         if not folded:
             raise Unavailable(f"provider {route.provider.instance!r} answered an empty summary")
         return folded
+
+
+def _fold_request(route: Route, instructions: str, summary: str, lines: list[str]) -> ChatRequest:
+    earlier = summary or "(none yet)"
+    part = "\n\n".join(lines)
+    return ChatRequest(
+        model=route.model,
+        messages=(
+            ChatMessage(role="system", content=instructions),
+            ChatMessage(
+                role="user", content=f"Summary so far:\n{earlier}\n\nNew part of the conversation:\n{part}"
+            ),
+        ),
+        # The instructions bound the summary; the model's whole allowance leaves a
+        # reasoning model room to think first (settled to what it really used).
+        max_tokens=route.config.max_output_tokens,
+        stream=False,
+    )
 
 
 def _clip(text: str, tokens: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -14,8 +15,9 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Response, Stream
 from litestar.types import ControllerRouterHandler
 
-from core.errors import ConfigError, ContextTooLong, InsufficientBalance, Problem
+from core.errors import ConfigError, ContextTooLong, InsufficientBalance, Problem, Superseded
 from core.hookspecs import hookimpl
+from core.locks import KeyedLock
 from core.services.accounts import EMAIL, email_allowed, normalize_email
 from core.services.conversations import Transcript
 from core.services.generations import Generation
@@ -24,6 +26,7 @@ from core.surface import Surface
 from core.types import ContentDelta, ReasoningDelta
 
 KIND = "email"
+log = logging.getLogger("chatgate.email_socket")
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):
@@ -134,6 +137,7 @@ class EmailSocketSurface(Surface):
         options: Options = self.options
         route = services.catalog.route(options.model)
         system = options.system_prompt or None
+        starting = KeyedLock()
 
         def admitted(request: Request[Any, Any, Any], email: str) -> Response[Any] | None:
             allow = options.allow
@@ -147,6 +151,12 @@ class EmailSocketSurface(Surface):
             return await services.conversations.latest(user.id, KIND) or await services.conversations.create(
                 user.id, KIND
             )
+
+        async def supersede(user: User) -> None:
+            # Before waiting for the email's lock: a question still being prepared holds it.
+            latest = await services.conversations.latest(user.id, KIND)
+            if latest is not None:
+                services.conversations.supersede(latest.id)
 
         @post(
             "/api/chat",
@@ -169,11 +179,17 @@ class EmailSocketSurface(Surface):
             if refused:
                 return refused
             user = await services.accounts.ensure_user(body["email"])
-            conversation = await conversation_of(user)
+            await supersede(user)
             try:
-                generation = await services.conversations.ask(
-                    conversation, route, question, system=system, summarize=options.summarize
-                )
+                # Per email, so two first messages make one conversation and /api/clear
+                # never splits a question from its reply.
+                async with starting.hold(user.id):
+                    conversation = await conversation_of(user)
+                    generation = await services.conversations.ask(
+                        conversation, route, question, system=system, summarize=options.summarize
+                    )
+            except Superseded:
+                return Response({"status": True, "code": 200, "exit": 1})
             except ContextTooLong as exc:
                 return failure(400, f"field 'inp' is too long: {exc}")
             except InsufficientBalance:
@@ -190,8 +206,11 @@ class EmailSocketSurface(Surface):
             try:
                 outcome = await generation.wait()
             except asyncio.CancelledError:
-                # Only a stopping server cancels a waiting /api/chat; it saves the reply as interrupted.
-                return Response({"status": True, "code": 200, "exit": 1})
+                # Only a stopping server cancels a waiting /api/chat: stop the reply (it is
+                # saved as interrupted) and tell the caller how it ended.
+                if services.generations.current(generation.conversation_id) is generation:
+                    await asyncio.shield(services.generations.interrupt(generation.conversation_id))
+                outcome = await asyncio.shield(generation.wait())
             except Exception:  # the store could not record the end; the log has why
                 return failure(500, "the reply could not be saved; see the server log")
             if outcome.status == "error":
@@ -242,14 +261,25 @@ class EmailSocketSurface(Surface):
             if refused:
                 return refused
             user = await services.accounts.find_user(body["email"])
-            conversation = await services.conversations.latest(user.id, KIND) if user else None
-            if user is not None and conversation is not None:
-                await services.generations.interrupt(conversation.id)
-                if await services.conversations.messages(conversation):
-                    await services.conversations.create(user.id, KIND)
+            if user is None:
+                return Response({"status": True, "code": 200})
+            await supersede(user)
+            async with starting.hold(user.id):
+                conversation = await services.conversations.latest(user.id, KIND)
+                if conversation is not None:
+                    await services.generations.interrupt(conversation.id)
+                    current = await services.conversations.get(
+                        user.id, conversation.id
+                    )  # after the interrupt
+                    if await services.conversations.messages(current):
+                        await services.conversations.create(user.id, KIND)
             return Response({"status": True, "code": 200})
 
         limit = services.config.server.max_body_bytes
+
+        def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+            log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+            return failure(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
         def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
             # Litestar's own refusals (oversized body, wrong method) in the seed's shape too.
@@ -261,7 +291,11 @@ class EmailSocketSurface(Surface):
             return response
 
         return [
-            Router("/", route_handlers=[chat, record, clear], exception_handlers={HTTPException: http_error})
+            Router(
+                "/",
+                route_handlers=[chat, record, clear],
+                exception_handlers={HTTPException: http_error, Exception: internal_error},
+            )
         ]
 
 

@@ -293,12 +293,17 @@ async def test_an_input_larger_than_the_context_is_400_and_interrupts_nothing(
         "context_tokens = 65536\nmax_output_tokens = 4096", "context_tokens = 600\nmax_output_tokens = 100"
     )
     email = Email(await gateway_factory(email_config(models=small)))  # type: ignore[arg-type,misc]
-    fake_deepseek.scenario = Scenario(content="fine")
-    assert (await email.chat("a@example.com", "hello")).json()["exit"] == 0
+    fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(90)), token_delay=0.01)
+    running = asyncio.create_task(email.chat("a@example.com", "hello"))
+    await wait_for_partial(email, "a@example.com")
     response = await email.chat("a@example.com", "word " * 3000)
     assert response.status_code == 400
     assert response.json()["error"].startswith("field 'inp' is too long: the input needs about")
-    assert len((await email.record("a@example.com"))["text"]) == 2
+    # The reply that was running finished undisturbed, and nothing was added.
+    assert (await running).json() == {"status": True, "code": 200, "exit": 0}
+    record = await email.record("a@example.com")
+    assert [(e["role"], e.get("status")) for e in record["text"]] == [("user", None), ("ai", None)]
+    assert fake_deepseek.disconnects == []
 
 
 async def test_an_oversized_body_is_413_in_the_seed_shape(email: Email) -> None:
@@ -422,10 +427,12 @@ async def test_a_failed_summary_drops_turns_for_now_and_folds_them_later(
 
     fake_deepseek.responder = flaky
     fake_deepseek.scenario = Scenario(tokens=12)
-    turn = 0
-    while not any(is_summary(r.body) for r in fake_deepseek.requests):
+    for turn in range(80):
         assert (await email.chat("flaky@example.com", f"fact-{turn} noted")).json()["exit"] == 0
-        turn += 1
+        if any(is_summary(r.body) for r in fake_deepseek.requests):
+            break
+    else:
+        pytest.fail("80 turns never needed a summary")
     assert prompt_tokens(chat_requests(fake_deepseek)[-1]) <= BUDGET
     broken["on"] = False
     assert (await email.chat("flaky@example.com", "and now?")).json()["exit"] == 0
@@ -587,7 +594,7 @@ async def test_a_server_stopped_mid_reply_keeps_the_partial_reply_interrupted(
     email_config: Callable[..., Path], server_process: Servers, fake_deepseek: FakeDeepSeek
 ) -> None:
     config = email_config()
-    config.write_text(config.read_text().replace("[server]\n", "[server]\nshutdown_grace = 0.5\n"))
+    config.write_text(config.read_text().replace("[server]\n", "[server]\nshutdown_grace = 1\n"))
     url = await asyncio.to_thread(server_process, config)
     fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(2000)), token_delay=0.005)
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
@@ -613,3 +620,67 @@ async def test_a_server_stopped_mid_reply_keeps_the_partial_reply_interrupted(
     assert reply["status"] == "interrupted"
     assert reply["content"].startswith("w0 w1 w2")
     assert reply["content"].startswith(seen)
+
+
+async def test_two_first_messages_at_once_make_one_conversation(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(30)), token_delay=0.01)
+    answers = await asyncio.gather(*(email.chat("twin@example.com", f"question {i}") for i in range(2)))
+    assert sorted(r.json()["exit"] for r in answers) == [0, 1]
+    record = await email.record("twin@example.com")
+    assert sorted(e["content"] for e in record["text"] if e["role"] == "user") == ["question 0", "question 1"]
+    user = await email.gateway.services.accounts.find_user("twin@example.com")
+    assert user is not None
+    assert len(await email.gateway.services.conversations.list(user.id, "email")) == 1
+
+
+async def test_clear_during_a_reply_interrupts_it_and_keeps_it_in_the_old_conversation(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(300)), token_delay=0.01)
+    chat = asyncio.create_task(email.chat("busy@example.com", "talk a while"))
+    await wait_for_partial(email, "busy@example.com")
+    assert (await email.http.post("/api/clear", json={"email": "busy@example.com"})).status_code == 200
+    assert (await chat).json() == {"status": True, "code": 200, "exit": 1}
+    assert await email.record("busy@example.com") == {"text": [], "code": 200}
+    services = email.gateway.services
+    user = await services.accounts.find_user("busy@example.com")
+    assert user is not None
+    old, new = await services.conversations.list(user.id, "email")
+    messages = await services.conversations.messages(old)
+    assert [(m.role, m.status) for m in messages] == [("user", "complete"), ("assistant", "interrupted")]
+    assert await services.conversations.messages(new) == []
+
+
+async def test_a_newer_question_does_not_wait_for_an_older_ones_summary(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    email = Email(await gateway_factory(email_config(model="deepseek-chat", models=SMALL)))  # type: ignore[arg-type,misc]
+    slow = {"left": 1}
+
+    def responder(body: dict[str, Any]) -> Scenario | None:
+        if is_summary(body) and slow["left"]:
+            slow["left"] -= 1
+            return Scenario(content="slow summary", delay=5)
+        return summarizer(body)
+
+    fake_deepseek.responder = responder
+    fake_deepseek.scenario = Scenario(tokens=12)
+    for turn in range(80):
+        older = asyncio.create_task(email.chat("sum@example.com", f"fact-{turn} noted"))
+        done, _ = await asyncio.wait({older}, timeout=1)
+        if not done:
+            break  # this question is waiting for its context's summary
+    else:
+        pytest.fail("80 turns never needed a summary")
+    started = asyncio.get_running_loop().time()
+    newer = await email.chat("sum@example.com", "newer question")
+    assert asyncio.get_running_loop().time() - started < 4
+    assert (await older).json() == {"status": True, "code": 200, "exit": 1}
+    assert newer.json() == {"status": True, "code": 200, "exit": 0}
+    await fake_deepseek.wait_for_disconnect(1)  # the slow summary request was closed
+    texts = [(e["role"], e["content"]) for e in (await email.record("sum@example.com"))["text"]]
+    assert texts[-3:-1] == [("user", f"fact-{turn} noted"), ("user", "newer question")]
+    last = chat_requests(fake_deepseek)[-1]["messages"]
+    assert last[-1] == {"role": "user", "content": f"fact-{turn} noted\n\nnewer question"}
