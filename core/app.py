@@ -45,6 +45,7 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
     setup = plugins.configure(config)
     store = setup.store.registered.cls(setup.store.options)
     providers = {name: c.registered.cls(name, c.options) for name, c in setup.providers.items()}
+    web_search = setup.web_search.registered.cls(setup.web_search.options) if setup.web_search else None
     billing = Billing(store, config.models)
     generations = Generations(
         store,
@@ -62,6 +63,7 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
         generations=generations,
         conversations=Conversations(store, generations, billing, memory),
         memory=memory,
+        web_search=web_search,
     )
     surfaces = [c.registered.cls(c.options, services) for c in setup.surfaces.values()]
 
@@ -73,6 +75,9 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
             for provider in providers.values():
                 await provider.open()
                 stack.push_async_callback(provider.aclose)
+            if web_search is not None:
+                await web_search.open()
+                stack.push_async_callback(web_search.aclose)
             await generations.start()
             stack.push_async_callback(generations.aclose)
             stack.push_async_callback(services.completions.aclose)

@@ -186,6 +186,7 @@ def run_plugins(args: argparse.Namespace) -> int:
             "store": {config.store.plugin},
             "provider": {t.plugin for t in config.providers.values()},
             "surface": {t.plugin for t in config.surfaces.values() if t.enabled},
+            "web_search": {config.web_search.plugin} if config.web_search else set(),
         }
     rows = [("NAME", "KIND", "PACKAGE", "ENABLED")]
     for kind, registered in plugins.listing():

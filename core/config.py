@@ -24,7 +24,7 @@ import msgspec
 from .errors import ConfigError, Problem
 
 ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-SECTIONS = ("server", "generation", "store", "providers", "models", "surfaces")
+SECTIONS = ("server", "generation", "store", "providers", "models", "surfaces", "web_search")
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -107,6 +107,8 @@ class Config(msgspec.Struct, frozen=True):
     providers: dict[str, PluginTable]
     surfaces: dict[str, PluginTable]
     models: dict[str, ModelConfig]
+    web_search: PluginTable | None = None
+    """The optional ``[web_search]`` table: which web search plugin, and its options."""
     text: str = ""
     from_env: dict[tuple[str, ...], str] = {}
     """Keys whose value came from ``${VAR}`` substitution, with the text as written."""
@@ -174,6 +176,7 @@ def parse_config(text: str, file: str, env: Mapping[str, str]) -> Config:
                     describe_value(fallback),
                 )
     surfaces = plugin_tables(report, raw.get("surfaces", {}), "surfaces", selectable=True)
+    web_search = plugin_table(report, raw.get("web_search"), ("web_search",), selectable=False)
     models: dict[str, ModelConfig] = {}
     model_tables = raw.get("models", {})
     if report.is_table(model_tables, ("models",)):
@@ -201,6 +204,7 @@ def parse_config(text: str, file: str, env: Mapping[str, str]) -> Config:
         providers=providers,
         surfaces=surfaces,
         models=models,
+        web_search=web_search,
         text=text,
         from_env=report.from_env,
         unresolved=frozenset(report.unresolved),

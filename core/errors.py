@@ -12,6 +12,7 @@ Exception tree::
     ├── UnknownProvider        a client named a provider instance not configured
     ├── ContextTooLong         the newest input alone exceeds the context budget
     ├── Superseded             a newer question arrived while this one was being prepared
+    ├── Conflict               the request does not fit the state it finds (409)
     ├── StoreError
     │   ├── NotFound           the row does not exist (or is not the caller's)
     │   ├── InsufficientBalance  a charge would take a balance below its floor
@@ -223,6 +224,10 @@ class UnknownProvider(ChatgateError):
         self.provider = provider
         self.known = known
         super().__init__(f"provider {provider!r} is not configured; configured: {', '.join(known) or 'none'}")
+
+
+class Conflict(ChatgateError):
+    """The request does not fit the state it finds (a reply still generating, nothing to redo)."""
 
 
 class Superseded(ChatgateError):

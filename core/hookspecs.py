@@ -29,6 +29,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .provider import Provider
+    from .search import WebSearch
     from .store import Store
     from .surface import Surface
 
@@ -65,4 +66,15 @@ def register_surfaces() -> Sequence[type[Surface]]:
     ``name`` and an ``Options`` struct. Results of all plugins are collected;
     duplicate names fail start-up naming both plugins. A surface mounts routes
     only when ``plugins.toml`` enables it.
+    """
+
+
+@hookspec
+def register_web_search() -> Sequence[type[WebSearch]]:
+    """Return the web search classes this plugin offers.
+
+    Each class subclasses :class:`core.search.WebSearch` and carries a unique
+    ``name`` and an ``Options`` struct. At most one is used: the one a
+    ``[web_search]`` table in ``plugins.toml`` names. Without that table the
+    topic-chat surface answers ``"webSearch": "unavailable"``.
     """

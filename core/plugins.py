@@ -19,11 +19,12 @@ from . import hookspecs
 from .config import Config, PluginTable, Report, load_config, sort_problems, validate_options
 from .errors import ConfigError, PluginError, Problem
 from .provider import Provider
+from .search import WebSearch
 from .store import Store
 from .surface import Surface
 
-Kind = Literal["provider", "store", "surface"]
-T = TypeVar("T", Provider, Store, Surface)
+Kind = Literal["provider", "store", "surface", "web_search"]
+T = TypeVar("T", Provider, Store, Surface, WebSearch)
 GROUP = "chatgate"
 
 
@@ -57,6 +58,7 @@ class Setup:
     providers: dict[str, Configured[Provider]]
     surfaces: dict[str, Configured[Surface]]
     disabled_surfaces: tuple[str, ...]
+    web_search: Configured[WebSearch] | None = None
 
 
 class Plugins:
@@ -67,6 +69,7 @@ class Plugins:
         self.providers = collect(pm, packages, "provider", pm.hook.register_providers, Provider)
         self.stores = collect(pm, packages, "store", pm.hook.register_stores, Store)
         self.surfaces = collect(pm, packages, "surface", pm.hook.register_surfaces, Surface)
+        self.web_searches = collect(pm, packages, "web_search", pm.hook.register_web_search, WebSearch)
 
     @classmethod
     def load(cls, extra: Sequence[object] = (), *, installed: bool = True) -> Plugins:
@@ -116,6 +119,7 @@ class Plugins:
         rows += [("provider", r) for r in self.providers.values()]
         rows += [("store", r) for r in self.stores.values()]
         rows += [("surface", r) for r in self.surfaces.values()]
+        rows += [("web_search", r) for r in self.web_searches.values()]
         return sorted(rows, key=lambda row: (row[0], row[1].name))
 
     def check(self, path: str) -> tuple[Config, Setup]:
@@ -164,6 +168,7 @@ class Plugins:
         store = pick(config.store, self.stores, "store")
         providers = {name: pick(t, self.providers, "provider") for name, t in config.providers.items()}
         surfaces = {name: pick(t, self.surfaces, "surface") for name, t in config.surfaces.items()}
+        web_search = pick(config.web_search, self.web_searches, "web search") if config.web_search else None
         problems.extend(report.problems)
         if problems:
             raise ConfigError(sort_problems(problems))
@@ -173,6 +178,7 @@ class Plugins:
             providers={n: c for n, c in providers.items() if c is not None},
             surfaces={n: c for n, c in surfaces.items() if c is not None and config.surfaces[n].enabled},
             disabled_surfaces=tuple(n for n, t in config.surfaces.items() if not t.enabled),
+            web_search=web_search,
         )
 
 

@@ -197,6 +197,8 @@ class MessagePatch(msgspec.Struct, frozen=True):
     prompt_tokens: int | UnsetType = UNSET
     completion_tokens: int | UnsetType = UNSET
     error: str | UnsetType | None = UNSET
+    ledger_id: int | UnsetType | None = UNSET
+    """The reservation a reply being (re)generated holds."""
 
 
 class Message(msgspec.Struct, frozen=True):

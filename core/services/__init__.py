@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Config
+from ..search import WebSearch
 from .accounts import Accounts
 from .billing import Billing
 from .catalog import Catalog
@@ -26,3 +27,5 @@ class Services:
     generations: Generations
     conversations: Conversations
     memory: Memory
+    web_search: WebSearch | None = None
+    """The configured web search plugin, if any."""

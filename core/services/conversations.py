@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from ..errors import InsufficientBalance, NotFound, Superseded
+from ..errors import Conflict, InsufficientBalance, NotFound, Superseded
 from ..locks import KeyedLock
-from ..store import Conversation, ConversationPatch, Message, MessageDraft, Store
+from ..store import Conversation, ConversationPatch, Message, MessageDraft, MessagePatch, Store
 from ..tokens import estimate_tokens
 from ..types import ChatMessage, ChatRequest
 from .billing import Billing
@@ -105,6 +105,86 @@ class Conversations:
             )
             return await self.start_reply(conversation, route, request, question=question, key_id=key_id)
 
+    async def regenerate(
+        self,
+        conversation: Conversation,
+        route: Route,
+        message_id: int,
+        *,
+        system: str | None = None,
+        memory: bool = True,
+        key_id: int | None = None,
+    ) -> Generation:
+        """Answer again, in place: a new reply replaces the one to the user message at ``message_id``
+        (a user message, or the reply to one), keeping its id.
+
+        The context is the conversation up to that user message. A user
+        message without a reply gets one, if it is the last message.
+
+        Raises:
+            NotFound: ``message_id`` is not a message of the conversation.
+            Conflict: the message is a reply to nothing, or a user message followed by another.
+            InsufficientBalance: the owner cannot cover the worst case; nothing was changed.
+        """
+        self.supersede(conversation.id)
+        async with self._asking.hold(conversation.id):
+            await self.generations.interrupt(conversation.id)  # the reply may be the running one
+            current = await self.store.get_conversation(conversation.id)
+            messages = await self.messages(current)
+            question, reply = _exchange(messages, message_id)
+            if memory:
+                context = await self.memory.context(
+                    current, messages, route, until=question.id, system=system, summarize=False
+                )
+            else:
+                context = fit_context([question], budget=budget_of(route), system=system).messages
+            request = ChatRequest(
+                model=route.model, messages=context, max_tokens=route.config.max_output_tokens
+            )
+            reservation = await self.billing.reserve(conversation.user_id, route, request, key_id=key_id)
+            try:
+                if reply is None:
+                    draft = MessageDraft(
+                        role="assistant",
+                        status="generating",
+                        model=route.model,
+                        ledger_id=reservation.entry.id,
+                    )
+                    reply = await self.store.append_message(conversation.id, draft)
+                else:
+                    patch = MessagePatch(
+                        content="",
+                        reasoning="",
+                        status="generating",
+                        model=route.model,
+                        prompt_tokens=0,
+                        completion_tokens=0,
+                        error=None,
+                        ledger_id=reservation.entry.id,
+                    )
+                    reply = await self.store.update_message(reply.id, patch)
+            except BaseException:
+                await self.billing.release(reservation)
+                raise
+            return await self.generations.run(
+                conversation.id, reply.id, route, request, reservation=reservation, question_id=question.id
+            )
+
+    async def edit_message(self, conversation: Conversation, message_id: int, content: str) -> Message:
+        """Change a message's text (it does not answer again; :meth:`regenerate` does).
+
+        Raises:
+            NotFound: ``message_id`` is not a message of the conversation.
+            Conflict: the message is a reply still being generated.
+        """
+        message = await self.store.get_message(message_id)
+        if message.conversation_id != conversation.id:
+            raise NotFound(f"message {message_id} not found")
+        live = self.generations.current(conversation.id)
+        if live is not None and live.message_id == message_id:
+            raise Conflict(f"message {message_id} is still being generated; wait for it or regenerate it")
+        return await self.store.update_message(message_id, MessagePatch(content=content))
+
     def supersede(self, conversation_id: int) -> None:
         """Stop a question still being prepared for the conversation (its :meth:`ask` raises
         :class:`Superseded`), so whoever comes next never waits for its summary."""
@@ -154,9 +234,12 @@ class Conversations:
             InsufficientBalance: the owner's balance cannot cover the worst case; nothing was written.
         """
         reservation = await self.billing.reserve(conversation.user_id, route, request, key_id=key_id)
+        asked: Message | None = None
         try:
             if question is not None:
-                await self.store.append_message(conversation.id, MessageDraft(role="user", content=question))
+                asked = await self.store.append_message(
+                    conversation.id, MessageDraft(role="user", content=question)
+                )
             reply = await self.store.append_message(
                 conversation.id,
                 MessageDraft(
@@ -166,7 +249,14 @@ class Conversations:
         except BaseException:
             await self.billing.release(reservation)
             raise
-        return await self.generations.run(conversation.id, reply.id, route, request, reservation=reservation)
+        return await self.generations.run(
+            conversation.id,
+            reply.id,
+            route,
+            request,
+            reservation=reservation,
+            question_id=asked.id if asked else None,
+        )
 
     async def create(
         self, user_id: int, kind: str, name: str = "", series_id: int | None = None
@@ -240,3 +330,21 @@ class Conversations:
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _exchange(messages: Messages, message_id: int) -> tuple[Message, Message | None]:
+    """The user message and its reply (None if it has none) that ``message_id`` belongs to."""
+    index = next((i for i, m in enumerate(messages) if m.id == message_id), None)
+    if index is None:
+        raise NotFound(f"message {message_id} not found")
+    if messages[index].role == "assistant":
+        before = [m for m in messages[:index] if m.role == "user"]
+        if not before:
+            raise Conflict(
+                f"message {message_id} answers no user message; there is nothing to regenerate from"
+            )
+        return before[-1], messages[index]
+    following = messages[index + 1] if index + 1 < len(messages) else None
+    if following is None or following.role == "assistant":
+        return messages[index], following
+    raise Conflict(f"message {message_id} is followed by another user message, not by a reply to replace")

@@ -56,6 +56,8 @@ class Generation:
     route: Route
     request: ChatRequest
     reservation: Reservation | None
+    question_id: int | None = None
+    """The user message this reply answers, when the caller said."""
     content: str = ""
     reasoning: str = ""
     tool_calls: dict[int, ToolCallDelta] = field(default_factory=dict)
@@ -140,6 +142,7 @@ class Generations:
         request: ChatRequest,
         *,
         reservation: Reservation | None = None,
+        question_id: int | None = None,
     ) -> Generation:
         """Start producing the reply stored as ``message_id``, interrupting the conversation's current one.
 
@@ -149,7 +152,7 @@ class Generations:
         """
         async with self._exclusive.hold(conversation_id):
             await self._interrupt_locked(conversation_id)
-            generation = Generation(conversation_id, message_id, route, request, reservation)
+            generation = Generation(conversation_id, message_id, route, request, reservation, question_id)
             self._running[conversation_id] = generation
             generation.task = asyncio.create_task(
                 self._produce(generation), name=f"chatgate-gen-{message_id}"

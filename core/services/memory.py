@@ -73,9 +73,12 @@ class Memory:
         Raises:
             ContextTooLong: the system prompt and the input alone exceed the budget; nothing was written.
         """
+        summary, summarized = conversation.summary, conversation.summary_until
         if until is not None:
             messages = [m for m in messages if m.id <= until]
-        summary, summarized = conversation.summary, conversation.summary_until
+            if summarized is not None and summarized >= until:
+                # The summary tells of later turns than this prompt's: go without it.
+                summary, summarized, summarize = "", None, False
         history = [m for m in messages if summarized is None or m.id > summarized]
         budget = budget_of(route)
         try:

@@ -1,0 +1,49 @@
+"""The web search interface: results a plugin finds for a query, put into a reply's context."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import msgspec
+
+from .provider import NoOptions
+
+
+class WebResult(msgspec.Struct, frozen=True):
+    """One search result."""
+
+    title: str
+    url: str
+    snippet: str = ""
+
+
+class WebSearch(abc.ABC):
+    """Base class of web search plugins.
+
+    A plugin subclasses this, sets ``name`` and ``Options`` and returns the
+    class from the ``register_web_search`` hook; ``[web_search] plugin =
+    "<name>"`` in ``plugins.toml`` switches it on (its other keys are the
+    options). The topic-chat surface calls :meth:`search` when a client sets
+    ``enableGoogleResults``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    async def open(self) -> None:
+        """Called once at start-up (open connection pools here)."""
+
+    async def aclose(self) -> None:
+        """Called once at shutdown."""
+
+    @abc.abstractmethod
+    async def search(self, query: str, limit: int) -> list[WebResult]:
+        """At most ``limit`` results for ``query``, best first.
+
+        Raise :class:`~core.errors.ProviderError` (or any exception) when the
+        search fails: the reply then goes ahead without results and says so.
+        """
