@@ -74,7 +74,8 @@ def register_web_search() -> Sequence[type[WebSearch]]:
     """Return the web search classes this plugin offers.
 
     Each class subclasses :class:`core.search.WebSearch` and carries a unique
-    ``name`` and an ``Options`` struct. At most one is used: the one a
+    ``name`` and an ``Options`` struct. Results of all plugins are collected;
+    duplicate names fail start-up naming both plugins. At most one is used: the one a
     ``[web_search]`` table in ``plugins.toml`` names. Without that table the
     topic-chat surface answers ``"webSearch": "unavailable"``.
     """

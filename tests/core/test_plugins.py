@@ -139,7 +139,7 @@ def test_hookspecs_are_all_documented():
     from core import hookspecs
 
     specs = [getattr(hookspecs, n) for n in dir(hookspecs) if n.startswith("register_")]
-    assert len(specs) == 3
+    assert len(specs) == 4
     for spec in specs:
         doc = textwrap.dedent(spec.__doc__ or "")
         assert "Return" in doc, spec.__name__
