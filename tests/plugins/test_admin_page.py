@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,38 +10,15 @@ import openai
 import pytest
 
 from tests.conftest import Gateway
+from tests.plugins.browser import By, WebDriverWait, browser, expected_conditions  # skips without a browser
 
 TOKEN = "admin-page-token-0123456789"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-if not (CHROMIUM and CHROMEDRIVER):
-    # .ci/run installs Debian's chromium and chromium-driver and sets this, so CI never skips.
-    if os.environ.get("CHATGATE_REQUIRE_BROWSER"):
-        raise RuntimeError(
-            "chromium and chromedriver are required (apt-get install chromium chromium-driver)"
-        )
-    pytest.skip("chromium or chromedriver is not installed", allow_module_level=True)
-
-from selenium import webdriver  # noqa: E402 - only importable where the browser tests run
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 @pytest.fixture
 async def gateway(write_config: Callable[..., Path], gateway_factory: Callable[..., object]) -> Gateway:
     config = write_config(replace={'host = "127.0.0.1"\n': f'host = "127.0.0.1"\nadmin_token = "{TOKEN}"\n'})
     return await gateway_factory(config)  # type: ignore[no-any-return,misc]
-
-
-def browser() -> webdriver.Chrome:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM  # type: ignore[assignment]
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
 def use_the_page(url: str) -> tuple[str, int]:
