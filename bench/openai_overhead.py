@@ -117,6 +117,11 @@ class Run:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
+def sse_token(data: bytes) -> bool:
+    """Whether a chunk of an OpenAI-style stream carries reply text."""
+    return b'"content":"' in data and b'"content":""' not in data
+
+
 class Connection:
     """One keep-alive HTTP/1.1 connection that posts JSON (or GETs) and reads whole (or streamed) answers."""
 
@@ -124,6 +129,7 @@ class Connection:
         self, host: str, port: int, path: str, headers: dict[str, str], method: str = "POST"
     ) -> None:
         self.host, self.port, self.path, self.headers, self.method = host, port, path, headers, method
+        self.is_token = sse_token
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -156,7 +162,7 @@ class Connection:
                     await self.reader.readline()
                     break
                 data = await self.reader.readexactly(size + 2)
-                if first is None and b'"content":"' in data and b'"content":""' not in data:
+                if first is None and self.is_token(data[:-2]):
                     first = time.perf_counter() - started
         return status, first
 

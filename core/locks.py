@@ -34,5 +34,9 @@ class KeyedLock:
             else:
                 self._locks[key] = (lock, wanted - 1)
 
+    def held(self, key: Hashable) -> bool:
+        """Whether someone holds or waits for ``key``'s lock."""
+        return key in self._locks
+
     def __len__(self) -> int:
         return len(self._locks)

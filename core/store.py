@@ -217,6 +217,8 @@ class Message(msgspec.Struct, frozen=True):
     created_at: datetime
     updated_at: datetime
     ledger_id: int | None = None
+    revision: int = 0
+    """The conversation's revision this message last changed at (see :attr:`Conversation.revision`)."""
 
 
 class Store(abc.ABC):
@@ -401,6 +403,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_messages(self, conversation_id: int) -> list[Message]:
         """A conversation's messages, oldest first."""
+
+    async def changed_messages(self, conversation_id: int, after_revision: int) -> list[Message]:
+        """The conversation's messages added or changed after ``after_revision``, oldest first.
+
+        Messages are never deleted one by one (only with their conversation),
+        so these and an earlier list make the current one. Stores that keep a
+        per-message revision answer from an index; this default reads them all.
+        """
+        return [m for m in await self.list_messages(conversation_id) if m.revision > after_revision]
 
     @abc.abstractmethod
     async def interrupt_stale_generations(self, updated_before: datetime) -> list[Message]:

@@ -162,6 +162,26 @@ MIGRATIONS: list[str] = [
         UPDATE conversations SET revision = revision + 1 WHERE id = OLD.conversation_id;
     END;
     """,
+    # 7: each message keeps the revision it last changed at, so a reader holding a
+    # long conversation fetches only what changed since (recursive triggers are off:
+    # stamping the message does not fire messages_changed again).
+    """
+    ALTER TABLE messages ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX messages_revision ON messages (conversation_id, revision);
+    DROP TRIGGER messages_added;
+    DROP TRIGGER messages_changed;
+    CREATE TRIGGER messages_added AFTER INSERT ON messages BEGIN
+        UPDATE conversations SET revision = revision + 1 WHERE id = NEW.conversation_id;
+        UPDATE messages SET revision = (SELECT revision FROM conversations WHERE id = NEW.conversation_id)
+            WHERE id = NEW.id;
+    END;
+    CREATE TRIGGER messages_changed AFTER UPDATE OF conversation_id, role, content, reasoning, status, model,
+            prompt_tokens, completion_tokens, error, created_at, updated_at, ledger_id ON messages BEGIN
+        UPDATE conversations SET revision = revision + 1 WHERE id = NEW.conversation_id;
+        UPDATE messages SET revision = (SELECT revision FROM conversations WHERE id = NEW.conversation_id)
+            WHERE id = NEW.id;
+    END;
+    """,
 ]
 """Forward migrations; applying ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
 
@@ -431,13 +451,16 @@ class SqliteStore(Store):
 
     async def update_message(self, message_id: int, patch: MessagePatch) -> Message:
         values = {**_set(patch), "updated_at": _now()}
-        return await self._write(_update_one, Message, "messages", message_id, values, "message")
+        return await self._write(_update_message, message_id, values)
 
     async def get_message(self, message_id: int) -> Message:
         return await self._read(_get, Message, "messages", message_id, "message")
 
     async def list_messages(self, conversation_id: int) -> list[Message]:
-        return await self._read(_messages, conversation_id)
+        return await self._read(_messages, conversation_id, -1)
+
+    async def changed_messages(self, conversation_id: int, after_revision: int) -> list[Message]:
+        return await self._read(_messages, conversation_id, after_revision)
 
     async def interrupt_stale_generations(self, updated_before: datetime) -> list[Message]:
         # Stamps are whole milliseconds, so stamp < cutoff exactly when
@@ -599,7 +622,18 @@ def _append_message(db: sqlite3.Connection, conversation_id: int, draft: Message
     )
     _found(bumped, "conversation", conversation_id)
     values = {**msgspec.structs.asdict(draft), "conversation_id": conversation_id}
-    return _record(Message, _insert(db, "messages", {**values, "created_at": now, "updated_at": now}))
+    row = _insert(db, "messages", {**values, "created_at": now, "updated_at": now})
+    return _message(db, row["id"])
+
+
+def _message(db: sqlite3.Connection, message_id: int) -> Message:
+    # Read back after the write: RETURNING shows the row before the triggers stamped its revision.
+    return _get(db, Message, "messages", message_id, "message")
+
+
+def _update_message(db: sqlite3.Connection, message_id: int, values: dict[str, Any]) -> Message:
+    _found(_update(db, "messages", message_id, values), "message", message_id)
+    return _message(db, message_id)
 
 
 def _interrupt_stale(db: sqlite3.Connection, cutoff_ms: int) -> list[Message]:
@@ -607,7 +641,7 @@ def _interrupt_stale(db: sqlite3.Connection, cutoff_ms: int) -> list[Message]:
         "UPDATE messages SET status = 'interrupted', updated_at = ?"
         " WHERE status = 'generating' AND updated_at < ? RETURNING *"
     )
-    return [_record(Message, row) for row in _rows(db, sql, (_now(), cutoff_ms))]
+    return [_message(db, row["id"]) for row in _rows(db, sql, (_now(), cutoff_ms))]
 
 
 def _get(db: sqlite3.Connection, cls: type[_R], table: str, row_id: int, kind: str) -> _R:
@@ -626,17 +660,18 @@ def _all(db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any] 
 
 _MESSAGE_COLUMNS = (
     "id, conversation_id, role, content, reasoning, status, model, prompt_tokens, completion_tokens,"
-    " error, created_at, updated_at, ledger_id"
+    " error, created_at, updated_at, ledger_id, revision"
 )
 
 
-def _messages(db: sqlite3.Connection, conversation_id: int) -> list[Message]:
+def _messages(db: sqlite3.Connection, conversation_id: int, after_revision: int) -> list[Message]:
     # The hot read of long conversations (a polled record): tuples and positional
     # structs, about 1.4x faster than rows by name through _record.
     cursor = db.cursor()
     cursor.row_factory = None
     cursor.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND revision > ? ORDER BY id",
+        (conversation_id, after_revision),
     )
     epoch, ms = _EPOCH, _MS
     messages = []
@@ -655,11 +690,25 @@ def _messages(db: sqlite3.Connection, conversation_id: int) -> list[Message]:
             created,
             updated,
             ledger,
+            revision,
         ) = row
         at, changed = epoch + created * ms, epoch + updated * ms
         messages.append(
             Message(
-                id_, conversation, role, text, thought, status, model, sent, got, error, at, changed, ledger
+                id_,
+                conversation,
+                role,
+                text,
+                thought,
+                status,
+                model,
+                sent,
+                got,
+                error,
+                at,
+                changed,
+                ledger,
+                revision,
             )
         )
     return messages

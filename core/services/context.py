@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,18 @@ class ContextWindow:
     messages: tuple[ChatMessage, ...]
     dropped: tuple[Message, ...]
     prompt_tokens: int
+
+
+@functools.lru_cache(maxsize=65_536)
+def _content_tokens(content: str) -> int:
+    # Stored messages keep their str objects (and Python their hashes), so each turn of a
+    # long conversation estimates only what is new.
+    return estimate_message_tokens(ChatMessage(role="user", content=content))
+
+
+def message_tokens(message: Message) -> int:
+    """What a stored message costs in a prompt (reasoning is never sent)."""
+    return _content_tokens(message.content)
 
 
 def to_chat_message(message: Message) -> ChatMessage:
@@ -66,14 +79,14 @@ def fit_context(
         raise ContextTooLong(used, budget)
     kept: list[Message] = []
     for message in reversed(usable):
-        cost = estimate_message_tokens(to_chat_message(message))
+        cost = message_tokens(message)
         if used + cost > budget:
             break
         used += cost
         kept.append(message)
     kept.reverse()
     while kept and kept[0].role != "user":
-        used -= estimate_message_tokens(to_chat_message(kept.pop(0)))
+        used -= message_tokens(kept.pop(0))
     dropped = tuple(usable[: len(usable) - len(kept)])
     messages = (*head, *_joined([*(to_chat_message(m) for m in kept), newest]))
     return ContextWindow(messages, dropped, estimate_prompt_tokens(messages))

@@ -77,14 +77,19 @@ class Conversations:
         """
         budget = budget_of(route)
         fit_context((), budget=budget, system=system, question=question)  # too long: refuse before anything
-        await self._check_balance(conversation, route, question)
+        busy = (
+            self._asking.held(conversation.id)
+            or conversation.id in self._preparing
+            or self.generations.current(conversation.id) is not None
+        )
+        if busy:  # there is something to interrupt: refuse first if this cannot be paid for
+            await self._check_balance(conversation, route, question)
         self.supersede(conversation.id)
         async with self._asking.hold(conversation.id):
             await self.generations.interrupt(conversation.id)
             if memory:
-                preparing = asyncio.ensure_future(
-                    self._context(conversation, route, question, system, summarize)
-                )
+                context = self._context(conversation, route, question, system, summarize, reread=busy)
+                preparing = asyncio.ensure_future(context)
                 self._preparing[conversation.id] = preparing
                 try:
                     messages = await preparing
@@ -193,9 +198,17 @@ class Conversations:
             older.cancel()
 
     async def _context(
-        self, conversation: Conversation, route: Route, question: str, system: str | None, summarize: bool
+        self,
+        conversation: Conversation,
+        route: Route,
+        question: str,
+        system: str | None,
+        summarize: bool,
+        *,
+        reread: bool,
     ) -> tuple[ChatMessage, ...]:
-        current = await self.store.get_conversation(conversation.id)  # its summary may have grown
+        # After waiting for others, the summary may have grown meanwhile: read it again.
+        current = await self.store.get_conversation(conversation.id) if reread else conversation
         return await self.memory.context(
             current,
             await self.messages(current),
@@ -294,7 +307,7 @@ class Conversations:
 
         Cached by the conversation's revision, so a long conversation read
         again and again (a polled record) costs one store read per change,
-        whichever process made it.
+        whichever process made it, and that read returns only what changed.
         """
         cached = self._messages.get(conversation.id)
         if cached is not None and cached[0] == conversation.revision:
@@ -302,7 +315,13 @@ class Conversations:
             return cached[1]
         # A write after ``conversation`` was read moves its revision past the one this
         # list is kept under, so the next reader fetches again: newer, never staler.
-        messages = await self.store.list_messages(conversation.id)
+        if cached is None or cached[0] > conversation.revision:
+            messages = await self.store.list_messages(conversation.id)
+        else:  # only what changed since: a long conversation is not read whole for each turn
+            changed = await self.store.changed_messages(conversation.id, cached[0])
+            by_id = {m.id: m for m in cached[1]}
+            by_id.update((m.id, m) for m in changed)
+            messages = sorted(by_id.values(), key=lambda m: m.id)
         self._messages[conversation.id] = (conversation.revision, messages)
         while len(self._messages) > self.cached_conversations:
             self._messages.popitem(last=False)

@@ -75,11 +75,20 @@ class Generation:
 
     async def follow(self) -> AsyncIterator[ProviderEvent]:
         """Every event of this generation from its start, then live until it ends."""
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self) -> AsyncIterator[list[ProviderEvent]]:
+        """The same events, each batch all that arrived since the previous one, so a
+        follower that falls behind catches up in one write instead of one per token."""
         seen = 0
         while True:
-            while seen < len(self.events):
-                seen += 1
-                yield self.events[seen - 1]
+            if seen < len(self.events):
+                batch = self.events[seen:]
+                seen += len(batch)
+                yield batch
+                continue
             if self.done:
                 return
             await self._wakeup.wait()

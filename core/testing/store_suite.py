@@ -556,6 +556,26 @@ class StoreConformance:
         assert [c.revision for c in listed if c.id == conversation.id] == [seen[-1]]
 
     @pytest.mark.asyncio
+    async def test_changed_messages_are_those_written_after_a_revision(self, store: Store) -> None:
+        user = await store.ensure_user("talk@example.com")
+        conversation = await store.create_conversation(user.id, "topic")
+        first = await store.append_message(conversation.id, MessageDraft(role="user", content="one"))
+        reply = await store.append_message(
+            conversation.id, MessageDraft(role="assistant", status="generating")
+        )
+        assert first.revision < reply.revision
+        assert await store.list_messages(conversation.id) == [first, reply]
+        mark = (await store.get_conversation(conversation.id)).revision
+        assert mark == reply.revision
+        assert await store.changed_messages(conversation.id, mark) == []
+        grown = await store.update_message(reply.id, MessagePatch(content="partial"))
+        second = await store.append_message(conversation.id, MessageDraft(role="user", content="two"))
+        assert grown.revision > mark
+        assert await store.changed_messages(conversation.id, mark) == [grown, second]
+        assert await store.changed_messages(conversation.id, 0) == [first, grown, second]
+        assert await store.list_messages(conversation.id) == [first, grown, second]
+
+    @pytest.mark.asyncio
     async def test_list_messages_oldest_first_per_conversation(self, store: Store) -> None:
         user = await store.ensure_user("talk@example.com")
         one = await store.create_conversation(user.id, "topic")

@@ -32,7 +32,7 @@ from core.services.catalog import Route
 from core.services.generations import Generation
 from core.store import Conversation, ConversationPatch, Message
 from core.surface import Surface
-from core.types import ContentDelta, Finish
+from core.types import ContentDelta, Finish, ProviderEvent
 
 KIND = "topic"
 SEPARATOR = "¦"
@@ -280,20 +280,24 @@ class TopicChatSurface(Surface):
             }
             if web is not None:
                 meta["webSearch"] = web
-            events = generation.follow()
-            # Wait for the first event, so a reply the upstream refuses gets a real status code.
-            first = await anext(events, None)
-            if first is None or isinstance(first, Finish):
+            batches = generation.batches()
+            # Wait for the first text, so a reply the upstream refuses gets a real status code.
+            first = ""
+            async for batch in batches:
+                first = _text(batch)
+                if first or any(isinstance(e, Finish) for e in batch):
+                    break
+            if not first:
                 outcome = await generation.wait()
                 if outcome.status == "error" and outcome.error is not None and not generation.content:
                     return failure(_status(outcome.error), outcome.error.message, **meta)
 
             async def body() -> AsyncIterator[bytes]:
-                if isinstance(first, ContentDelta) and first.text:
-                    yield first.text.encode()
-                async for event in events:
-                    if isinstance(event, ContentDelta) and event.text:
-                        yield event.text.encode()
+                if first:
+                    yield first.encode()
+                async for batch in batches:
+                    if text := _text(batch):
+                        yield text.encode()
                 outcome = await generation.wait()
                 if outcome.status != "complete":
                     meta["status"] = outcome.status
@@ -507,6 +511,10 @@ class TopicChatSurface(Surface):
             asset,
         ]
         return [Router("/", route_handlers=handlers, exception_handlers={Exception: handle})]
+
+
+def _text(batch: list[ProviderEvent]) -> str:
+    return "".join(e.text for e in batch if isinstance(e, ContentDelta))
 
 
 def _status(error: ProviderError) -> int:

@@ -1,0 +1,275 @@
+"""What the topic-chat surface adds before a reply's first byte, and how fast it lists a long topic.
+
+Run: ``python bench/topic_chat.py [--replies N] [--requests N]``.
+
+It starts the fake DeepSeek server (tests/fakes/deepseek.py, replies streamed
+with a few milliseconds between tokens) and ``chatgate serve`` (one worker,
+SQLite, an API key, billing on) as child processes, then prints:
+
+- time to the first byte of a streamed reply through chatgate, minus the
+  fake upstream's own time to first token measured directly in the same
+  run, p50/p99, with 1 and 32 conversations at once (target: p50 under 5 ms
+  at 32);
+- messages listed per second for a topic of 1,000 messages
+  (``GET /chat/topic/{id}/message``), with ``/healthz`` on the same server
+  for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from openai_overhead import (
+    UPSTREAM_BODY,
+    UPSTREAM_KEY,
+    Connection,
+    Run,
+    cpu_seconds,
+    free_port,
+    load,
+    spawn,
+    wait_for,
+)
+
+CONFIG = """
+[server]
+host = "127.0.0.1"
+port = {port}
+workers = 1
+
+[store]
+plugin = "sqlite"
+path = "{db}"
+
+[providers.deepseek]
+plugin = "deepseek"
+base_url = "{upstream}"
+api_key = "{key}"
+max_connections = 256
+
+[providers.deepseek.aliases]
+deepseek-chat = {{ model = "deepseek-v4-flash", extra_body = {{ thinking = {{ type = "disabled" }} }} }}
+
+[models.deepseek-chat]
+provider = "deepseek"
+input_price = 0.3
+output_price = 1.2
+context_tokens = 131072
+max_output_tokens = 4096
+
+[surfaces.topic_chat]
+[[surfaces.topic_chat.series]]
+id = 1
+name = "DeepSeek"
+models = [{{ id = 1, model = "deepseek-chat" }}]
+"""
+TOKEN_DELAY = 0.005  # between streamed tokens: replies take ~0.1 s, so 32 streams overlap
+LISTED = 1000
+TURNS = 10  # replies per topic in the streaming cells
+
+
+def any_bytes(data: bytes) -> bool:
+    return bool(data)
+
+
+async def replies(url: str, key: str, topics: list[list[int]], total: int) -> Run:
+    """``total`` messages, one caller per list of topics going round its own; times to first byte."""
+    host, port = url.removeprefix("http://").split(":")
+    run = Run()
+    remaining = total
+
+    async def caller(mine: list[int]) -> None:
+        nonlocal remaining
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        connection = Connection(host, int(port), "", headers)
+        connection.is_token = any_bytes  # plain text: the first byte is the reply's
+        turn = 0
+        while remaining > 0:
+            remaining -= 1
+            topic = mine[turn % len(mine)]
+            turn += 1
+            connection.path = f"/chat/topic/{topic}/message"
+            body = {
+                "seriesId": 1,
+                "modelId": 1,
+                "message": f"Say something about {topic}.",
+                "enableMemory": True,
+            }
+            started = time.perf_counter()
+            status, first = await connection.post(json.dumps(body).encode())
+            run.latencies.append(time.perf_counter() - started)
+            if first is not None:
+                run.first_tokens.append(first)
+            if status != 200:
+                run.errors += 1
+        await connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller(t) for t in topics))
+    run.wall = time.perf_counter() - started
+    return run
+
+
+async def create_topics(url: str, key: str, count: int) -> list[int]:
+    host, port = url.removeprefix("http://").split(":")
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    ids = []
+    for i in range(count):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = json.dumps({"name": f"bench {i}", "seriesId": 1}).encode()
+        head = f"POST /chat/topic HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+        head += "Connection: close\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        writer.write(head.encode() + body)
+        answer = await reader.read()
+        writer.close()
+        ids.append(json.loads(answer.split(b"\r\n\r\n", 1)[1])["id"])
+    return ids
+
+
+async def set_scenario(upstream: str, **scenario: object) -> None:
+    host, port = upstream.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps(scenario).encode()
+    writer.write(
+        f"POST /_fake/scenario HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: application/json\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    await reader.read()
+    writer.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replies", type=int, default=640, help="streamed replies per cell (default 640)")
+    parser.add_argument("--requests", type=int, default=1000, help="list requests per cell (default 1000)")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="chatgate-bench-topic-"))
+    upstream_port, port = free_port(), free_port()
+    upstream, url = f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{port}"
+    fake = spawn("-m", "tests.fakes.deepseek", "--port", str(upstream_port), "--api-key", UPSTREAM_KEY,
+                 "--token-delay", str(TOKEN_DELAY), "--tokens", "24")  # fmt: skip
+    config = tmp / "plugins.toml"
+    config.write_text(CONFIG.format(port=port, db=tmp / "bench.db", upstream=upstream, key=UPSTREAM_KEY))
+    env = {**os.environ, "CHATGATE_CONFIG": str(config)}
+    server = None
+    try:
+        direct_headers = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
+        await wait_for(upstream, "/chat/completions", direct_headers, UPSTREAM_BODY)
+        command = [sys.executable, "-m", "core.cli", "keys", "create", "--email", "bench@example.com"]
+        created = await asyncio.to_thread(
+            subprocess.run,
+            [*command, "--balance", "1000000000"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        key = created.stdout.splitlines()[-1]
+        server = spawn("-m", "core.cli", "serve", env=env)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if not (await load(url, "/healthz", {}, None, 1, 1)).errors:
+                    break
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("chatgate serve did not answer within 60 s")
+            await asyncio.sleep(0.05)
+
+        cells = []
+        streamed = {**UPSTREAM_BODY, "stream": True}
+        for concurrency in (1, 32):
+            # Conversations of about TURNS messages each, as people have them: the memory sent
+            # upstream stays a realistic size, so the fake's own time stays comparable.
+            topics = await create_topics(url, key, max(concurrency, args.replies // TURNS))
+            mine = [topics[i::concurrency] for i in range(concurrency)]
+            await replies(url, key, mine, 64)  # warm-up
+            direct = await load(
+                upstream, "/chat/completions", direct_headers, streamed, concurrency, args.replies
+            )
+            through = await replies(url, key, mine, args.replies)
+            cells.append((concurrency, direct, through))
+
+        await set_scenario(upstream, token_delay=0)
+        listed = (await create_topics(url, key, 1))[0]
+        host, port_text = url.removeprefix("http://").split(":")
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        build = Connection(host, int(port_text), f"/chat/topic/{listed}/message", headers)
+        for turn in range(LISTED // 2):
+            body = {
+                "seriesId": 1,
+                "modelId": 1,
+                "message": f"Message {turn}: tell me more.",
+                "enableMemory": False,
+            }
+            status, _ = await build.post(json.dumps(body).encode())
+            if status != 200:
+                raise RuntimeError(f"building the topic: {status}")
+        await build.close()
+        auth = {"Authorization": f"Bearer {key}"}
+        await load(url, f"/chat/topic/{listed}/message", auth, None, 16, 100)  # warm-up
+        lists = []
+        for name, path in (
+            ("/healthz", "/healthz"),
+            (f"GET /chat/topic/{{id}}/message ({LISTED})", f"/chat/topic/{listed}/message"),
+        ):
+            before = cpu_seconds(server.pid)
+            run = await load(url, path, auth, None, 16, args.requests)
+            lists.append((name, run, (cpu_seconds(server.pid) - before) / args.requests * 1000))
+    finally:
+        for process in (server, fake):
+            if process is not None:
+                process.terminate()
+                process.wait(10)
+
+    gap = f"{TOKEN_DELAY * 1000:.0f} ms"
+    print(f"\nStreamed replies ({args.replies} per cell; the upstream sends 24 tokens, {gap} apart)")
+    columns = (
+        "conversations",
+        "upstream TTFT p50 / p99 ms",
+        "chatgate TTFB p50 / p99 ms",
+        "added p50 / p99 ms",
+    )
+    print("| " + " | ".join(columns) + " | errors |")
+    print("|---|---|---|---|---|")
+    verdict = []
+    for concurrency, direct, through in cells:
+        d50, d99 = pct(direct.first_tokens, 0.5), pct(direct.first_tokens, 0.99)
+        c50, c99 = pct(through.first_tokens, 0.5), pct(through.first_tokens, 0.99)
+        errors = direct.errors + through.errors
+        upstream_ms, chatgate_ms = f"{d50:.2f} / {d99:.2f}", f"{c50:.2f} / {c99:.2f}"
+        added_ms = f"{c50 - d50:.2f} / {c99 - d99:.2f}"
+        print(f"| {concurrency} | {upstream_ms} | {chatgate_ms} | {added_ms} | {errors} |")
+        if concurrency == 32:
+            verdict.append(c50 - d50)
+    print(f"\nListing (concurrency 16, {args.requests} requests)")
+    print("| path | req/s | messages/s | p50 ms | p99 ms | server CPU ms/req |")
+    print("|---|---|---|---|---|---|")
+    for name, run, cpu in lists:
+        per = LISTED if "message" in name else 0
+        print(f"| {name} | {run.rps():,.0f} | {run.rps() * per:,.0f} | {run.pct(run.latencies, 0.5):.2f} | "
+              f"{run.pct(run.latencies, 0.99):.2f} | {cpu:.2f} |")  # fmt: skip
+    added = verdict[0]
+    print(f"\nAgainst issue 6's target: added TTFB p50 at 32 conversations {added:.2f} ms (target < 5 ms): "
+          f"{'met' if added < 5 else 'NOT met'}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
