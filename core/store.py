@@ -392,6 +392,14 @@ class Store(abc.ABC):
     async def append_message(self, conversation_id: int, draft: MessageDraft) -> Message:
         """Append a message and move the conversation's ``updated_at``, atomically."""
 
+    async def append_messages(self, conversation_id: int, drafts: list[MessageDraft]) -> list[Message]:
+        """Append several messages in order, all or none (a question and the reply it starts).
+
+        The default appends one by one and is not atomic; stores with
+        transactions should override it.
+        """
+        return [await self.append_message(conversation_id, draft) for draft in drafts]
+
     @abc.abstractmethod
     async def update_message(self, message_id: int, patch: MessagePatch) -> Message:
         """Change the set fields and ``updated_at``; return the updated row."""

@@ -449,6 +449,9 @@ class SqliteStore(Store):
     async def append_message(self, conversation_id: int, draft: MessageDraft) -> Message:
         return await self._write(_append_message, conversation_id, draft)
 
+    async def append_messages(self, conversation_id: int, drafts: list[MessageDraft]) -> list[Message]:
+        return await self._write(_append_messages, conversation_id, drafts)
+
     async def update_message(self, message_id: int, patch: MessagePatch) -> Message:
         values = {**_set(patch), "updated_at": _now()}
         return await self._write(_update_message, message_id, values)
@@ -624,6 +627,12 @@ def _append_message(db: sqlite3.Connection, conversation_id: int, draft: Message
     values = {**msgspec.structs.asdict(draft), "conversation_id": conversation_id}
     row = _insert(db, "messages", {**values, "created_at": now, "updated_at": now})
     return _message(db, row["id"])
+
+
+def _append_messages(
+    db: sqlite3.Connection, conversation_id: int, drafts: list[MessageDraft]
+) -> list[Message]:
+    return [_append_message(db, conversation_id, draft) for draft in drafts]  # one transaction: all or none
 
 
 def _message(db: sqlite3.Connection, message_id: int) -> Message:

@@ -247,18 +247,17 @@ class Conversations:
             InsufficientBalance: the owner's balance cannot cover the worst case; nothing was written.
         """
         reservation = await self.billing.reserve(conversation.user_id, route, request, key_id=key_id)
+        reply_draft = MessageDraft(
+            role="assistant", status="generating", model=route.model, ledger_id=reservation.entry.id
+        )
         asked: Message | None = None
         try:
-            if question is not None:
-                asked = await self.store.append_message(
-                    conversation.id, MessageDraft(role="user", content=question)
+            if question is None:
+                reply = await self.store.append_message(conversation.id, reply_draft)
+            else:
+                asked, reply = await self.store.append_messages(
+                    conversation.id, [MessageDraft(role="user", content=question), reply_draft]
                 )
-            reply = await self.store.append_message(
-                conversation.id,
-                MessageDraft(
-                    role="assistant", status="generating", model=route.model, ledger_id=reservation.entry.id
-                ),
-            )
         except BaseException:
             await self.billing.release(reservation)
             raise

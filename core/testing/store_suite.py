@@ -556,6 +556,25 @@ class StoreConformance:
         assert [c.revision for c in listed if c.id == conversation.id] == [seen[-1]]
 
     @pytest.mark.asyncio
+    async def test_append_messages_appends_in_order_or_not_at_all(self, store: Store) -> None:
+        user = await store.ensure_user("talk@example.com")
+        conversation = await store.create_conversation(user.id, "topic")
+        question, reply = await store.append_messages(
+            conversation.id,
+            [MessageDraft(role="user", content="q"), MessageDraft(role="assistant", status="generating")],
+        )
+        assert (question.role, question.content, reply.role, reply.status) == (
+            "user",
+            "q",
+            "assistant",
+            "generating",
+        )
+        assert question.id < reply.id
+        assert await store.list_messages(conversation.id) == [question, reply]
+        with not_found("conversation", MISSING):
+            await store.append_messages(MISSING, [MessageDraft(role="user", content="lost")])
+
+    @pytest.mark.asyncio
     async def test_changed_messages_are_those_written_after_a_revision(self, store: Store) -> None:
         user = await store.ensure_user("talk@example.com")
         conversation = await store.create_conversation(user.id, "topic")

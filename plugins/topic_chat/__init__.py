@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -231,6 +232,7 @@ class TopicChatSurface(Surface):
         options: Options = self.options
         surface = self
         conversations = services.conversations
+        listed: OrderedDict[int, tuple[int, bytes]] = OrderedDict()  # topic id: revision, rendered list
 
         async def caller_of(request: Request[Any, Any, Any]) -> Caller:
             return await services.accounts.authenticate_headers(request.headers)
@@ -390,9 +392,19 @@ class TopicChatSurface(Surface):
         @get("/chat/topic/{topic_id:str}/message", tags=["topic-chat"], summary="A topic's messages")
         async def list_messages(request: Request[Any, Any, Any], topic_id: str) -> Response[Any]:
             found = await own_topic(await caller_of(request), topic_id, "topic_id")
-            transcript = await conversations.transcript(found)
             live = services.generations.current(found.id)
-            return Response([message_entry(m, found, live) for m in transcript.messages])
+            cached = listed.get(found.id)
+            if live is None and cached is not None and cached[0] == found.revision:
+                listed.move_to_end(found.id)
+                return Response(cached[1], media_type="application/json")
+            transcript = await conversations.transcript(found)
+            body = msgspec.json.encode([message_entry(m, found, live) for m in transcript.messages])
+            if live is None and not transcript.generating:
+                # Rendered once per change: a long topic reloaded again and again costs two small reads.
+                listed[found.id] = (found.revision, body)
+                while len(listed) > conversations.cached_conversations:
+                    listed.popitem(last=False)
+            return Response(body, media_type="application/json")
 
         @patch(
             "/chat/topic/{topic_id:str}/message/{message_id:str}",
