@@ -242,6 +242,7 @@ class SqliteStore(Store):
         super().__init__(options)
         self.path = Path(options.path).absolute()
         self._worker: SqliteWorker | None = None
+        self._reader: SqliteWorker | None = None
         self._opening = asyncio.Lock()
 
     # lifecycle
@@ -262,7 +263,17 @@ class SqliteStore(Store):
             except BaseException:
                 await worker.stop()
                 raise
-            self._worker = worker
+            # Reads get a connection and thread of their own: in WAL mode they never wait
+            # for a write, so they should not queue behind one either.
+            reader = SqliteWorker("chatgate-sqlite-reader")
+            try:
+                await reader.run("alone", self._attach)
+            except BaseException:
+                await reader.stop()
+                await worker.run("alone", _detach)
+                await worker.stop()
+                raise
+            self._worker, self._reader = worker, reader
 
     def _attach(self, worker: SqliteWorker) -> None:
         worker.db = self._connect()
@@ -307,8 +318,9 @@ class SqliteStore(Store):
 
     async def close(self) -> None:
         async with self._opening:
-            worker, self._worker = self._worker, None
-            if worker is not None:
+            workers = [w for w in (self._reader, self._worker) if w is not None]
+            self._worker = self._reader = None
+            for worker in workers:
                 # Calls queued before this one run first: the thread takes them in order.
                 await worker.run("alone", _detach)
                 await worker.stop()
@@ -476,7 +488,10 @@ class SqliteStore(Store):
 
     async def _read(self, call: Callable[..., _T], *args: Any) -> _T:
         """``call(connection, *args)`` on the store's thread; it must not write."""
-        result: _T = await self._worker_or_fail().run("read", call, *args)
+        reader = self._reader
+        if reader is None:
+            raise StoreError(f"sqlite store {self.path} is not open")
+        result: _T = await reader.run("read", call, *args)
         return result
 
     async def _write(self, call: Callable[..., _T], *args: Any) -> _T:

@@ -267,6 +267,9 @@ async def test_the_charge_is_settled_even_when_the_reply_cannot_be_written(gatew
     await store.delete_conversation(generation.conversation_id)  # behind the runner's back
     with pytest.raises(NotFound):
         await generation.wait()
+    async with asyncio.timeout(5):  # the settlement follows the failed write
+        while (await store.list_ledger(user.id))[0].kind == "reservation":  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
     [charge, _topup] = await store.list_ledger(user.id)
     assert charge.kind == "charge"
     assert charge.outcome != "pending"
