@@ -163,8 +163,9 @@ MIGRATIONS: list[str] = [
     END;
     """,
     # 7: each message keeps the revision it last changed at, so a reader holding a
-    # long conversation fetches only what changed since (recursive triggers are off:
-    # stamping the message does not fire messages_changed again).
+    # long conversation fetches only what changed since. messages_changed watches every
+    # column but revision, so the stamp itself does not fire it again (a new column must
+    # join that list: tests/stores/test_sqlite.py checks it).
     """
     ALTER TABLE messages ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX messages_revision ON messages (conversation_id, revision);

@@ -131,6 +131,9 @@ class Conversations:
             Conflict: the message is a reply to nothing, or a user message followed by another.
             InsufficientBalance: the owner cannot cover the worst case; nothing was changed.
         """
+        if self.generations.current(conversation.id) is not None:
+            # Something would be interrupted: refuse first if the new reply cannot be paid for.
+            await self._check_balance(conversation, route, "")
         self.supersede(conversation.id)
         async with self._asking.hold(conversation.id):
             await self.generations.interrupt(conversation.id)  # the reply may be the running one
@@ -182,13 +185,23 @@ class Conversations:
             NotFound: ``message_id`` is not a message of the conversation.
             Conflict: the message is a reply still being generated.
         """
-        message = await self.store.get_message(message_id)
-        if message.conversation_id != conversation.id:
-            raise NotFound(f"message {message_id} not found")
-        live = self.generations.current(conversation.id)
-        if live is not None and live.message_id == message_id:
-            raise Conflict(f"message {message_id} is still being generated; wait for it or regenerate it")
-        return await self.store.update_message(message_id, MessagePatch(content=content))
+        async with self._asking.hold(conversation.id):  # not while a regenerate resets it
+            message = await self.store.get_message(message_id)
+            if message.conversation_id != conversation.id:
+                raise NotFound(f"message {message_id} not found")
+            live = self.generations.current(conversation.id)
+            if live is not None and live.message_id == message_id:
+                raise Conflict(f"message {message_id} is still being generated; wait for it or regenerate it")
+            return await self.store.update_message(message_id, MessagePatch(content=content))
+
+    async def question_of(self, conversation: Conversation, message_id: int) -> Message:
+        """The user message a :meth:`regenerate` of ``message_id`` would answer.
+
+        Raises:
+            NotFound: ``message_id`` is not a message of the conversation.
+            Conflict: there is no such exchange.
+        """
+        return _exchange(await self.messages(conversation), message_id)[0]
 
     def supersede(self, conversation_id: int) -> None:
         """Stop a question still being prepared for the conversation (its :meth:`ask` raises

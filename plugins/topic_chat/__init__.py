@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -78,6 +79,9 @@ class Options(msgspec.Struct, forbid_unknown_fields=True):
     """With ``enableMemory``, fold what no longer fits the context into a rolling summary."""
     web_results: int = 5
     """How many web results go into the context with ``enableGoogleResults``."""
+    first_text_wait: float = 10.0
+    """Seconds a reply waits for its first text before its headers go out anyway (after that,
+    an upstream refusal can only be told in the metadata)."""
 
     def __post_init__(self) -> None:
         if self.max_message_chars < 1:
@@ -160,9 +164,12 @@ def flag(value: Any, field: str, default: bool) -> bool:
     return value
 
 
-def path_id(raw: str, field: str) -> int:
-    if not raw.isdigit():
-        raise Invalid(f"path parameter '{field}' must be a positive integer, got {raw!r}")
+MAX_ID = 2**63 - 1  # SQLite's largest integer
+
+
+def path_id(raw: str, field: str, where: str = "path parameter") -> int:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_ID:
+        raise Invalid(f"{where} '{field}' must be a positive integer, got {raw!r}")
     return int(raw)
 
 
@@ -283,29 +290,48 @@ class TopicChatSurface(Surface):
             if web is not None:
                 meta["webSearch"] = web
             batches = generation.batches()
-            # Wait for the first text, so a reply the upstream refuses gets a real status code.
-            first = ""
-            async for batch in batches:
-                first = _text(batch)
-                if first or any(isinstance(e, Finish) for e in batch):
-                    break
-            if not first:
-                outcome = await generation.wait()
-                if outcome.status == "error" and outcome.error is not None and not generation.content:
+
+            async def first_text() -> str:
+                async for batch in batches:
+                    text = _text(batch)
+                    if text or any(isinstance(e, Finish) for e in batch):
+                        return text
+                return ""
+
+            # Wait for the first text, so a reply the upstream refuses gets a real status code;
+            # but not for long (a reasoning model thinks first): then the headers go out anyway.
+            opening = asyncio.ensure_future(first_text())
+            await asyncio.wait({opening}, timeout=options.first_text_wait)
+            if opening.done() and not opening.result():
+                try:
+                    outcome = await generation.wait()
+                except Exception:
+                    outcome = None
+                if (
+                    outcome is not None
+                    and outcome.status == "error"
+                    and outcome.error
+                    and not generation.content
+                ):
                     return failure(_status(outcome.error), outcome.error.message, **meta)
 
             async def body() -> AsyncIterator[bytes]:
-                if first:
+                if first := await opening:
                     yield first.encode()
                 async for batch in batches:
                     if text := _text(batch):
                         yield text.encode()
-                outcome = await generation.wait()
-                if outcome.status != "complete":
-                    meta["status"] = outcome.status
-                    if outcome.error is not None:
-                        meta["error"] = outcome.error.message
-                yield (SEPARATOR + msgspec.json.encode(meta).decode()).encode()
+                try:
+                    outcome = await generation.wait()
+                except Exception:  # the reply could not be saved; the log has why
+                    meta.update(status="error", error="the reply could not be saved")
+                else:
+                    if outcome.status != "complete":
+                        meta["status"] = outcome.status
+                        if outcome.error is not None:
+                            meta["error"] = outcome.error.message
+                # A ¦ in the metadata (an error message) is escaped: clients split at the last one.
+                yield (SEPARATOR + msgspec.json.encode(meta).decode().replace(SEPARATOR, "\\u00a6")).encode()
 
             return Stream(
                 body(),
@@ -332,9 +358,7 @@ class TopicChatSurface(Surface):
         async def list_topics(request: Request[Any, Any, Any]) -> Response[Any]:
             caller = await caller_of(request)
             raw = request.query_params.get("seriesId")
-            if raw is not None and not raw.lstrip("-").isdigit():
-                raise Invalid(f"query parameter 'seriesId' must be an integer, got {raw!r}")
-            series_id = int(raw) if raw is not None else None
+            series_id = path_id(raw, "seriesId", "query parameter") if raw is not None else None
             found = await conversations.list(caller.user.id, KIND, series_id)
             return Response([topic(t) for t in found])
 
@@ -433,10 +457,8 @@ class TopicChatSurface(Surface):
             body = json_object(await request.body())
             route = surface.route(body.get("seriesId"), body.get("modelId"))
             memory = flag(body.get("enableMemory"), "enableMemory", True)
-            target = await services.conversations.store.get_message(number)
-            if target.conversation_id != found.id:
-                raise NotFound(f"message {number} not found")
-            system, web = await system_for(body, target.content)
+            question = await conversations.question_of(found, number)  # what a web search looks for
+            system, web = await system_for(body, question.content)
             generation = await conversations.regenerate(
                 found,
                 route,
@@ -448,7 +470,8 @@ class TopicChatSurface(Surface):
             return await reply_stream(found, generation, web)
 
         @get("/chat/series", tags=["topic-chat"], summary="The series and models clients may pick")
-        async def series() -> Response[Any]:
+        async def series(request: Request[Any, Any, Any]) -> Response[Any]:
+            await caller_of(request)
             listed = []
             for entry in options.series:
                 models = []

@@ -280,7 +280,15 @@ async def test_edit_changes_a_messages_text(alice: User, bob: User) -> None:
     edited = response.json()
     assert (edited["id"], edited["message"], edited["type"]) == (meta["userMsgId"], "fixed", 0)
     assert (await alice.messages(created["id"]))[0]["message"] == "fixed"
-    assert edited["updatedAt"] >= edited["createdAt"]
+    assert edited["updatedAt"] > edited["createdAt"]
+    # Someone else's message, through their own topic or through this one: 404.
+    theirs = await bob.topic()
+    _, bobs = await bob.send(theirs["id"], "mine")
+    response = await alice.call(
+        "PATCH", f"/chat/topic/{created['id']}/message/{bobs['userMsgId']}", {"message": "x"}
+    )
+    assert response.status_code == 404
+    assert (await bob.messages(theirs["id"]))[0]["message"] == "mine"
 
 
 async def test_regenerating_a_reply_replaces_it_in_place_from_the_history_up_to_its_question(
@@ -412,7 +420,8 @@ ENDPOINTS = [
 
 async def test_every_endpoint_needs_a_key(gateway: Gateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.url) as anonymous:
-        for method, path, body in [*ENDPOINTS, ("GET", "/chat/topic", None), ("POST", "/chat/topic", {})]:
+        extra = [("GET", "/chat/topic", None), ("POST", "/chat/topic", {}), ("GET", "/chat/series", None)]
+        for method, path, body in [*ENDPOINTS, *extra]:
             url = path.format(t=1, m=1)
             for headers in ({}, {"Authorization": "Bearer sk-cg-nope"}, {"X-API-Key": "sk-cg-nope"}):
                 response = await anonymous.request(method, url, json=body, headers=headers)
@@ -491,7 +500,7 @@ PICK = {"seriesId": 1, "modelId": 1}
         ("POST", "/chat/topic", {"name": "x", "seriesId": "1"}, "field 'seriesId' must be an integer, got '1'"),  # noqa: E501
         ("POST", "/chat/topic", b"{broken", "the body is not valid JSON"),
         ("GET", "/chat/topic/abc", None, "path parameter 'id' must be a positive integer, got 'abc'"),
-        ("GET", "/chat/topic?seriesId=x", None, "query parameter 'seriesId' must be an integer, got 'x'"),
+        ("GET", "/chat/topic?seriesId=x", None, "query parameter 'seriesId' must be a positive integer, got 'x'"),  # noqa: E501
         ("PATCH", "/chat/topic/{t}", {"favorite": "yes"}, "field 'favorite' must be true or false, got 'yes'"),  # noqa: E501
         ("POST", SEND, PICK, "field 'message' is missing or empty"),
         ("POST", SEND, {**PICK, "message": " "}, "field 'message' is missing or empty"),
@@ -517,3 +526,49 @@ async def test_bad_input_is_400_naming_the_field_and_writes_nothing(
     assert (await alice.call("GET", "/chat/topic")).json() == [created]
     assert await alice.messages(created["id"]) == []
     assert fake_deepseek.requests == []
+
+
+async def test_regenerate_searches_the_web_for_the_question_not_the_old_reply(
+    topic_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    plugin = SimpleNamespace(__name__="library_search", register_web_search=hookimpl(lambda: [LibrarySearch]))
+    gateway: Gateway = await gateway_factory(  # type: ignore[assignment,misc]
+        topic_config('\n[web_search]\nplugin = "library"\n'), extra_plugins=[plugin]
+    )
+    alice = await user_on(gateway, "alice@example.com")
+    created = await alice.topic()
+    fake_deepseek.scenario = Scenario(content="The old answer.")
+    _, meta = await alice.send(created["id"], "tides")
+    body = {"seriesId": 1, "modelId": 1, "enableGoogleResults": True, "enableMemory": True}
+    response = await alice.call(
+        "POST", f"/chat/topic/{created['id']}/message/{meta['assistantMsgId']}/regenerate", body
+    )
+    assert split(response.text)[1]["webSearch"] == "used"
+    system = fake_deepseek.requests[-1].body["messages"][0]["content"]
+    assert "About tides" in system
+    assert "old answer" not in system
+
+
+async def test_a_reply_still_generating_cannot_be_edited(alice: User, fake_deepseek: FakeDeepSeek) -> None:
+    fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(200)), token_delay=0.01)
+    created = await alice.topic()
+    body = {"seriesId": 1, "modelId": 1, "message": "go"}
+    async with alice.stream("POST", f"/chat/topic/{created['id']}/message", body) as response:
+        async for _ in response.aiter_raw():
+            break
+        [_, reply] = await alice.messages(created["id"])
+        assert reply["status"] == "generating"
+        edit = await alice.call(
+            "PATCH", f"/chat/topic/{created['id']}/message/{reply['id']}", {"message": "x"}
+        )
+        assert edit.status_code == 409
+        assert edit.json()["message"].startswith(f"message {reply['id']} is still being generated")
+
+
+@pytest.mark.parametrize("raw", ["²", "99999999999999999999999", "-1", "1.0"])
+async def test_ids_that_are_not_plain_integers_are_400(alice: User, raw: str) -> None:
+    response = await alice.call("GET", f"/chat/topic/{raw}")
+    assert response.status_code == 400
+    assert response.json()["message"] == f"path parameter 'id' must be a positive integer, got {raw!r}"
+    response = await alice.call("GET", f"/chat/topic?seriesId={raw}")
+    assert response.json()["message"] == f"query parameter 'seriesId' must be a positive integer, got {raw!r}"

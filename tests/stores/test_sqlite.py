@@ -254,3 +254,14 @@ async def test_a_closed_store_refuses_calls(tmp_path: Path) -> None:
     await store.open()  # and opens again
     assert await store.list_users() == []
     await store.close()
+
+
+async def test_every_message_column_but_revision_moves_the_revision(store: SqliteStore) -> None:
+    """messages_changed lists the columns it watches: a column left out would change silently."""
+    [(sql,)] = await store._read(
+        lambda db: db.execute("SELECT sql FROM sqlite_master WHERE name = 'messages_changed'").fetchall()
+    )
+    watched = sql.split(" OF ", 1)[1].split(" ON messages", 1)[0]
+    columns = {c.strip() for c in watched.split(",")}
+    [*table] = await store._read(lambda db: db.execute("PRAGMA table_info(messages)").fetchall())
+    assert columns == {row["name"] for row in table} - {"id", "revision"}

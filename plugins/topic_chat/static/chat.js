@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { key: localStorage.getItem("chatgate-key") || "", series: [], topic: null, busy: false };
+// The key lives in this tab's session only, never in lasting storage.
+const state = { key: sessionStorage.getItem("chatgate-key") || "", series: [], topic: null, busy: false };
 
 function say(text) { $("status").textContent = text || ""; }
 
@@ -40,7 +41,7 @@ async function start() {
   try {
     await loadTopics();
   } catch (error) { say(`The key was refused: ${error.message}`); return; }
-  localStorage.setItem("chatgate-key", state.key);
+  sessionStorage.setItem("chatgate-key", state.key);
   $("app").hidden = false;
 }
 
@@ -195,6 +196,7 @@ async function send(text) {
 }
 
 async function regenerate(messageId) {
+  if (state.busy) return;
   const item = [...$("messages").children].find((li) => Number(li.dataset.id) === messageId);
   let target = item;
   if (item && item.classList.contains("user")) target = item.nextElementSibling;
@@ -219,6 +221,7 @@ $("topic-form").onsubmit = (event) => {
 };
 $("send-form").onsubmit = (event) => {
   event.preventDefault();
+  if (state.busy) return;  // Ctrl+Enter while a reply streams: keep the draft
   const text = $("input").value;
   if (!text.trim()) return;
   $("input").value = "";
