@@ -235,44 +235,49 @@ class Generations:
         started: float,
     ) -> None:
         usage = finish.usage if finish else self._estimate_usage(generation)
-        message: Message | None = None
-        try:
-            async with generation._write_lock:
-                generation.done = True
-                message = await self.store.update_message(
-                    generation.message_id,
-                    MessagePatch(
-                        content=generation.content,
-                        reasoning=generation.reasoning,
-                        status=status,
-                        prompt_tokens=usage.prompt_tokens,
-                        completion_tokens=usage.completion_tokens,
-                        error=error.message if error else None,
-                    ),
-                )
-        except Exception as exc:
-            log.exception("could not persist the end of reply %d", generation.message_id)
-            if not generation._outcome.done():
-                generation._outcome.set_exception(exc)
-        # Settled whether or not the reply could be written: the tokens were spent either way.
-        try:
-            if generation.reservation is not None:
-                latency_ms = round((time.monotonic() - started) * 1000)
-                outcome = "ok" if status == "complete" else status
-                await self.billing.settle(
-                    generation.reservation, usage, outcome=outcome, latency_ms=latency_ms
-                )
-        except Exception:
-            log.exception("could not settle the charge of reply %d", generation.message_id)
-        finally:
+        patch = MessagePatch(
+            content=generation.content,
+            reasoning=generation.reasoning,
+            status=status,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            error=error.message if error else None,
+        )
+        # The final write and the settlement go to the store together (one commit for both
+        # where the store groups them); the charge is settled whether or not the reply could
+        # be written: the tokens were spent either way.
+        async with generation._write_lock:
             generation.done = True
-            generation._wake()
-            if self._running.get(generation.conversation_id) is generation:
-                del self._running[generation.conversation_id]
+            written, settled = await asyncio.gather(
+                self.store.update_message(generation.message_id, patch),
+                self._settle(generation, status, usage, started),
+                return_exceptions=True,
+            )
+        message: Message | None = None
+        if isinstance(written, BaseException):
+            log.error("could not persist the end of reply %d", generation.message_id, exc_info=written)
+            if not generation._outcome.done():
+                generation._outcome.set_exception(written)
+        else:
+            message = written
+        if isinstance(settled, BaseException):
+            log.error("could not settle the charge of reply %d", generation.message_id, exc_info=settled)
+        generation.done = True
+        generation._wake()
+        if self._running.get(generation.conversation_id) is generation:
+            del self._running[generation.conversation_id]
         if message is not None and not generation._outcome.done():
             reason = finish.reason if finish else None
             calls = tuple(generation.tool_calls.values())
             generation._outcome.set_result(Outcome(status, message, usage, reason, error, calls))
+
+    async def _settle(
+        self, generation: Generation, status: MessageStatus, usage: Usage, started: float
+    ) -> None:
+        if generation.reservation is not None:
+            latency_ms = round((time.monotonic() - started) * 1000)
+            outcome = "ok" if status == "complete" else status
+            await self.billing.settle(generation.reservation, usage, outcome=outcome, latency_ms=latency_ms)
 
     @staticmethod
     def _estimate_usage(generation: Generation) -> Usage:
