@@ -246,8 +246,11 @@ class TopicChatSurface(Surface):
 
         async def own_topic(caller: Caller, raw_id: str, field: str = "id") -> Conversation:
             topic_id = path_id(raw_id, field)
-            found = await conversations.get(caller.user.id, topic_id)  # NotFound for anyone else's
-            if found.kind != KIND:
+            try:
+                found = await conversations.get(caller.user.id, topic_id)  # NotFound for anyone else's
+            except NotFound:
+                found = None
+            if found is None or found.kind != KIND:
                 raise NotFound(f"topic {topic_id} not found")
             return found
 

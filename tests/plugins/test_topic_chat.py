@@ -448,6 +448,10 @@ async def test_another_users_topics_and_messages_are_404_everywhere(
             response = await user.call(method, path.format(t=topic_id, m=message_id), body)
             assert response.status_code == 404, (method, path, topic_id, response.text)
             assert response.json()["statusCode"] == 404
+            assert response.json()["message"] in (
+                f"topic {topic_id} not found",
+                f"message {message_id} not found",
+            )
     assert len(fake_deepseek.requests) == before
     assert (await alice.messages(mine["id"]))[0]["message"] == "private"
     assert (await alice.call("GET", "/chat/topic")).json()[0]["name"] == "alice's"
