@@ -25,31 +25,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from openai_overhead import ROOT, Connection, Run, cpu_seconds, free_port, load, spawn
+from openai_overhead import (
+    GATEWAY,
+    ROOT,
+    UPSTREAM_KEY,
+    Connection,
+    Run,
+    cpu_seconds,
+    free_port,
+    load,
+    percentile,
+    spawn,
+    wait_healthy,
+)
 
 sys.path.insert(0, str(ROOT))
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
-UPSTREAM_KEY = "sk-bench-upstream-0123456789"
-CONFIG = """
-[server]
-host = "127.0.0.1"
-port = {port}
-workers = 1
-
-[store]
-plugin = "sqlite"
-path = "{db}"
-
-[providers.deepseek]
-plugin = "deepseek"
-base_url = "{upstream}"
-api_key = "{key}"
-max_retries = 0
-
-[providers.deepseek.aliases]
-deepseek-chat = {{ model = "deepseek-v4-flash", extra_body = {{ thinking = {{ type = "disabled" }} }} }}
-
+CONFIG = (
+    GATEWAY
+    + """
 [models.deepseek-chat]
 provider = "deepseek"
 context_tokens = 4000000            # the whole 1,000-message conversation goes up: no summaries here
@@ -58,6 +53,7 @@ max_output_tokens = 4096
 [surfaces.email_socket]
 model = "deepseek-chat"
 """
+)
 RECORD_MESSAGES = 1000
 CONCURRENCY = 16
 
@@ -111,11 +107,6 @@ async def build_record(fake: FakeDeepSeek, url: str, email: str) -> None:
     await connection.close()
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
 def row(name: str, run: Run, cpu: float) -> str:
     return (
         f"| {name} | {run.rps():,.0f} | {run.pct(run.latencies, 0.5):.2f} | "
@@ -139,16 +130,7 @@ async def main() -> None:
         config.write_text(CONFIG.format(port=port, db=tmp / "bench.db", upstream=fake.url, key=UPSTREAM_KEY))
         server = spawn("-m", "core.cli", "serve", env={**os.environ, "CHATGATE_CONFIG": str(config)})
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if not (await load(url, "/healthz", {}, None, 1, 1)).errors:
-                        break
-                except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("chatgate serve did not answer /healthz within 60 s")
-                await asyncio.sleep(0.05)
+            await wait_healthy(url)
 
             await interrupts(fake, url, 10)  # warm-up
             latencies = await interrupts(fake, url, args.interrupts)
@@ -169,7 +151,7 @@ async def main() -> None:
             server.terminate()
             server.wait(10)
 
-    p50, p99 = pct(latencies, 0.5), pct(latencies, 0.99)
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     print(
         f"\nInterrupts ({args.interrupts} rounds): newer /api/chat sent -> older upstream connection closed"
     )

@@ -63,15 +63,11 @@ BODY = {
 }
 UPSTREAM_BODY = {**BODY, "model": "deepseek-v4-flash", "thinking": {"type": "disabled"}}
 
-CONFIG = """
+GATEWAY = """
 [server]
 host = "127.0.0.1"
 port = {port}
 workers = 1
-
-[generation]
-flush_interval = 0.5
-stale_after = 30
 
 [store]
 plugin = "sqlite"
@@ -85,7 +81,13 @@ max_connections = 256
 
 [providers.deepseek.aliases]
 deepseek-chat = {{ model = "deepseek-v4-flash", extra_body = {{ thinking = {{ type = "disabled" }} }} }}
+"""
+"""What every benchmark's chatgate shares: one worker, SQLite, the fake upstream as DeepSeek.
+Each benchmark appends its own [models] and [surfaces]."""
 
+CONFIG = (
+    GATEWAY
+    + """
 [models.deepseek-chat]
 provider = "deepseek"
 input_price = 0.3
@@ -96,6 +98,15 @@ requests_per_minute = 1000000
 tokens_per_minute = 1000000000
 concurrent_requests = 1000
 """
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (seconds), in milliseconds."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
 @dataclass
@@ -111,10 +122,7 @@ class Run:
         return len(self.latencies) / self.wall if self.wall else 0.0
 
     def pct(self, values: list[float], q: float) -> float:
-        if not values:
-            return float("nan")
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+        return percentile(values, q)
 
 
 def sse_token(data: bytes) -> bool:
@@ -264,6 +272,20 @@ def create_key(env: dict[str, str]) -> str:
         [*command, "--balance", "1000000000"], env=env, capture_output=True, text=True, check=True
     )
     return created.stdout.splitlines()[-1]
+
+
+async def wait_healthy(url: str, seconds: float = 60) -> None:
+    """Wait until chatgate at ``url`` answers ``/healthz``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if not (await load(url, "/healthz", {}, None, 1, 1)).errors:
+                return
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"chatgate serve did not answer /healthz within {seconds:.0f} s")
+        await asyncio.sleep(0.05)
 
 
 def free_port() -> int:

@@ -21,43 +21,29 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from openai_overhead import (
+    GATEWAY,
     UPSTREAM_BODY,
     UPSTREAM_KEY,
     Connection,
     Run,
     cpu_seconds,
+    create_key,
     free_port,
     load,
+    percentile,
     spawn,
     wait_for,
+    wait_healthy,
 )
 
-CONFIG = """
-[server]
-host = "127.0.0.1"
-port = {port}
-workers = 1
-
-[store]
-plugin = "sqlite"
-path = "{db}"
-
-[providers.deepseek]
-plugin = "deepseek"
-base_url = "{upstream}"
-api_key = "{key}"
-max_connections = 256
-
-[providers.deepseek.aliases]
-deepseek-chat = {{ model = "deepseek-v4-flash", extra_body = {{ thinking = {{ type = "disabled" }} }} }}
-
+CONFIG = (
+    GATEWAY
+    + """
 [models.deepseek-chat]
 provider = "deepseek"
 input_price = 0.3
@@ -71,6 +57,7 @@ id = 1
 name = "DeepSeek"
 models = [{{ id = 1, model = "deepseek-chat" }}]
 """
+)
 TOKEN_DELAY = 0.005  # between streamed tokens: replies take ~0.1 s, so 32 streams overlap
 LISTED = 1000
 TURNS = 10  # replies per topic in the streaming cells
@@ -185,11 +172,6 @@ async def first_message(url: str, key: str, topic: int) -> int:
     return int(json.loads(body)[0]["id"])
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replies", type=int, default=640, help="streamed replies per cell (default 640)")
@@ -208,27 +190,9 @@ async def main() -> None:
     try:
         direct_headers = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
         await wait_for(upstream, "/chat/completions", direct_headers, UPSTREAM_BODY)
-        command = [sys.executable, "-m", "core.cli", "keys", "create", "--email", "bench@example.com"]
-        created = await asyncio.to_thread(
-            subprocess.run,
-            [*command, "--balance", "1000000000"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        key = created.stdout.splitlines()[-1]
+        key = await asyncio.to_thread(create_key, env)
         server = spawn("-m", "core.cli", "serve", env=env)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if not (await load(url, "/healthz", {}, None, 1, 1)).errors:
-                    break
-            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("chatgate serve did not answer within 60 s")
-            await asyncio.sleep(0.05)
+        await wait_healthy(url)
 
         cells = []
         streamed = {**UPSTREAM_BODY, "stream": True}
@@ -289,8 +253,8 @@ async def main() -> None:
     print("|---|---|---|---|---|")
     verdict = []
     for concurrency, direct, through in cells:
-        d50, d99 = pct(direct.first_tokens, 0.5), pct(direct.first_tokens, 0.99)
-        c50, c99 = pct(through.first_tokens, 0.5), pct(through.first_tokens, 0.99)
+        d50, d99 = percentile(direct.first_tokens, 0.5), percentile(direct.first_tokens, 0.99)
+        c50, c99 = percentile(through.first_tokens, 0.5), percentile(through.first_tokens, 0.99)
         errors = direct.errors + through.errors
         upstream_ms, chatgate_ms = f"{d50:.2f} / {d99:.2f}", f"{c50:.2f} / {c99:.2f}"
         added_ms = f"{c50 - d50:.2f} / {c99 - d99:.2f}"
