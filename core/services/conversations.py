@@ -149,33 +149,14 @@ class Conversations:
             request = ChatRequest(
                 model=route.model, messages=context, max_tokens=route.config.max_output_tokens
             )
-            reservation = await self.billing.reserve(conversation.user_id, route, request, key_id=key_id)
-            try:
-                if reply is None:
-                    draft = MessageDraft(
-                        role="assistant",
-                        status="generating",
-                        model=route.model,
-                        ledger_id=reservation.entry.id,
-                    )
-                    reply = await self.store.append_message(conversation.id, draft)
-                else:
-                    patch = MessagePatch(
-                        content="",
-                        reasoning="",
-                        status="generating",
-                        model=route.model,
-                        prompt_tokens=0,
-                        completion_tokens=0,
-                        error=None,
-                        ledger_id=reservation.entry.id,
-                    )
-                    reply = await self.store.update_message(reply.id, patch)
-            except BaseException:
-                await self.billing.release(reservation)
-                raise
-            return await self.generations.run(
-                conversation.id, reply.id, route, request, reservation=reservation, question_id=question.id
+            return await self.start_reply(
+                conversation,
+                route,
+                request,
+                question=None,
+                key_id=key_id,
+                replacing=reply,
+                answers=question.id,
             )
 
     async def edit_message(self, conversation: Conversation, message_id: int, content: str) -> Message:
@@ -248,8 +229,14 @@ class Conversations:
         *,
         question: str | None,
         key_id: int | None = None,
+        replacing: Message | None = None,
+        answers: int | None = None,
     ) -> Generation:
         """Store ``question`` (when given) and a reply being generated for it, and start generating.
+
+        With ``replacing``, that reply is started over in place instead of a
+        new one appended; ``answers`` names the user message it answers when
+        ``question`` is not given.
 
         The worst-case cost is reserved on the owner's balance first, so a
         request the balance cannot cover writes nothing. The reply settles
@@ -263,14 +250,26 @@ class Conversations:
         reply_draft = MessageDraft(
             role="assistant", status="generating", model=route.model, ledger_id=reservation.entry.id
         )
-        asked: Message | None = None
         try:
-            if question is None:
+            if replacing is not None:
+                restart = MessagePatch(
+                    content="",
+                    reasoning="",
+                    status="generating",
+                    model=route.model,
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    error=None,
+                    ledger_id=reservation.entry.id,
+                )
+                reply = await self.store.update_message(replacing.id, restart)
+            elif question is None:
                 reply = await self.store.append_message(conversation.id, reply_draft)
             else:
                 asked, reply = await self.store.append_messages(
                     conversation.id, [MessageDraft(role="user", content=question), reply_draft]
                 )
+                answers = asked.id
         except BaseException:
             await self.billing.release(reservation)
             raise
@@ -280,7 +279,7 @@ class Conversations:
             route,
             request,
             reservation=reservation,
-            question_id=asked.id if asked else None,
+            question_id=answers,
         )
 
     async def create(

@@ -51,7 +51,11 @@ def failure(status: int, message: str) -> Response[Any]:
 
 
 class Invalid(Exception):
-    """A request body the seed's API does not accept; ``str()`` says which field and why."""
+    """A request body the seed's API does not accept (400); ``str()`` says which field and why."""
+
+
+class Refused(Exception):
+    """An email the allow-list does not admit (403); ``str()`` says so."""
 
 
 def fields(raw: bytes) -> dict[str, Any]:
@@ -139,13 +143,17 @@ class EmailSocketSurface(Surface):
         system = options.system_prompt or None
         starting = KeyedLock()
 
-        def admitted(request: Request[Any, Any, Any], email: str) -> Response[Any] | None:
+        def admit(request: Request[Any, Any, Any], email: str) -> None:
             allow = options.allow
             if allow is None:
                 allow = ["*"] if on_loopback(request) else []
-            if email_allowed(email, allow):
-                return None
-            return failure(403, f"{email} is not allowed to use this service; ask the operator to add it")
+            if not email_allowed(email, allow):
+                raise Refused(f"{email} is not allowed to use this service; ask the operator to add it")
+
+        async def admitted_email(request: Request[Any, Any, Any]) -> str:
+            email: str = fields(await request.body())["email"]
+            admit(request, email)
+            return email
 
         async def conversation_of(user: User) -> Conversation:
             return await services.conversations.latest(user.id, KIND) or await services.conversations.create(
@@ -165,19 +173,14 @@ class EmailSocketSurface(Surface):
             status_code=200,
         )
         async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
-            try:
-                body = fields(await request.body())
-            except Invalid as exc:
-                return failure(400, str(exc))
+            body = fields(await request.body())
             question = body.get("inp")
             if not isinstance(question, str) or not question.strip():
-                return failure(400, "field 'inp' is missing or empty; send the message as a string")
+                raise Invalid("field 'inp' is missing or empty; send the message as a string")
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
-                return failure(400, f"field 'stream' must be true or false, got {stream!r}")
-            refused = admitted(request, body["email"])
-            if refused:
-                return refused
+                raise Invalid(f"field 'stream' must be true or false, got {stream!r}")
+            admit(request, body["email"])
             user = await services.accounts.ensure_user(body["email"])
             await supersede(user)
             try:
@@ -236,14 +239,7 @@ class EmailSocketSurface(Surface):
 
         @post("/api/record", tags=["email-socket"], summary="The conversation of an email", status_code=200)
         async def record(request: Request[Any, Any, Any]) -> Response[Any]:
-            try:
-                body = fields(await request.body())
-            except Invalid as exc:
-                return failure(400, str(exc))
-            refused = admitted(request, body["email"])
-            if refused:
-                return refused
-            user = await services.accounts.find_user(body["email"])
+            user = await services.accounts.find_user(await admitted_email(request))
             conversation = await services.conversations.latest(user.id, KIND) if user else None
             if conversation is None:
                 return Response({"text": [], "code": 200})
@@ -253,14 +249,7 @@ class EmailSocketSurface(Surface):
 
         @post("/api/clear", tags=["email-socket"], summary="Start a fresh conversation", status_code=200)
         async def clear(request: Request[Any, Any, Any]) -> Response[Any]:
-            try:
-                body = fields(await request.body())
-            except Invalid as exc:
-                return failure(400, str(exc))
-            refused = admitted(request, body["email"])
-            if refused:
-                return refused
-            user = await services.accounts.find_user(body["email"])
+            user = await services.accounts.find_user(await admitted_email(request))
             if user is None:
                 return Response({"status": True, "code": 200})
             await supersede(user)
@@ -268,16 +257,19 @@ class EmailSocketSurface(Surface):
                 conversation = await services.conversations.latest(user.id, KIND)
                 if conversation is not None:
                     await services.generations.interrupt(conversation.id)
-                    current = await services.conversations.get(
-                        user.id, conversation.id
-                    )  # after the interrupt
+                    # Read again after the interrupt: it may have stored a partial reply.
+                    current = await services.conversations.get(user.id, conversation.id)
                     if await services.conversations.messages(current):
                         await services.conversations.create(user.id, KIND)
             return Response({"status": True, "code": 200})
 
         limit = services.config.server.max_body_bytes
 
-        def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+            if isinstance(exc, Invalid):
+                return failure(400, str(exc))
+            if isinstance(exc, Refused):
+                return failure(403, str(exc))
             log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
             return failure(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
@@ -294,7 +286,7 @@ class EmailSocketSurface(Surface):
             Router(
                 "/",
                 route_handlers=[chat, record, clear],
-                exception_handlers={HTTPException: http_error, Exception: internal_error},
+                exception_handlers={HTTPException: http_error, Exception: handle},
             )
         ]
 
