@@ -699,44 +699,11 @@ def _messages(db: sqlite3.Connection, conversation_id: int, after_revision: int)
         (conversation_id, after_revision),
     )
     epoch, ms = _EPOCH, _MS
-    messages = []
-    for row in cursor.fetchall():
-        (
-            id_,
-            conversation,
-            role,
-            text,
-            thought,
-            status,
-            model,
-            sent,
-            got,
-            error,
-            created,
-            updated,
-            ledger,
-            revision,
-        ) = row
-        at, changed = epoch + created * ms, epoch + updated * ms
-        messages.append(
-            Message(
-                id_,
-                conversation,
-                role,
-                text,
-                thought,
-                status,
-                model,
-                sent,
-                got,
-                error,
-                at,
-                changed,
-                ledger,
-                revision,
-            )
-        )
-    return messages
+    # Columns in field order; the two stamps (then ledger_id and revision) come last.
+    return [
+        Message(*row[:10], epoch + row[10] * ms, epoch + row[11] * ms, row[12], row[13])  # type: ignore[call-arg]
+        for row in cursor.fetchall()
+    ]
 
 
 def _write_one(

@@ -22,6 +22,7 @@ from litestar.types import ControllerRouterHandler
 
 from core.errors import InsufficientBalance, InvalidEmail, NotFound
 from core.money import format_amount, parse_amount
+from core.pages import web_page
 from core.services import Services
 from core.store import ApiKey, RateLimits, UsageDay, User
 
@@ -125,21 +126,7 @@ PAGE_FILES = {"admin.css": "text/css; charset=utf-8", "admin.js": "text/javascri
 
 def admin_page() -> Router:
     """``/admin``: the key-management page, shipped in the package (no CDN: it works offline)."""
-    files = {name: (STATIC / name).read_bytes() for name in (*PAGE_FILES, "admin.html")}
-    # The page holds no secret (it asks for the token), but it must not be framed or cached stale.
-    headers = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"}
-
-    @get("/admin", summary="The key-management page", include_in_schema=False)
-    async def page() -> Response[bytes]:
-        return Response(files["admin.html"], media_type="text/html; charset=utf-8", headers=headers)
-
-    @get("/admin/static/{name:str}", include_in_schema=False)
-    async def asset(name: str) -> Response[bytes]:
-        if name not in PAGE_FILES:
-            return Response(b"not found", status_code=404, media_type="text/plain")
-        return Response(files[name], media_type=PAGE_FILES[name], headers=headers)
-
-    return Router("/", route_handlers=[page, asset])
+    return web_page("/admin", STATIC, "admin.html", PAGE_FILES, "The key-management page")
 
 
 def admin_router(services: Services, token: str) -> Router:

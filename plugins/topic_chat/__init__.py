@@ -29,6 +29,7 @@ from core.errors import (
     Unauthenticated,
 )
 from core.hookspecs import hookimpl
+from core.pages import web_page
 from core.services.accounts import Caller
 from core.services.catalog import Route
 from core.services.generations import Generation
@@ -492,23 +493,6 @@ class TopicChatSurface(Surface):
                 listed.append({"id": entry.id, "name": entry.name, "models": models})
             return Response(listed)
 
-        files = {name: (STATIC / name).read_bytes() for name in (*PAGE_FILES, "chat.html")}
-        page_headers = {
-            "Cache-Control": "no-cache",
-            "X-Frame-Options": "DENY",
-            "X-Content-Type-Options": "nosniff",
-        }
-
-        @get("/chat", summary="The chat page", include_in_schema=False)
-        async def page() -> Response[bytes]:
-            return Response(files["chat.html"], media_type="text/html; charset=utf-8", headers=page_headers)
-
-        @get("/chat/static/{name:str}", include_in_schema=False)
-        async def asset(name: str) -> Response[bytes]:
-            if name not in PAGE_FILES:
-                return Response(b"not found", status_code=404, media_type="text/plain")
-            return Response(files[name], media_type=PAGE_FILES[name], headers=page_headers)
-
         limit = services.config.server.max_body_bytes
 
         def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -545,10 +529,11 @@ class TopicChatSurface(Surface):
             edit,
             regenerate,
             series,
-            page,
-            asset,
         ]
-        return [Router("/", route_handlers=handlers, exception_handlers={Exception: handle})]
+        return [
+            Router("/", route_handlers=handlers, exception_handlers={Exception: handle}),
+            web_page("/chat", STATIC, "chat.html", PAGE_FILES, "The chat page"),
+        ]
 
 
 def _text(batch: list[ProviderEvent]) -> str:
