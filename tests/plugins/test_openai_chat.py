@@ -405,6 +405,37 @@ async def test_a_client_that_disconnects_mid_stream_cancels_upstream_and_pays_fo
     assert charge.amount < 0
 
 
+async def test_a_client_that_gives_up_on_a_whole_reply_cancels_upstream(
+    client: Client, fake_deepseek: FakeDeepSeek
+) -> None:
+    fake_deepseek.scenario = Scenario(tokens=200, first_token_delay=10)  # a whole answer ~10 s away
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Take your time"}]}
+    headers = {"Authorization": f"Bearer {client.key}"}
+    async with httpx.AsyncClient(base_url=client.gateway.url, timeout=0.5) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/chat/completions", json=body, headers=headers)
+        stopped = time.monotonic()
+    noticed = await fake_deepseek.wait_for_disconnect(timeout=2)
+    assert noticed - stopped < 0.5
+    (charge,) = await settled(client, 1)
+    assert charge.outcome == "cancelled"
+    assert charge.amount == 0  # nothing came back, so nothing is charged
+
+
+async def test_another_method_is_405_in_openai_shape(client: Client) -> None:
+    response = await client.gateway.client.get(
+        "/v1/chat/completions", headers={"Authorization": f"Bearer {client.key}"}
+    )
+    assert response.status_code == 405
+    assert response.headers["allow"] == "OPTIONS, POST"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "GET" in error["message"]
+    options = await client.gateway.client.options("/v1/chat/completions")
+    assert options.status_code == 204
+    assert options.headers["allow"] == "OPTIONS, POST"
+
+
 # --- clients no one here wrote ---
 
 
