@@ -157,6 +157,7 @@ def run_serve(args: argparse.Namespace) -> int:
         workers=args.workers or config.server.workers,
         timeout_graceful_shutdown=config.server.shutdown_grace,
         log_level="info",
+        access_log=config.server.access_log,
     )
     return 0
 

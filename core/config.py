@@ -39,6 +39,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     shutdown_grace: int = 10
     """Seconds open requests (streams, an /api/chat waiting for its reply) get to end when the
     server stops; then they are cut, and replies still generating are saved as interrupted."""
+    access_log: bool = False
+    """A line per HTTP request on stderr (off, as gunicorn has it: the ledger already records
+    every charged request, and the line's formatting and write cost more CPU than routing it)."""
 
     def __post_init__(self) -> None:
         if self.shutdown_grace < 0:
