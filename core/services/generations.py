@@ -65,7 +65,7 @@ class Generation:
     done: bool = False
     task: asyncio.Task[None] | None = None
     _started: asyncio.Event = field(default_factory=asyncio.Event)
-    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _waiting: list[asyncio.Future[None]] = field(default_factory=list)
     _outcome: asyncio.Future[Outcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -91,7 +91,9 @@ class Generation:
                 continue
             if self.done:
                 return
-            await self._wakeup.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting.append(waiter)
+            await waiter
 
     async def wait(self) -> Outcome:
         """Wait for the end. Cancelling the waiter does not cancel the generation."""
@@ -110,8 +112,12 @@ class Generation:
         self._wake()
 
     def _wake(self) -> None:
-        wakeup, self._wakeup = self._wakeup, asyncio.Event()
-        wakeup.set()
+        # Per token: nothing to do unless someone follows (an Event per token cost more).
+        if self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                if not waiter.done():  # a follower cancelled meanwhile
+                    waiter.set_result(None)
 
 
 class Generations:

@@ -12,7 +12,7 @@ import msgspec
 from litestar import Request, Router, post
 from litestar.exceptions import HTTPException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
-from litestar.response import Response, Stream
+from litestar.response import Response
 from litestar.types import ControllerRouterHandler
 
 from core.errors import ConfigError, ContextTooLong, InsufficientBalance, Problem, Superseded
@@ -22,6 +22,7 @@ from core.services.accounts import EMAIL, email_allowed, normalize_email
 from core.services.conversations import Transcript
 from core.services.generations import Generation
 from core.store import Conversation, User
+from core.streaming import ReplyStream
 from core.surface import Surface
 from core.types import ContentDelta, ReasoningDelta
 
@@ -198,11 +199,7 @@ class EmailSocketSurface(Surface):
             except InsufficientBalance:
                 return failure(403, f"the balance of {user.email} is used up; ask the operator to top it up")
             if stream:
-                return Stream(
-                    streamed(generation),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                )
+                return ReplyStream(streamed(generation), "text/event-stream")
             return await ended(generation)
 
         async def ended(generation: Generation) -> Response[Any]:

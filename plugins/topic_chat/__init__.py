@@ -14,7 +14,7 @@ import msgspec
 from litestar import Request, Router, delete, get, patch, post
 from litestar.exceptions import HTTPException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
-from litestar.response import Response, Stream
+from litestar.response import Response
 from litestar.types import ControllerRouterHandler
 
 from core.errors import (
@@ -34,6 +34,7 @@ from core.services.accounts import Caller
 from core.services.catalog import Route
 from core.services.generations import Generation
 from core.store import Conversation, ConversationPatch, Message
+from core.streaming import ReplyStream
 from core.surface import Surface
 from core.types import ContentDelta, Finish, ProviderEvent
 
@@ -337,11 +338,7 @@ class TopicChatSurface(Surface):
                 # A ¦ in the metadata (an error message) is escaped: clients split at the last one.
                 yield (SEPARATOR + msgspec.json.encode(meta).decode().replace(SEPARATOR, "\\u00a6")).encode()
 
-            return Stream(
-                body(),
-                media_type="text/plain",  # Litestar adds "; charset=utf-8"
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return ReplyStream(body(), "text/plain; charset=utf-8")
 
         @post("/chat/topic", tags=["topic-chat"], summary="Create a topic", status_code=200)
         async def create_topic(request: Request[Any, Any, Any]) -> Response[Any]:
