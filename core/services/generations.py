@@ -73,21 +73,29 @@ class Generation:
     _dirty: bool = False
     _written_at: float = field(default_factory=time.monotonic)
 
-    async def follow(self) -> AsyncIterator[ProviderEvent]:
-        """Every event of this generation from its start, then live until it ends."""
-        async for batch in self.batches():
+    async def follow(self, pace: float = 0.0) -> AsyncIterator[ProviderEvent]:
+        """Every event of this generation from its start, then live until it ends (``pace``: as
+        in :meth:`batches`)."""
+        async for batch in self.batches(pace):
             for event in batch:
                 yield event
 
-    async def batches(self) -> AsyncIterator[list[ProviderEvent]]:
+    async def batches(self, pace: float = 0.0) -> AsyncIterator[list[ProviderEvent]]:
         """The same events, each batch all that arrived since the previous one, so a
-        follower that falls behind catches up in one write instead of one per token."""
+        follower that falls behind catches up in one write instead of one per token.
+
+        With ``pace``, a batch follows the previous one ``pace`` seconds later at the
+        earliest (the first comes at once): a reader then gets fewer, larger writes when
+        tokens come faster than it could see them.
+        """
         seen = 0
         while True:
             if seen < len(self.events):
                 batch = self.events[seen:]
                 seen += len(batch)
                 yield batch
+                if pace and not self.done:
+                    await asyncio.sleep(pace)
                 continue
             if self.done:
                 return

@@ -22,7 +22,7 @@ from core.services.accounts import EMAIL, email_allowed, normalize_email
 from core.services.conversations import Transcript
 from core.services.generations import Generation
 from core.store import Conversation, User
-from core.streaming import ReplyStream
+from core.streaming import PACE, ReplyStream
 from core.surface import Surface
 from core.types import ContentDelta, ReasoningDelta
 
@@ -218,7 +218,7 @@ class EmailSocketSurface(Surface):
             return Response({"status": True, "code": 200, "exit": int(outcome.status == "interrupted")})
 
         async def streamed(generation: Generation) -> AsyncIterator[bytes]:
-            async for part in generation.follow():
+            async for part in generation.follow(PACE):
                 if isinstance(part, ContentDelta) and part.text:
                     yield event({"content": part.text})
                 elif isinstance(part, ReasoningDelta) and part.text and options.show_think:

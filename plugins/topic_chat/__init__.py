@@ -34,7 +34,7 @@ from core.services.accounts import Caller
 from core.services.catalog import Route
 from core.services.generations import Generation
 from core.store import Conversation, ConversationPatch, Message
-from core.streaming import ReplyStream
+from core.streaming import PACE, ReplyStream
 from core.surface import Surface
 from core.types import ContentDelta, Finish, ProviderEvent
 
@@ -294,7 +294,7 @@ class TopicChatSurface(Surface):
             }
             if web is not None:
                 meta["webSearch"] = web
-            batches = generation.batches()
+            batches = generation.batches(PACE)
 
             async def first_text() -> str:
                 async for batch in batches:

@@ -88,6 +88,23 @@ async def test_late_followers_see_every_event_from_the_start(write_config, gatew
     assert isinstance(first[-1], Finish)
 
 
+async def test_a_paced_follower_gets_fewer_larger_batches_of_the_same_events(write_config, gateway_factory):
+    gateway = await gateway_factory(write_config(replace={"\ntoken_delay = 0\n": "\ntoken_delay = 0.004\n"}))
+    generation = await start_reply(gateway.services, "Tell me a long story about the sea and the wind")
+    eager, paced = generation.batches(), generation.batches(pace=0.05)
+    eager_batches, paced_batches = await asyncio.gather(collect(eager), collect(paced))
+    assert [e for b in eager_batches for e in b] == [e for b in paced_batches for e in b]
+    tokens = sum(isinstance(e, ContentDelta) for b in eager_batches for e in b)
+    assert tokens >= 10
+    # Tokens 4 ms apart: the eager follower wakes for (nearly) each, the paced one every 50 ms.
+    assert len(eager_batches) > tokens / 2
+    assert 2 <= len(paced_batches) <= tokens / 4 + 2
+
+
+async def collect(batches):
+    return [batch async for batch in batches]
+
+
 async def test_interrupting_keeps_the_partial_reply_and_stops_the_provider(write_config, gateway_factory):
     gateway = await gateway_factory(write_config(replace=SLOW))
     provider = gateway.services.catalog.providers["mock"]
