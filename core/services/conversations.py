@@ -16,7 +16,7 @@ from ..types import ChatMessage, ChatRequest
 from .billing import Billing
 from .catalog import Route
 from .context import fit_context
-from .generations import Generation, Generations
+from .generations import Generation, Generations, Upstream
 from .memory import Memory, budget_of
 
 Messages = list[Message]  # named here: inside Conversations, ``list`` is a method
@@ -247,6 +247,8 @@ class Conversations:
             InsufficientBalance: the owner's balance cannot cover the worst case; nothing was written.
         """
         reservation = await self.billing.reserve(conversation.user_id, route, request, key_id=key_id)
+        # The request goes upstream now: storing the question and the reply overlaps its wait.
+        upstream = Upstream(route, request)
         reply_draft = MessageDraft(
             role="assistant", status="generating", model=route.model, ledger_id=reservation.entry.id
         )
@@ -271,16 +273,24 @@ class Conversations:
                 )
                 answers = asked.id
         except BaseException:
+            await upstream.aclose()  # at once: nothing came back yet, or nobody would see it
             await self.billing.release(reservation)
             raise
-        return await self.generations.run(
-            conversation.id,
-            reply.id,
-            route,
-            request,
-            reservation=reservation,
-            question_id=answers,
-        )
+        try:
+            return await self.generations.run(
+                conversation.id,
+                reply.id,
+                route,
+                request,
+                reservation=reservation,
+                question_id=answers,
+                upstream=upstream,
+            )
+        except BaseException:
+            # Cancelled before the reply took the stream over: the stored reply is swept and
+            # settled as abandoned; the upstream request must not run on unseen.
+            await upstream.aclose()
+            raise
 
     async def create(
         self, user_id: int, kind: str, name: str = "", series_id: int | None = None

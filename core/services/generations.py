@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -128,6 +127,43 @@ class Generation:
                     waiter.set_result(None)
 
 
+class Upstream:
+    """A provider's reply stream whose request is already on its way.
+
+    The first step of the stream (connecting and sending the request, then
+    waiting for the first event) runs in a task of its own from the moment
+    this is made, so the caller can store the question and the reply while
+    the upstream thinks; the generation then takes the stream over.
+
+    Promises: :meth:`events` yields the stream's events from the first;
+    cancelling its consumer cancels the pending first step too (so the
+    upstream sees the request go); :meth:`aclose` ends the stream, whatever
+    state it is in.
+    """
+
+    def __init__(self, route: Route, request: ChatRequest) -> None:
+        self.started = time.monotonic()
+        self._stream = route.provider.stream(request)
+        self._first: asyncio.Future[ProviderEvent | None] = asyncio.ensure_future(anext(self._stream, None))
+
+    async def events(self) -> AsyncIterator[ProviderEvent]:
+        first = await self._first
+        if first is None:
+            return
+        yield first
+        async for event in self._stream:
+            yield event
+
+    async def aclose(self) -> None:
+        if not self._first.done():
+            self._first.cancel()
+        # The stream cannot be closed while its first step is still running somewhere.
+        await asyncio.wait([self._first])
+        if not self._first.cancelled():
+            self._first.exception()  # retrieved: it is the consumer's to report, not the loop's
+        await self._stream.aclose()
+
+
 class Generations:
     """Starts, tracks, persists and interrupts generations; at most one per conversation."""
 
@@ -166,20 +202,22 @@ class Generations:
         *,
         reservation: Reservation | None = None,
         question_id: int | None = None,
+        upstream: Upstream | None = None,
     ) -> Generation:
         """Start producing the reply stored as ``message_id``, interrupting the conversation's current one.
 
         The caller appended the assistant message (status ``generating``)
         and, when billing applies, reserved its cost; the generation settles
-        the reservation whatever the outcome.
+        the reservation whatever the outcome. With ``upstream`` (the request
+        already sent for ``request``) it takes that stream over instead of
+        starting one.
         """
         async with self._exclusive.hold(conversation_id):
             await self._interrupt_locked(conversation_id)
             generation = Generation(conversation_id, message_id, route, request, reservation, question_id)
             self._running[conversation_id] = generation
-            generation.task = asyncio.create_task(
-                self._produce(generation), name=f"chatgate-gen-{message_id}"
-            )
+            producing = self._produce(generation, upstream or Upstream(route, request))
+            generation.task = asyncio.create_task(producing, name=f"chatgate-gen-{message_id}")
             return generation
 
     async def interrupt(self, conversation_id: int) -> bool:
@@ -215,19 +253,21 @@ class Generations:
         await generation.wait()
         return True
 
-    async def _produce(self, generation: Generation) -> None:
+    async def _produce(self, generation: Generation, upstream: Upstream) -> None:
         generation._started.set()
-        started = time.monotonic()
+        started = upstream.started
         finish: Finish | None = None
         error: ProviderError | None = None
         status: MessageStatus = "complete"
+        provider = generation.route.provider
         try:
-            provider = generation.route.provider
-            async with aclosing(provider.stream(generation.request)) as events:
-                async for event in events:
+            try:
+                async for event in upstream.events():
                     if isinstance(event, Finish):
                         finish = event
                     generation._publish(event)
+            finally:
+                await upstream.aclose()
             if finish is None:
                 raise Unavailable(f"provider {provider.instance!r} ended the reply without finishing it")
         except asyncio.CancelledError:

@@ -10,12 +10,13 @@ import pytest
 
 from core.errors import InsufficientBalance, NotFound, Unavailable
 from core.services import Services
-from core.services.generations import Generation
+from core.services.generations import Generation, Upstream
 from core.store import MessageDraft
 from core.tokens import estimate_prompt_tokens, estimate_tokens
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish
 from stores.sqlite import SqliteStore
-from tests.conftest import serving
+from tests.conftest import deepseek_config, serving
+from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
 SLOW = {"\ntoken_delay = 0\n": "\ntoken_delay = 0.02\n"}
 
@@ -402,3 +403,46 @@ async def test_a_reservation_whose_caller_is_cancelled_is_given_back(gateway):
     assert held == [], (held, ledger)
     assert (await store.get_user(user.id)).balance == 10_000_000
     assert all(entry.amount == 0 for entry in given_back)
+
+
+DEEPSEEK_MODEL = """
+[models.deepseek-chat]
+provider = "deepseek"
+input_price = 0
+output_price = 0
+"""
+
+
+async def test_an_upstream_request_is_sent_before_anyone_reads_it_and_closed_with_it(
+    fake_deepseek: FakeDeepSeek, write_config, gateway_factory
+):
+    gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + DEEPSEEK_MODEL))
+    fake_deepseek.scenario = Scenario(first_token_delay=5)
+    route = gateway.services.catalog.route("deepseek-chat")
+    request = ChatRequest(
+        model="deepseek-chat", messages=(ChatMessage(role="user", content="Hi"),), stream=True
+    )
+    upstream = Upstream(route, request)
+    async with asyncio.timeout(2):
+        while not fake_deepseek.requests:  # noqa: ASYNC110 - nobody has asked for an event yet
+            await asyncio.sleep(0.005)
+    closed = time.monotonic()
+    await upstream.aclose()
+    assert await fake_deepseek.wait_for_disconnect(timeout=2) - closed < 0.5
+
+
+async def test_an_upstream_yields_the_same_events_as_the_provider(
+    fake_deepseek: FakeDeepSeek, write_config, gateway_factory
+):
+    gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + DEEPSEEK_MODEL))
+    fake_deepseek.scenario = Scenario(tokens=12)
+    route = gateway.services.catalog.route("deepseek-chat")
+    request = ChatRequest(
+        model="deepseek-chat", messages=(ChatMessage(role="user", content="Hi"),), stream=True
+    )
+    upstream = Upstream(route, request)
+    through = [e async for e in upstream.events()]
+    await upstream.aclose()
+    direct = [e async for e in route.provider.stream(request)]
+    assert through == direct
+    assert sum(isinstance(e, ContentDelta) for e in through) == 12
