@@ -225,10 +225,9 @@ class OpenAICompatibleProvider(Provider):
         while True:
             produced = False
             try:
-                response, started = await self._open(body, request.stream)
+                response, started, text = await self._open(body, request.stream)
                 try:
-                    if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                        text = await self._read_all(response, started, request.stream)
+                    if text is not None:
                         for event in self._whole_reply(text, request):
                             produced = True
                             yield event
@@ -331,8 +330,9 @@ class OpenAICompatibleProvider(Provider):
 
     # --- one upstream request ---
 
-    async def _open(self, body: bytes, streamed: bool) -> tuple[aiohttp.ClientResponse, float]:
-        """Send the request; return the 200 response (body unread) and when it was sent."""
+    async def _open(self, body: bytes, streamed: bool) -> tuple[aiohttp.ClientResponse, float, str | None]:
+        """Send the request; return the 200 response, when it was sent, and its body if it is
+        not a stream (read within the same deadline: one timer per request, not two)."""
         if self._client is None:
             raise Unavailable(f"provider {self.instance!r} is not open (the app has not started)")
         options = self.options
@@ -342,20 +342,26 @@ class OpenAICompatibleProvider(Provider):
                 '(plugins.toml reads it with api_key = "${DEEPSEEK_API_KEY}")'
             )
         started = asyncio.get_running_loop().time()
+        response = None
+        text = None
         try:
             async with asyncio.timeout_at(started + self._first_answer(streamed)):
                 response = await self._client.post(self._url, data=body, headers=_JSON, allow_redirects=False)
+                if response.status != 200 or not _is_stream(response):
+                    text = (await response.read()).decode("utf-8", errors="replace")
         except aiohttp.ClientError as exc:  # before TimeoutError: aiohttp's timeouts are both
+            if response is not None:
+                response.close()
             raise self._transport_error(exc, produced=False) from None
         except TimeoutError:
-            raise self._timeout("no response", started) from None
+            if response is None:
+                raise self._timeout("no response", started) from None
+            response.close()
+            raise self._timeout("no complete answer", started) from None
         if response.status != 200:
-            try:
-                text = await self._read_all(response, started, streamed)
-            finally:
-                response.close()
-            raise self._status_error(response, text)
-        return response, started
+            response.close()
+            raise self._status_error(response, text or "")
+        return response, started, text
 
     def _whole_reply(self, text: str, request: ChatRequest) -> list[ProviderEvent]:
         """The events of a non-streamed answer (DeepSeek may precede it with blank lines)."""
@@ -390,17 +396,6 @@ class OpenAICompatibleProvider(Provider):
         """Seconds allowed from sending a request to having something of the reply."""
         options = self.options
         return min(options.first_token_timeout, options.total_timeout) if streamed else options.total_timeout
-
-    async def _read_all(self, response: aiohttp.ClientResponse, started: float, streamed: bool) -> str:
-        """The whole body, within the time allowed for a first answer."""
-        try:
-            async with asyncio.timeout_at(started + self._first_answer(streamed)):
-                data = await response.read()
-        except aiohttp.ClientError as exc:
-            raise self._transport_error(exc, produced=False) from None
-        except TimeoutError:
-            raise self._timeout("no complete answer", started) from None
-        return data.decode("utf-8", errors="replace")
 
     @staticmethod
     async def _drain(chunks: AsyncIterator[bytes], response: aiohttp.ClientResponse) -> None:
@@ -521,6 +516,10 @@ class OpenAICompatibleProvider(Provider):
     def _redact(self, text: str) -> str:
         key = self.options.api_key
         return text.replace(key, "[api key]") if len(key) >= 4 else text
+
+
+def _is_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
 
 
 class _Reply:

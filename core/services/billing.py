@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -45,10 +44,14 @@ class Reservation:
 
 
 @functools.lru_cache(maxsize=256)
-def _exact(price: float) -> Decimal:
-    # A configured price as written (0.1, not 0.1000000000000000055...); a handful of
-    # distinct prices, converted once instead of on every request.
-    return Decimal(str(price))
+def _exact(price: float) -> tuple[int, int]:
+    """A configured price as written (0.1, not 0.1000000000000000055...), as the integer
+    fraction ``numerator / 10**k``: a handful of distinct prices, converted once, so a
+    request's cost is integer arithmetic."""
+    exact = Decimal(str(price))
+    exponent = exact.as_tuple().exponent
+    scale = 10 ** max(0, -exponent) if isinstance(exponent, int) else 1
+    return int(exact * scale), scale
 
 
 class Billing:
@@ -67,9 +70,10 @@ class Billing:
     @staticmethod
     def cost_at(model: ModelConfig, prompt_tokens: int, completion_tokens: int) -> int:
         """Micro-credits for this many tokens; prices are credits per million tokens, rounded up."""
-        price = _exact(model.input_price) * prompt_tokens
-        price += _exact(model.output_price) * completion_tokens
-        return math.ceil(price)
+        into, into_scale = _exact(model.input_price)
+        out, out_scale = _exact(model.output_price)
+        micro = into * prompt_tokens * out_scale + out * completion_tokens * into_scale
+        return -(-micro // (into_scale * out_scale))  # rounded up
 
     def worst_case(self, route: Route, request: ChatRequest, prompt: int | None = None) -> int:
         """The most ``request`` can cost: its estimated prompt (``prompt`` tokens, when known)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from contextlib import aclosing
 
 from ..errors import ProviderError
@@ -34,8 +35,6 @@ from .billing import Billing, Reservation
 from .catalog import Route
 
 log = logging.getLogger("chatgate.completions")
-
-_END = object()
 
 
 class Completion:
@@ -62,7 +61,8 @@ class Completion:
         self._billing = billing
         self._reservation = reservation
         self.use = reservation.use
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._ready: deque[ProviderEvent] = deque()  # produced, not yet taken by next_event
+        self._waiter: asyncio.Future[None] | None = None
         self._ended = False
         self._end = asyncio.Event()
         self._started = time.monotonic()
@@ -70,28 +70,28 @@ class Completion:
 
     async def next_event(self, timeout: float | None = None) -> ProviderEvent | None:  # noqa: ASYNC109
         """The next event, or None at the end; ``TimeoutError`` when none came within ``timeout``."""
-        if timeout is None or not self._queue.empty():
-            item = await self._queue.get()
-        else:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
-        if item is _END:
-            self._queue.put_nowait(_END)  # the end stays the end for later callers
-            if self.error is not None:
-                raise self.error
-            return None
-        return item  # type: ignore[return-value]
+        while not self._ready:
+            if self._ended:  # the end stays the end for later calls
+                if self.error is not None:
+                    raise self.error
+                return None
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            if timeout is None:
+                await waiter
+            else:
+                await asyncio.wait_for(waiter, timeout)
+        return self._ready.popleft()
 
     def ready_events(self) -> list[ProviderEvent]:
-        """The events already waiting, without waiting for more (the end stays queued)."""
-        ready: list[ProviderEvent] = []
-        queue = self._queue
-        while not queue.empty():
-            item = queue.get_nowait()
-            if item is _END:
-                queue.put_nowait(_END)
-                break
-            ready.append(item)  # type: ignore[arg-type]
+        """The events already waiting, without waiting for more."""
+        ready = list(self._ready)
+        self._ready.clear()
         return ready
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def result(self) -> Completion:
         """Wait for the whole reply; raise the provider's error if it failed.
@@ -129,7 +129,8 @@ class Completion:
                             )
                         case Finish():
                             self.finish = event
-                    self._queue.put_nowait(event)
+                    self._ready.append(event)
+                    self._wake()
         except asyncio.CancelledError:
             outcome = "cancelled"  # not re-raised: this task owns the bookkeeping, and ends with it
         except ProviderError as exc:
@@ -143,7 +144,7 @@ class Completion:
             )
         finally:
             self._ended = True
-            self._queue.put_nowait(_END)
+            self._wake()
             self._end.set()
         await self._settle(outcome)
 

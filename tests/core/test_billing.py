@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import pytest
 
 from core.config import ModelConfig
@@ -39,6 +42,17 @@ def test_cost_is_per_million_tokens_rounded_up_to_a_micro_credit():
     assert Billing.cost(route(0.27, 1.1), 1_000_000, 1_000_000) == 1_370_000
     assert Billing.cost(route(0.27, 1.1), 1, 0) == 1  # 0.27 micro-credits round up
     assert Billing.cost(route(0, 0), 10**9, 10**9) == 0
+
+
+@pytest.mark.parametrize(
+    ("input_price", "output_price"),
+    [(0.3, 1.2), (0.1, 0.2), (0.27, 1.1), (1e-7, 3.33333), (1e20, 5e-12), (7, 0)],
+)
+def test_cost_is_exact_for_prices_as_written(input_price, output_price):
+    model = ModelConfig(provider="mock", input_price=input_price, output_price=output_price)
+    for prompt, completion in [(0, 0), (1, 0), (0, 1), (95_722, 83_069), (10**9, 3)]:
+        exact = Fraction(str(input_price)) * prompt + Fraction(str(output_price)) * completion
+        assert Billing.cost_at(model, prompt, completion) == math.ceil(exact)
 
 
 def test_worst_case_covers_the_prompt_and_the_longest_reply():
