@@ -139,3 +139,14 @@ def test_an_unopenable_store_is_a_clear_error(write_config, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith(f"chatgate: cannot open the SQLite database {tmp_path}/file/")
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_the_access_log_is_off_unless_asked(write_config, server_process, tmp_path, enabled):
+    config = write_config(replace={"[server]\n": f"[server]\naccess_log = {str(enabled).lower()}\n"})
+    url = server_process(config)
+    httpx.get(url + "/healthz?probe=access-log", timeout=5)
+    server_process.stop(url)
+    logged = "\n".join(p.read_text() for p in tmp_path.glob("serve-*.log"))
+    assert "ready" in logged  # the server's own log is there either way
+    assert ("GET /healthz?probe=access-log" in logged) is enabled
