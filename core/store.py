@@ -421,6 +421,20 @@ class Store(abc.ABC):
         """
         return [m for m in await self.list_messages(conversation_id) if m.revision > after_revision]
 
+    async def conversation_since(
+        self, conversation_id: int, after_revision: int
+    ) -> tuple[Conversation, list[Message]]:
+        """The conversation, and its messages changed after ``after_revision`` (none when its
+        revision has not moved past it), as of one moment.
+
+        A reader that keeps a conversation's messages gets both in one round trip
+        where the store can; this default makes two.
+        """
+        conversation = await self.get_conversation(conversation_id)
+        if conversation.revision <= after_revision:
+            return conversation, []
+        return conversation, await self.changed_messages(conversation_id, after_revision)
+
     @abc.abstractmethod
     async def interrupt_stale_generations(self, updated_before: datetime) -> list[Message]:
         """Mark ``generating`` messages not updated since ``updated_before`` as ``interrupted``.

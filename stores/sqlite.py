@@ -435,6 +435,11 @@ class SqliteStore(Store):
     async def get_conversation(self, conversation_id: int) -> Conversation:
         return await self._read(_get, Conversation, "conversations", conversation_id, "conversation")
 
+    async def conversation_since(
+        self, conversation_id: int, after_revision: int
+    ) -> tuple[Conversation, list[Message]]:
+        return await self._read(_conversation_since, conversation_id, after_revision)
+
     async def list_conversations(
         self, user_id: int, kind: str | None = None, series_id: int | None = None
     ) -> list[Conversation]:
@@ -672,6 +677,16 @@ def _interrupt_stale(db: sqlite3.Connection, cutoff_ms: int) -> list[Message]:
 def _get(db: sqlite3.Connection, cls: type[_R], table: str, row_id: int, kind: str) -> _R:
     # Table names come from this module, never from callers' data.
     return _record(cls, _found(_rows(db, f"SELECT * FROM {table} WHERE id = ?", (row_id,)), kind, row_id))
+
+
+def _conversation_since(
+    db: sqlite3.Connection, conversation_id: int, after_revision: int
+) -> tuple[Conversation, list[Message]]:
+    # One read call is one transaction: the messages are those of the revision returned.
+    conversation = _get(db, Conversation, "conversations", conversation_id, "conversation")
+    if conversation.revision <= after_revision:
+        return conversation, []
+    return conversation, _messages(db, conversation_id, after_revision)
 
 
 def _first(db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any] = ()) -> _R | None:

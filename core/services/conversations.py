@@ -308,7 +308,14 @@ class Conversations:
         return found[-1] if found else None
 
     async def get(self, user_id: int, conversation_id: int) -> Conversation:
-        conversation = await self.store.get_conversation(conversation_id)
+        """The user's conversation (``NotFound`` for anyone else's); its messages, when they are
+        kept here, are brought up to date in the same store round trip."""
+        cached = self._messages.get(conversation_id)
+        if cached is None:
+            conversation = await self.store.get_conversation(conversation_id)
+        else:
+            conversation, changed = await self.store.conversation_since(conversation_id, cached[0])
+            self._remember(conversation, cached, changed)
         if conversation.user_id != user_id:
             raise NotFound(f"conversation {conversation_id} not found")
         return conversation
@@ -338,15 +345,33 @@ class Conversations:
         # list is kept under, so the next reader fetches again: newer, never staler.
         if cached is None or cached[0] > conversation.revision:
             messages = await self.store.list_messages(conversation.id)
-        else:  # only what changed since: a long conversation is not read whole for each turn
-            changed = await self.store.changed_messages(conversation.id, cached[0])
-            by_id = {m.id: m for m in cached[1]}
-            by_id.update((m.id, m) for m in changed)
-            messages = sorted(by_id.values(), key=lambda m: m.id)
+            self._keep(conversation, messages)
+            return messages
+        # Only what changed since: a long conversation is not read whole for each turn.
+        changed = await self.store.changed_messages(conversation.id, cached[0])
+        return self._remember(conversation, cached, changed)
+
+    def _remember(
+        self, conversation: Conversation, cached: tuple[int, Messages], changed: Messages
+    ) -> Messages:
+        """``cached`` brought up to ``conversation``'s revision with the messages changed since."""
+        if cached[0] > conversation.revision:
+            return cached[1]  # read before a newer list was kept: keep the newer
+        if not changed:
+            if cached[0] < conversation.revision:
+                self._keep(conversation, cached[1])
+            return cached[1]
+        by_id = {m.id: m for m in cached[1]}
+        by_id.update((m.id, m) for m in changed)
+        messages = sorted(by_id.values(), key=lambda m: m.id)
+        self._keep(conversation, messages)
+        return messages
+
+    def _keep(self, conversation: Conversation, messages: Messages) -> None:
         self._messages[conversation.id] = (conversation.revision, messages)
+        self._messages.move_to_end(conversation.id)
         while len(self._messages) > self.cached_conversations:
             self._messages.popitem(last=False)
-        return messages
 
     async def transcript(self, conversation: Conversation) -> Transcript:
         """The messages with the reply being generated here overlaid as far as it has got."""

@@ -595,6 +595,27 @@ class StoreConformance:
         assert await store.list_messages(conversation.id) == [first, grown, second]
 
     @pytest.mark.asyncio
+    async def test_conversation_since_reads_the_conversation_and_what_changed_together(
+        self, store: Store
+    ) -> None:
+        user = await store.ensure_user("talk@example.com")
+        conversation = await store.create_conversation(user.id, "topic")
+        first = await store.append_message(conversation.id, MessageDraft(role="user", content="one"))
+        mark = (await store.get_conversation(conversation.id)).revision
+        assert await store.conversation_since(conversation.id, mark) == (
+            await store.get_conversation(conversation.id),
+            [],
+        )
+        second = await store.append_message(conversation.id, MessageDraft(role="assistant", content="two"))
+        read, changed = await store.conversation_since(conversation.id, mark)
+        assert read == await store.get_conversation(conversation.id)
+        assert read.revision == second.revision > mark
+        assert changed == [second]
+        assert (await store.conversation_since(conversation.id, 0))[1] == [first, second]
+        with pytest.raises(NotFound):
+            await store.conversation_since(MISSING, 0)
+
+    @pytest.mark.asyncio
     async def test_list_messages_oldest_first_per_conversation(self, store: Store) -> None:
         user = await store.ensure_user("talk@example.com")
         one = await store.create_conversation(user.id, "topic")
