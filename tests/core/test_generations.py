@@ -413,15 +413,19 @@ output_price = 0
 """
 
 
+async def deepseek_route(fake_deepseek, write_config, gateway_factory):
+    """A gateway in front of the fake DeepSeek; its route to deepseek-chat and a streamed request."""
+    gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + DEEPSEEK_MODEL))
+    message = ChatMessage(role="user", content="Hi")
+    request = ChatRequest(model="deepseek-chat", messages=(message,), stream=True)
+    return gateway.services.catalog.route("deepseek-chat"), request
+
+
 async def test_an_upstream_request_is_sent_before_anyone_reads_it_and_closed_with_it(
     fake_deepseek: FakeDeepSeek, write_config, gateway_factory
 ):
-    gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + DEEPSEEK_MODEL))
     fake_deepseek.scenario = Scenario(first_token_delay=5)
-    route = gateway.services.catalog.route("deepseek-chat")
-    request = ChatRequest(
-        model="deepseek-chat", messages=(ChatMessage(role="user", content="Hi"),), stream=True
-    )
+    route, request = await deepseek_route(fake_deepseek, write_config, gateway_factory)
     upstream = Upstream(route, request)
     async with asyncio.timeout(2):
         while not fake_deepseek.requests:  # noqa: ASYNC110 - nobody has asked for an event yet
@@ -434,12 +438,8 @@ async def test_an_upstream_request_is_sent_before_anyone_reads_it_and_closed_wit
 async def test_an_upstream_yields_the_same_events_as_the_provider(
     fake_deepseek: FakeDeepSeek, write_config, gateway_factory
 ):
-    gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + DEEPSEEK_MODEL))
     fake_deepseek.scenario = Scenario(tokens=12)
-    route = gateway.services.catalog.route("deepseek-chat")
-    request = ChatRequest(
-        model="deepseek-chat", messages=(ChatMessage(role="user", content="Hi"),), stream=True
-    )
+    route, request = await deepseek_route(fake_deepseek, write_config, gateway_factory)
     upstream = Upstream(route, request)
     through = [e async for e in upstream.events()]
     await upstream.aclose()
