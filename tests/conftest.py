@@ -216,6 +216,24 @@ async def fake_deepseek() -> AsyncIterator[FakeDeepSeek]:
         yield fake
 
 
+PRICED_MODELS = """
+[models.deepseek-chat]
+provider = "deepseek"
+input_price = 1000
+output_price = 2000
+context_tokens = 65536
+max_output_tokens = 4096
+
+[models.deepseek-reasoner]
+provider = "deepseek"
+input_price = 1000
+output_price = 2000
+context_tokens = 65536
+max_output_tokens = 4096
+"""
+"""The seeds' two DeepSeek model names, priced so every reply costs something visible."""
+
+
 def deepseek_config(url: str, *, instance: str = "deepseek", extra: str = "") -> str:
     """A plugins.toml fragment: a ``deepseek`` instance at ``url`` serving the seeds' model names."""
     return f"""

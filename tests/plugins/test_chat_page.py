@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Gateway, deepseek_config
+from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
 from tests.plugins.browser import By, WebDriverWait, browser, expected_conditions  # skips without a browser
-from tests.plugins.test_topic_chat import CATALOG, PRICED, User, user_on
+from tests.plugins.test_topic_chat import CATALOG, User, user_on
 
 
 def use_the_page(url: str, key: str) -> list[str]:
@@ -55,7 +55,7 @@ async def test_create_a_topic_send_a_message_watch_it_stream_and_regenerate_it(
     write_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
 ) -> None:
     config = write_config(
-        deepseek_config(fake_deepseek.url) + PRICED, replace={"[surfaces.topic_chat]\n": CATALOG}
+        deepseek_config(fake_deepseek.url) + PRICED_MODELS, replace={"[surfaces.topic_chat]\n": CATALOG}
     )
     gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     user: User = await user_on(gateway, "page@example.com")

@@ -18,24 +18,8 @@ import pytest
 
 from core.store import LedgerEntry
 from plugins.openai_compat import wire
-from tests.conftest import Gateway, deepseek_config
+from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario, ToolCallSpec
-
-MODELS = """
-[models.deepseek-chat]
-provider = "deepseek"
-input_price = 1000
-output_price = 2000
-context_tokens = 65536
-max_output_tokens = 4096
-
-[models.deepseek-reasoner]
-provider = "deepseek"
-input_price = 1000
-output_price = 2000
-context_tokens = 65536
-max_output_tokens = 4096
-"""
 
 
 class Client:
@@ -68,7 +52,7 @@ class Client:
 async def client(
     fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> AsyncIterator[Client]:
-    config = write_config(deepseek_config(fake_deepseek.url, extra="max_retries = 0") + MODELS)
+    config = write_config(deepseek_config(fake_deepseek.url, extra="max_retries = 0") + PRICED_MODELS)
     gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     key, secret = await gateway.services.accounts.create_key("api@example.com")
     await gateway.services.billing.top_up(key.user_id, 100_000_000)
@@ -543,7 +527,7 @@ async def test_a_slow_first_token_gets_keep_alive_comments(
     fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> None:
     config = write_config(
-        deepseek_config(fake_deepseek.url) + MODELS,
+        deepseek_config(fake_deepseek.url) + PRICED_MODELS,
         replace={"[surfaces.openai_compat]\n": "[surfaces.openai_compat]\nkeepalive_interval = 0.1\n"},
     )
     gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
@@ -570,7 +554,7 @@ async def test_a_body_over_the_limit_is_413_in_openai_shape(
     fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> None:
     config = write_config(
-        deepseek_config(fake_deepseek.url) + MODELS,
+        deepseek_config(fake_deepseek.url) + PRICED_MODELS,
         replace={'host = "127.0.0.1"\n': 'host = "127.0.0.1"\nmax_body_bytes = 2000\n'},
     )
     gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]

@@ -15,24 +15,9 @@ import pytest
 
 from core.hookspecs import hookimpl
 from core.search import WebResult, WebSearch
-from tests.conftest import Gateway, deepseek_config
+from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
-PRICED = """
-[models.deepseek-chat]
-provider = "deepseek"
-input_price = 1000
-output_price = 2000
-context_tokens = 65536
-max_output_tokens = 4096
-
-[models.deepseek-reasoner]
-provider = "deepseek"
-input_price = 1000
-output_price = 2000
-context_tokens = 65536
-max_output_tokens = 4096
-"""
 CATALOG = """[surfaces.topic_chat]
 max_message_chars = 100
 [[surfaces.topic_chat.series]]
@@ -90,7 +75,7 @@ def split(text: str) -> tuple[str, dict[str, Any]]:
 def topic_config(fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path]) -> Callable[..., Path]:
     def write(extra: str = "") -> Path:
         return write_config(  # type: ignore[no-any-return]
-            deepseek_config(fake_deepseek.url, extra="max_retries = 0") + PRICED + extra,
+            deepseek_config(fake_deepseek.url, extra="max_retries = 0") + PRICED_MODELS + extra,
             replace={"[surfaces.topic_chat]\n": CATALOG},
         )
 
