@@ -186,19 +186,24 @@ async def load(
     body: dict[str, object] | None,
     concurrency: int,
     total: int,
+    spread: float = 0.0,
 ) -> Run:
-    """``total`` requests from ``concurrency`` keep-alive callers; a GET when ``body`` is None."""
+    """``total`` requests from ``concurrency`` keep-alive callers; a GET when ``body`` is None.
+
+    With ``spread``, the callers start evenly over that many seconds instead of at once.
+    """
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode() if body is not None else b""
     method = "POST" if body is not None else "GET"
     run = Run()
     remaining = total
 
-    async def caller() -> None:
+    async def caller(start: float) -> None:
         nonlocal remaining
         connection = Connection(
             host, int(port), path, {"Content-Type": "application/json", **headers}, method
         )
+        await asyncio.sleep(start)
         try:
             while remaining > 0:
                 remaining -= 1
@@ -213,7 +218,7 @@ async def load(
             await connection.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    await asyncio.gather(*(caller(spread * i / concurrency) for i in range(concurrency)))
     run.wall = time.perf_counter() - started
     return run
 
