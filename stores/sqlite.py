@@ -556,18 +556,19 @@ def _admit(
     db: sqlite3.Connection, draft: LedgerDraft, limits: RateLimits, floor: int
 ) -> tuple[LedgerEntry, RateUse]:
     now = _now()
-    # Whole seconds that lie entirely within the last minute.
+    # Whole seconds that lie entirely within the last minute. One statement reads the
+    # window, whether older seconds are left to prune, and the reservations in flight.
     first_second = (now - WINDOW_MS) // 1000 + 1
-    db.execute("DELETE FROM rate_window WHERE key_id = ? AND second < ?", (draft.key_id, first_second))
-    [(requests, tokens, oldest)] = db.execute(
-        "SELECT coalesce(sum(requests), 0), coalesce(sum(tokens), 0), min(second) FROM rate_window"
-        " WHERE key_id = ?",
-        (draft.key_id,),
+    [(requests, tokens, oldest, stale, concurrent)] = db.execute(
+        "SELECT coalesce(sum(requests) FILTER (WHERE second >= ?1), 0),"
+        " coalesce(sum(tokens) FILTER (WHERE second >= ?1), 0),"
+        " min(second) FILTER (WHERE second >= ?1), coalesce(min(second) < ?1, 0),"
+        " (SELECT count(*) FROM ledger WHERE key_id = ?2 AND kind = 'reservation' AND created_at > ?3)"
+        " FROM rate_window WHERE key_id = ?2",
+        (first_second, draft.key_id, now - IN_FLIGHT_MS),
     ).fetchall()
-    [(concurrent,)] = db.execute(
-        "SELECT count(*) FROM ledger WHERE key_id = ? AND kind = 'reservation' AND created_at > ?",
-        (draft.key_id, now - IN_FLIGHT_MS),
-    ).fetchall()
+    if stale:  # about once a second per busy key, not once a request
+        db.execute("DELETE FROM rate_window WHERE key_id = ? AND second < ?", (draft.key_id, first_second))
     requests += 1
     tokens += draft.prompt_tokens + draft.completion_tokens
     concurrent += 1
@@ -591,34 +592,73 @@ def _post_ledger(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None) 
 
 
 def _post(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, now: int) -> LedgerEntry:
-    balance = _balance(db, draft.user_id)
-    after = balance + draft.amount
-    if floor is not None and draft.amount < 0 and after < floor:
-        raise InsufficientBalance(balance, draft.amount)
-    db.execute("UPDATE users SET balance = ? WHERE id = ?", (after, draft.user_id))
-    values = msgspec.structs.asdict(draft)
-    row = _insert(db, "ledger", {**values, "balance_after": after, "created_at": now, "updated_at": now})
+    if floor is not None and draft.amount < 0:
+        # The check and the charge in one statement; only a refusal reads the balance again.
+        moved = db.execute(
+            "UPDATE users SET balance = balance + ?1 WHERE id = ?2 AND balance + ?1 >= ?3 RETURNING balance",
+            (draft.amount, draft.user_id, floor),
+        ).fetchall()
+        if not moved:
+            raise InsufficientBalance(_balance(db, draft.user_id), draft.amount)  # or NotFound
+    else:
+        moved = db.execute(
+            "UPDATE users SET balance = balance + ? WHERE id = ? RETURNING balance",
+            (draft.amount, draft.user_id),
+        ).fetchall()
+    after = _found(moved, "user", draft.user_id)[0]
+    values = (*msgspec.structs.astuple(draft), after, now, now)
+    [(entry_id,)] = db.execute(_INSERT_LEDGER, values).fetchall()
     if draft.key_id is not None and draft.kind in COUNTED:
         _count(db, draft.key_id, now, 1, draft.prompt_tokens + draft.completion_tokens)
-    return _record(LedgerEntry, row)
+    stamp = _EPOCH + now * _MS
+    d = draft  # the entry is what was inserted: no need to read it back
+    return LedgerEntry(
+        entry_id, d.user_id, d.amount, after, d.kind, d.key_id, d.model, d.provider, d.prompt_tokens,
+        d.completion_tokens, d.latency_ms, d.outcome, d.note, stamp, stamp,
+    )  # fmt: skip
+
+
+_INSERT_LEDGER = (
+    f"INSERT INTO ledger ({', '.join(LedgerDraft.__struct_fields__)}, balance_after, created_at, updated_at)"
+    f" VALUES ({', '.join('?' * (len(LedgerDraft.__struct_fields__) + 3))}) RETURNING id"
+)
+_LEDGER_COLUMNS = ", ".join(LedgerEntry.__struct_fields__)
+_SETTLE_LEDGER = (
+    f"UPDATE ledger SET {', '.join(f'{field} = ?' for field in LedgerSettlement.__struct_fields__)},"
+    f" balance_after = ?, updated_at = ? WHERE id = ? RETURNING {_LEDGER_COLUMNS}"
+)
+
+
+def _ledger_entry(row: Sequence[Any]) -> LedgerEntry:
+    # Columns in field order (_LEDGER_COLUMNS); the two stamps come last.
+    return LedgerEntry(*row[:13], _EPOCH + row[13] * _MS, _EPOCH + row[14] * _MS)  # type: ignore[call-arg]
 
 
 def _settle_ledger(db: sqlite3.Connection, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
-    old = _found(_rows(db, "SELECT * FROM ledger WHERE id = ?", (entry_id,)), "ledger entry", entry_id)
+    old = _found(
+        db.execute(
+            "SELECT amount, user_id, key_id, kind, prompt_tokens, completion_tokens, created_at"
+            " FROM ledger WHERE id = ?",
+            (entry_id,),
+        ).fetchall(),
+        "ledger entry",
+        entry_id,
+    )
+    amount, user_id, key_id, kind, prompt_tokens, completion_tokens, created_at = old
     [(after,)] = db.execute(
         "UPDATE users SET balance = balance + ? WHERE id = ? RETURNING balance",
-        (settlement.amount - old["amount"], old["user_id"]),
+        (settlement.amount - amount, user_id),
     ).fetchall()
-    values = msgspec.structs.asdict(settlement)
-    [row] = _update(db, "ledger", entry_id, {**values, "balance_after": after, "updated_at": _now()})
-    if old["key_id"] is not None:
+    values = (*msgspec.structs.astuple(settlement), after, _now(), entry_id)
+    [row] = db.execute(_SETTLE_LEDGER, values).fetchall()
+    if key_id is not None:
         # The minute the entry was counted in now counts what it really used.
-        was = old["kind"] in COUNTED
+        was = kind in COUNTED
         now = settlement.kind in COUNTED
         tokens = (settlement.prompt_tokens + settlement.completion_tokens) * now
-        tokens -= (old["prompt_tokens"] + old["completion_tokens"]) * was
-        _count(db, old["key_id"], old["created_at"], now - was, tokens)
-    return _record(LedgerEntry, row)
+        tokens -= (prompt_tokens + completion_tokens) * was
+        _count(db, key_id, created_at, now - was, tokens)
+    return _ledger_entry(row)
 
 
 def _count(db: sqlite3.Connection, key_id: int, at_ms: int, requests: int, tokens: int) -> None:

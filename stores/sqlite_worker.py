@@ -5,7 +5,8 @@ Calls that queue up while the thread is busy run together in one
 transaction, each inside a savepoint of its own: one commit (one set of file
 locks, one write of each touched page) and one wake-up of the event loop
 serve the whole group, which is what keeps SQLite off the critical path at
-high concurrency. At concurrency 1 a group is one call, as before.
+high concurrency. At concurrency 1 a group is one call, and its transaction
+is its own: no savepoint (two statements fewer per call).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ _STOP = None
 class SqliteWorker:
     """Runs functions of one connection on one thread, in the order they were submitted.
 
-    Promises: each ``read`` or ``write`` call is atomic (its savepoint is rolled
+    Promises: each ``read`` or ``write`` call is atomic (what it wrote is rolled
     back if it raises, without touching the other calls of its group) and its
     result is delivered only once its group has committed; if the commit fails,
     every call of the group fails with that error and none of them landed. A
@@ -113,6 +114,8 @@ class SqliteWorker:
             db.execute("BEGIN IMMEDIATE" if any(c.mode == "write" for c in group) else "BEGIN")
         except sqlite3.Error as exc:
             return [(call, None, exc) for call in group]
+        if len(group) == 1:  # the transaction is the call's own: no savepoint needed
+            return [self._single(db, group[0])]
         try:
             for call in group:
                 db.execute("SAVEPOINT call")
@@ -131,6 +134,22 @@ class SqliteWorker:
             log.error("a SQLite transaction of %d calls failed and was rolled back: %s", len(group), exc)
             return [(call, None, exc) for call in group]
         return outcomes
+
+    @staticmethod
+    def _single(db: sqlite3.Connection, call: _Call) -> tuple[_Call, Any, BaseException | None]:
+        try:
+            result = call.function(db, *call.args)
+        except BaseException as exc:  # the call's own failure (a refusal, a missing row): nothing landed
+            db.rollback()
+            return call, None, exc
+        try:
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:
+                db.rollback()
+            log.error("a SQLite transaction failed and was rolled back: %s", exc)
+            return call, None, exc
+        return call, result, None
 
     @staticmethod
     def _deliver(outcomes: list[tuple[_Call, Any, BaseException | None]]) -> None:

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from core.errors import StoreError
-from core.store import LedgerDraft, MessageDraft, Store, utcnow
+from core.store import LedgerDraft, MessageDraft, RateLimits, Store, utcnow
 from core.testing.store_suite import OpenStore, StoreConformance
 from stores.sqlite import LATEST_VERSION, MIGRATIONS, SqliteStore, migrate, register_stores
 
@@ -243,6 +243,43 @@ async def test_calls_grouped_in_one_transaction_stay_atomic_each(store: SqliteSt
     assert len(failed) == 3
     assert (await store.get_user(user.id)).balance == 1 + 100 + 10_000  # only the calls that succeeded
     assert [r for r in results if isinstance(r, int)] == [1, 101, 10_101]
+
+
+async def test_a_lone_call_that_fails_after_writing_leaves_nothing(store: SqliteStore) -> None:
+    user = await store.ensure_user("a@example.com")
+
+    def credit_then_fail(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE users SET balance = balance + 5 WHERE id = ?", (user.id,))
+        raise ValueError("this call fails after writing")
+
+    # One call at a time: each is its transaction's only call (no savepoint around it).
+    for _ in range(3):
+        with pytest.raises(ValueError, match="after writing"):
+            await store._write(credit_then_fail)
+        assert (await store.get_user(user.id)).balance == 0
+    assert (await store.post_ledger(LedgerDraft(user_id=user.id, amount=2, kind="topup"))).balance_after == 2
+
+
+async def test_seconds_that_left_the_minute_neither_count_nor_stay(store: SqliteStore) -> None:
+    user = await store.ensure_user("a@example.com")
+    key = await store.create_api_key(user.id, "k", "cg-1", "hash-1")
+    await store.post_ledger(LedgerDraft(user_id=user.id, amount=100, kind="topup"))
+    now = int(utcnow().timestamp())
+
+    def seed(db: sqlite3.Connection) -> None:
+        # The minute as another process left it: busy seconds long gone, and one recent.
+        rows = [(key.id, now - age, 50, 500) for age in (3600, 120, 61)] + [(key.id, now - 10, 2, 20)]
+        db.executemany("INSERT INTO rate_window VALUES (?, ?, ?, ?)", rows)
+
+    def seconds(db: sqlite3.Connection) -> list[int]:
+        return [now - row[0] for row in db.execute("SELECT second FROM rate_window ORDER BY second")]
+
+    await store._write(seed)
+    draft = LedgerDraft(user_id=user.id, amount=-1, kind="reservation", key_id=key.id, prompt_tokens=5)
+    _, use = await store.admit(draft, RateLimits(requests_per_minute=3))
+    assert (use.requests, use.tokens) == (3, 25)
+    assert 49 <= use.requests_reset <= 51  # when the recent second leaves the minute
+    assert await store._read(seconds) in ([10, 0], [10, -1])  # the old ones were pruned
 
 
 async def test_a_closed_store_refuses_calls(tmp_path: Path) -> None:
