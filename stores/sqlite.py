@@ -3,7 +3,8 @@
 Each store instance owns one connection on a thread of its own
 (:class:`~stores.sqlite_worker.SqliteWorker`); every store call is one plain
 function run there, and calls that queue up together share one transaction
-(group commit), each atomic in a savepoint of its own. (An async driver that
+(group commit), each atomic in a savepoint of its own (a call alone is its
+transaction's only call and needs none). (An async driver that
 hopped to its thread per statement spent more time hopping than SQLite spent
 working.) Groups that write start with ``BEGIN IMMEDIATE`` so that processes
 sharing the file queue on SQLite's write lock (waiting up to
