@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import hashlib
 import http
 import itertools
@@ -29,6 +30,7 @@ import json
 import math
 import re
 import secrets
+import signal
 import string
 import time
 import uuid
@@ -1091,6 +1093,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed events")
     parser.add_argument("--tokens", type=int, default=24, help="tokens in each generated reply")
     args = parser.parse_args(argv)
+    # SIGUSR1 prints every thread's stack to stderr: how a test shows where a hang is.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args))
 

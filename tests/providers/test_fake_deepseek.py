@@ -860,7 +860,14 @@ def test_runs_by_hand() -> None:
                 time.sleep(0.05)
         assert response.json()["usage"]["completion_tokens"] == 3
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=10)
+        try:
+            stdout, stderr = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGUSR1)  # the fake prints its stacks, then is killed below
+            time.sleep(1)
+            process.kill()
+            _, stacks = process.communicate()
+            pytest.fail(f"the fake did not stop within 10 s of Ctrl-C; its stacks:\n{stacks}")
     finally:
         if process.poll() is None:
             process.kill()
