@@ -842,7 +842,16 @@ def test_runs_by_hand() -> None:
     command = [sys.executable, "-m", "tests.fakes.deepseek", "--port", str(port), "--tokens", "3"]
     command += ["--api-key", "sk-by-hand", "--token-delay", "0"]
     root = Path(__file__).resolve().parents[2]
-    process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C as a terminal delivers it: a runner started in the background (`cmd &`)
+        # ignores SIGINT, its children inherit that, and Python then never sees the signal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 20
