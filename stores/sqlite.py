@@ -593,20 +593,16 @@ def _post_ledger(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None) 
 
 
 def _post(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, now: int) -> LedgerEntry:
-    if floor is not None and draft.amount < 0:
-        # The check and the charge in one statement; only a refusal reads the balance again.
-        moved = db.execute(
-            "UPDATE users SET balance = balance + ?1 WHERE id = ?2 AND balance + ?1 >= ?3 RETURNING balance",
-            (draft.amount, draft.user_id, floor),
-        ).fetchall()
-        if not moved:
-            raise InsufficientBalance(_balance(db, draft.user_id), draft.amount)  # or NotFound
-    else:
-        moved = db.execute(
-            "UPDATE users SET balance = balance + ? WHERE id = ? RETURNING balance",
-            (draft.amount, draft.user_id),
-        ).fetchall()
-    after = _found(moved, "user", draft.user_id)[0]
+    # The floor check and the move in one statement (credits, and floor None, always land);
+    # only a refusal reads the balance again, for its message (NotFound for a missing user).
+    moved = db.execute(
+        "UPDATE users SET balance = balance + ?1"
+        " WHERE id = ?2 AND (?3 IS NULL OR ?1 >= 0 OR balance + ?1 >= ?3) RETURNING balance",
+        (draft.amount, draft.user_id, floor),
+    ).fetchall()
+    if not moved:
+        raise InsufficientBalance(_balance(db, draft.user_id), draft.amount)
+    after = moved[0][0]
     values = (*msgspec.structs.astuple(draft), after, now, now)
     [(entry_id,)] = db.execute(_INSERT_LEDGER, values).fetchall()
     if draft.key_id is not None and draft.kind in COUNTED:
