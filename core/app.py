@@ -81,6 +81,9 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
                 stack.push_async_callback(web_search.aclose)
             await generations.start()
             stack.push_async_callback(generations.aclose)
+            # Runs after completions.aclose: once every completion has settled, the charges of
+            # those admitted under leases are posted and the leases released.
+            stack.push_async_callback(billing.aclose)
             stack.push_async_callback(services.completions.aclose)
             for surface in surfaces:
                 await surface.startup()

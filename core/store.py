@@ -18,7 +18,11 @@ from .provider import NoOptions
 
 MessageRole = Literal["user", "assistant", "system"]
 MessageStatus = Literal["generating", "complete", "interrupted", "error"]
-LedgerKind = Literal["charge", "topup", "reservation", "adjustment"]
+LedgerKind = Literal["charge", "topup", "reservation", "lease", "released", "adjustment"]
+"""``reservation``: one request's worst case, held until it settles into a ``charge``.
+``lease``: the worst case of up to ``requests`` requests of one key, held by one
+process, which admits them without a store call each; their ``charge`` entries
+draw on it, and what is left goes back to the balance when it is ``released``."""
 
 
 def utcnow() -> datetime:
@@ -28,7 +32,12 @@ def utcnow() -> datetime:
 
 
 class User(msgspec.Struct, frozen=True):
-    """A person, identified by a lower-cased email address."""
+    """A person, identified by a lower-cased email address.
+
+    ``balance`` is what the user has not spent: reservations of requests in
+    flight are taken from it, leases are not (a request admitted under a
+    lease is taken from it once its charge is posted, moments after it ended).
+    """
 
     id: int
     email: str
@@ -81,6 +90,7 @@ class LedgerDraft(msgspec.Struct, frozen=True):
     latency_ms: int | None = None
     outcome: str | None = None
     note: str | None = None
+    requests: int = 1
 
 
 class LedgerSettlement(msgspec.Struct, frozen=True):
@@ -141,6 +151,7 @@ class LedgerEntry(msgspec.Struct, frozen=True):
     note: str | None
     created_at: datetime
     updated_at: datetime
+    requests: int = 1
 
 
 class Conversation(msgspec.Struct, frozen=True):
@@ -316,14 +327,16 @@ class Store(abc.ABC):
     async def admit(
         self, draft: LedgerDraft, limits: RateLimits, *, floor: int = 0
     ) -> tuple[LedgerEntry, RateUse]:
-        """Post a reservation for ``draft.key_id`` if its key is within ``limits``, atomically.
+        """Post a reservation or lease for ``draft.key_id`` if its key is within ``limits``, atomically.
 
         In one transaction, across every process sharing the store: counts the
         key's requests and tokens (``prompt_tokens + completion_tokens``) of
         entries created in the last 60 seconds (a store may count whole
-        seconds, letting an entry go up to a second early), and its reservations not yet
-        settled (created in the last 15 minutes: older ones belong to a
-        crashed process); refuses with :class:`~core.errors.RateLimitExceeded`
+        seconds, letting an entry go up to a second early), and its reservations
+        and leases not yet settled or released (created in the last 15 minutes:
+        older ones belong to a crashed process). An entry counts as
+        ``requests`` requests, and while unsettled as that many concurrent
+        ones: a lease stands for several. Refuses with :class:`~core.errors.RateLimitExceeded`
         when admitting would pass a limit, then with
         :class:`~core.errors.InsufficientBalance` like :meth:`post_ledger`.
         A refusal writes nothing. Returns the entry and the use including it.
@@ -337,6 +350,28 @@ class Store(abc.ABC):
         entry's ``balance_after`` becomes the balance right after the
         settlement; settling an entry again moves the balance by the new
         difference.
+        """
+
+    @abc.abstractmethod
+    async def charge_lease(self, lease_id: int, charges: list[LedgerDraft], counted_tokens: int) -> int:
+        """Post ``charges``, requests admitted under lease ``lease_id``, drawing on it, atomically.
+
+        Each charge becomes an entry of its own. The lease holds that much less;
+        the balance moves only by what the charges exceed the lease by (the
+        tokens were spent: no floor). The key's rate window, which counted
+        ``counted_tokens`` for these requests when the lease was posted, counts
+        their real tokens instead (the requests themselves were counted then).
+        Returns the balance after. Raises :class:`~core.errors.StoreError` once
+        the lease was released.
+        """
+
+    @abc.abstractmethod
+    async def release_lease(self, lease_id: int, unused_requests: int, unused_tokens: int) -> LedgerEntry:
+        """End a lease: what it still holds goes back to the balance, atomically.
+
+        The entry becomes kind ``released`` with amount 0; the requests and
+        tokens it counted but never used leave the key's rate window. Releasing
+        a released lease changes nothing and returns it.
         """
 
     @abc.abstractmethod

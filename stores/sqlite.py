@@ -184,6 +184,14 @@ MIGRATIONS: list[str] = [
             WHERE id = NEW.id;
     END;
     """,
+    # A lease: one reservation for up to ``requests`` requests of a key, held by one process,
+    # which admits them without a store call each and posts their charges in batches.
+    """
+    ALTER TABLE ledger ADD COLUMN requests INTEGER NOT NULL DEFAULT 1;
+    DROP INDEX ledger_in_flight;
+    CREATE INDEX ledger_in_flight ON ledger (key_id, created_at) WHERE kind IN ('reservation', 'lease');
+    CREATE INDEX ledger_leases ON ledger (user_id) WHERE kind = 'lease';
+    """,
 ]
 """Forward migrations; applying ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
 
@@ -196,7 +204,7 @@ _R = TypeVar("_R", bound=msgspec.Struct)
 
 _T = TypeVar("_T")
 
-COUNTED = ("reservation", "charge")
+COUNTED = ("reservation", "lease", "charge")
 """Ledger kinds that count against a key's rate limits."""
 
 WINDOW_MS = 60_000  # the sliding minute of rate limits
@@ -339,13 +347,13 @@ class SqliteStore(Store):
         return await self._write(_ensure_user, email)
 
     async def get_user(self, user_id: int) -> User:
-        return await self._read(_get, User, "users", user_id, "user")
+        return await self._read(_first_found, User, f"{_USERS} WHERE id = ?", (user_id,), "user", user_id)
 
     async def find_user(self, email: str) -> User | None:
-        return await self._read(_first, User, "SELECT * FROM users WHERE email = ?", (_normal_email(email),))
+        return await self._read(_first, User, f"{_USERS} WHERE email = ?", (_normal_email(email),))
 
     async def list_users(self) -> list[User]:
-        return await self._read(_all, User, "SELECT * FROM users ORDER BY id")
+        return await self._read(_all, User, f"{_USERS} ORDER BY id")
 
     # API keys
 
@@ -392,6 +400,12 @@ class SqliteStore(Store):
     async def settle_ledger(self, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
         return await self._write(_settle_ledger, entry_id, settlement)
 
+    async def charge_lease(self, lease_id: int, charges: list[LedgerDraft], counted_tokens: int) -> int:
+        return await self._write(_charge_lease, lease_id, charges, counted_tokens)
+
+    async def release_lease(self, lease_id: int, unused_requests: int, unused_tokens: int) -> LedgerEntry:
+        return await self._write(_release_lease, lease_id, unused_requests, unused_tokens)
+
     async def usage_by_day(
         self, since: datetime, *, user_id: int | None = None, key_id: int | None = None
     ) -> list[UsageDay]:
@@ -413,7 +427,7 @@ class SqliteStore(Store):
 
     async def stale_reservations(self, created_before: datetime) -> list[LedgerEntry]:
         sql = (
-            "SELECT * FROM ledger WHERE kind = 'reservation' AND created_at < ?"
+            "SELECT * FROM ledger WHERE kind IN ('reservation', 'lease') AND created_at < ?"
             " AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.ledger_id = ledger.id) ORDER BY id"
         )
         return await self._read(_all, LedgerEntry, sql, (_ms(created_before),))
@@ -527,13 +541,13 @@ def _detach(worker: SqliteWorker) -> None:
 
 
 def _ensure_user(db: sqlite3.Connection, email: str) -> User:
-    if found := _first(db, User, "SELECT * FROM users WHERE email = ?", (email,)):
+    if found := _first(db, User, f"{_USERS} WHERE email = ?", (email,)):
         return found
     db.execute(
         "INSERT INTO users (email, balance, created_at) VALUES (?, 0, ?) ON CONFLICT (email) DO NOTHING",
         (email, _now()),
     )
-    [row] = _rows(db, "SELECT * FROM users WHERE email = ?", (email,))
+    [row] = _rows(db, f"{_USERS} WHERE email = ?", (email,))
     return _record(User, row)
 
 
@@ -543,7 +557,11 @@ def _key_by_hash(db: sqlite3.Connection, key_hash: str) -> ApiKey | None:
 
 def _key_and_owner(db: sqlite3.Connection, key_hash: str) -> tuple[ApiKey, User] | None:
     key = _key_by_hash(db, key_hash)
-    return None if key is None else (key, _get(db, User, "users", key.user_id, "user"))
+    return (
+        None
+        if key is None
+        else (key, _first_found(db, User, f"{_USERS} WHERE id = ?", (key.user_id,), "user", key.user_id))
+    )
 
 
 def _create_api_key(db: sqlite3.Connection, values: dict[str, Any]) -> ApiKey:
@@ -564,15 +582,16 @@ def _admit(
         "SELECT coalesce(sum(requests) FILTER (WHERE second >= ?1), 0),"
         " coalesce(sum(tokens) FILTER (WHERE second >= ?1), 0),"
         " min(second) FILTER (WHERE second >= ?1), coalesce(min(second) < ?1, 0),"
-        " (SELECT count(*) FROM ledger WHERE key_id = ?2 AND kind = 'reservation' AND created_at > ?3)"
+        " (SELECT coalesce(sum(requests), 0) FROM ledger"
+        "  WHERE key_id = ?2 AND kind IN ('reservation', 'lease') AND created_at > ?3)"
         " FROM rate_window WHERE key_id = ?2",
         (first_second, draft.key_id, now - IN_FLIGHT_MS),
     ).fetchall()
     if stale:  # about once a second per busy key, not once a request
         db.execute("DELETE FROM rate_window WHERE key_id = ? AND second < ?", (draft.key_id, first_second))
-    requests += 1
+    requests += draft.requests
     tokens += draft.prompt_tokens + draft.completion_tokens
-    concurrent += 1
+    concurrent += draft.requests
     # The window frees up when its oldest second (this one, when it is empty) leaves it.
     oldest = now // 1000 if oldest is None else oldest
     reset = max(0.0, (oldest * 1000 + WINDOW_MS - now) / 1000)
@@ -606,12 +625,12 @@ def _post(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, now: in
     values = (*msgspec.structs.astuple(draft), after, now, now)
     [(entry_id,)] = db.execute(_INSERT_LEDGER, values).fetchall()
     if draft.key_id is not None and draft.kind in COUNTED:
-        _count(db, draft.key_id, now, 1, draft.prompt_tokens + draft.completion_tokens)
+        _count(db, draft.key_id, now, draft.requests, draft.prompt_tokens + draft.completion_tokens)
     stamp = _EPOCH + now * _MS
     d = draft  # the entry is what was inserted: no need to read it back
     return LedgerEntry(
         entry_id, d.user_id, d.amount, after, d.kind, d.key_id, d.model, d.provider, d.prompt_tokens,
-        d.completion_tokens, d.latency_ms, d.outcome, d.note, stamp, stamp,
+        d.completion_tokens, d.latency_ms, d.outcome, d.note, stamp, stamp, d.requests,
     )  # fmt: skip
 
 
@@ -626,9 +645,68 @@ _SETTLE_LEDGER = (
 )
 
 
+_INSERT_CHARGE = _INSERT_LEDGER.removesuffix(" RETURNING id")
+
+
+def _open_lease(db: sqlite3.Connection, lease_id: int) -> tuple[int, int, int | None, int] | None:
+    """A lease's amount still held, user, key and creation time; None once released."""
+    rows = db.execute(
+        "SELECT amount, user_id, key_id, created_at, kind FROM ledger WHERE id = ?", (lease_id,)
+    ).fetchall()
+    held, user_id, key_id, created_at, kind = _found(rows, "ledger entry", lease_id)
+    if kind == "released":
+        return None
+    if kind != "lease":
+        raise StoreError(f"ledger entry {lease_id} is a {kind}, not a lease")
+    return held, user_id, key_id, created_at
+
+
+def _charge_lease(
+    db: sqlite3.Connection, lease_id: int, charges: list[LedgerDraft], counted_tokens: int
+) -> int:
+    lease = _open_lease(db, lease_id)
+    if lease is None:
+        raise StoreError(f"lease {lease_id} was released: its charges must be posted before")
+    held, user_id, key_id, created_at = lease
+    now = _now()
+    left = held - sum(charge.amount for charge in charges)  # held and charges are negative
+    # Usage beyond the worst case (a prompt longer than estimated) was spent all the same:
+    # what the lease cannot cover comes from the balance, with no floor.
+    [(balance,)] = db.execute(
+        "UPDATE users SET balance = balance - ? WHERE id = ? RETURNING balance", (max(0, left), user_id)
+    ).fetchall()
+    db.execute("UPDATE ledger SET amount = ?, updated_at = ? WHERE id = ?", (min(0, left), now, lease_id))
+    db.executemany(_INSERT_CHARGE, [(*msgspec.structs.astuple(c), balance, now, now) for c in charges])
+    if key_id is not None:
+        # The lease counted its requests when it was posted; their tokens are now known.
+        used = sum(charge.prompt_tokens + charge.completion_tokens for charge in charges)
+        _count(db, key_id, created_at, 0, used - counted_tokens)
+    return int(balance)
+
+
+def _release_lease(
+    db: sqlite3.Connection, lease_id: int, unused_requests: int, unused_tokens: int
+) -> LedgerEntry:
+    lease = _open_lease(db, lease_id)
+    if lease is None:
+        return _get(db, LedgerEntry, "ledger", lease_id, "ledger entry")
+    held, user_id, key_id, created_at = lease
+    [(after,)] = db.execute(
+        "UPDATE users SET balance = balance - ? WHERE id = ? RETURNING balance", (held, user_id)
+    ).fetchall()
+    [row] = db.execute(
+        "UPDATE ledger SET kind = 'released', amount = 0, balance_after = ?, updated_at = ? WHERE id = ?"
+        f" RETURNING {_LEDGER_COLUMNS}",
+        (after, _now(), lease_id),
+    ).fetchall()
+    if key_id is not None:
+        _count(db, key_id, created_at, -unused_requests, -unused_tokens)
+    return _ledger_entry(row)
+
+
 def _ledger_entry(row: Sequence[Any]) -> LedgerEntry:
-    # Columns in field order (_LEDGER_COLUMNS); the two stamps come last.
-    return LedgerEntry(*row[:13], _EPOCH + row[13] * _MS, _EPOCH + row[14] * _MS)  # type: ignore[call-arg]
+    # Columns in field order (_LEDGER_COLUMNS): the two stamps, then requests, come last.
+    return LedgerEntry(*row[:13], _EPOCH + row[13] * _MS, _EPOCH + row[14] * _MS, row[15])  # type: ignore[call-arg]
 
 
 def _settle_ledger(db: sqlite3.Connection, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
@@ -724,6 +802,19 @@ def _conversation_since(
     if conversation.revision <= after_revision:
         return conversation, []
     return conversation, _messages(db, conversation_id, after_revision)
+
+
+_USERS = (
+    "SELECT id, email, balance - coalesce((SELECT sum(amount) FROM ledger"
+    " WHERE ledger.user_id = users.id AND kind = 'lease'), 0) AS balance, created_at FROM users"
+)
+"""Users as :class:`~core.store.User`: what open leases hold and did not spend is theirs."""
+
+
+def _first_found(
+    db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any], kind: str, row_id: int
+) -> _R:
+    return _record(cls, _found(_rows(db, sql, params), kind, row_id))
 
 
 def _first(db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any] = ()) -> _R | None:

@@ -28,6 +28,7 @@ from ..store import (
 from ..tokens import estimate_prompt_tokens, estimate_tokens
 from ..types import ChatRequest, Usage
 from .catalog import Route
+from .leases import Lease, Leases
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class Reservation:
     entry: LedgerEntry
     route: Route
     use: RateUse | None = None
+    prompt_tokens: int = 0  # the estimate the request was admitted with
+    worst_case: int = 0
+    lease: Lease | None = None  # admitted under this lease (``entry`` is the lease's)
 
 
 @functools.lru_cache(maxsize=256)
@@ -61,6 +65,11 @@ class Billing:
         self.store = store
         self.models = models
         self._giving_back: set[asyncio.Future[LedgerEntry]] = set()
+        self.leases = Leases(store)
+
+    async def aclose(self) -> None:
+        """Post the charges of requests admitted under leases and release the leases."""
+        await self.leases.aclose()
 
     @staticmethod
     def cost(route: Route, prompt_tokens: int, completion_tokens: int) -> int:
@@ -98,9 +107,10 @@ class Billing:
             InsufficientBalance: the balance cannot cover it; nothing was written.
         """
         prompt = estimate_prompt_tokens(request.messages)
+        worst_case = self.worst_case(route, request, prompt)
         draft = LedgerDraft(
             user_id=user_id,
-            amount=-self.worst_case(route, request, prompt),
+            amount=-worst_case,
             kind="reservation",
             prompt_tokens=prompt,  # what an orphan is charged for
             key_id=key_id,
@@ -109,6 +119,10 @@ class Billing:
             outcome="pending",
         )
         if limits is not None and key_id is not None:
+            leased = await self.leases.admit(draft, limits, worst_case)
+            if leased is not None:
+                lease, leased_use = leased
+                return Reservation(lease.entry, route, leased_use, prompt, worst_case, lease)
             write: asyncio.Future[tuple[LedgerEntry, RateUse | None]] = asyncio.ensure_future(
                 self.store.admit(draft, limits)
             )
@@ -121,7 +135,7 @@ class Billing:
             # go upstream, so give the hold back once it lands.
             write.add_done_callback(self._give_back)
             raise
-        return Reservation(entry, route, use)
+        return Reservation(entry, route, use, prompt, worst_case)
 
     async def _post(self, draft: LedgerDraft) -> tuple[LedgerEntry, None]:
         return await self.store.post_ledger(draft, floor=0), None
@@ -138,16 +152,43 @@ class Billing:
 
     async def settle(
         self, reservation: Reservation, usage: Usage, *, outcome: str, latency_ms: int
-    ) -> LedgerEntry:
-        """Turn a reservation into the charge for the tokens actually used."""
+    ) -> LedgerEntry | None:
+        """Turn a reservation into the charge for the tokens actually used.
+
+        Returns the charge, or None for a request admitted under a lease: its
+        charge is posted with others shortly after.
+        """
+        cost = self.cost(reservation.route, usage.prompt_tokens, usage.completion_tokens)
+        if reservation.lease is not None:
+            self._charge_lease(reservation, cost, usage, outcome, latency_ms)
+            return None
         settlement = LedgerSettlement(
-            amount=-self.cost(reservation.route, usage.prompt_tokens, usage.completion_tokens),
+            amount=-cost,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             latency_ms=latency_ms,
             outcome=outcome,
         )
         return await self.store.settle_ledger(reservation.entry.id, settlement)
+
+    def _charge_lease(
+        self, reservation: Reservation, cost: int, usage: Usage, outcome: str, latency_ms: int | None
+    ) -> None:
+        assert reservation.lease is not None
+        lease = reservation.lease.entry
+        charge = LedgerDraft(
+            user_id=lease.user_id,
+            amount=-cost,
+            kind="charge",
+            key_id=lease.key_id,
+            model=lease.model,
+            provider=lease.provider,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            latency_ms=latency_ms,
+            outcome=outcome,
+        )
+        self.leases.settle(reservation.lease, charge, reservation.prompt_tokens, reservation.worst_case)
 
     async def settle_abandoned(self, reply: Message) -> LedgerEntry | None:
         """Settle the reservation of a reply whose process died, for what the reply shows it produced.
@@ -171,15 +212,22 @@ class Billing:
         """Settle a reservation whose process died mid-request: charge its prompt, nothing more.
 
         What the reply produced died with the process; the prompt was sent, and
-        the upstream charged for it.
+        the upstream charged for it. A lease is released: the charges of its
+        requests that ended before the process died were posted; the rest died
+        with it.
         """
+        if entry.kind == "lease":  # its requests' charges that were posted are all it cost
+            return await self.store.release_lease(entry.id, 0, 0)
         model = self.models.get(entry.model or "")
         cost = 0 if model is None else self.cost_at(model, entry.prompt_tokens, 0)
         settlement = LedgerSettlement(amount=-cost, prompt_tokens=entry.prompt_tokens, outcome="abandoned")
         return await self.store.settle_ledger(entry.id, settlement)
 
-    async def release(self, reservation: Reservation) -> LedgerEntry:
+    async def release(self, reservation: Reservation) -> LedgerEntry | None:
         """Give a reservation back untouched: the request never went upstream."""
+        if reservation.lease is not None:
+            self._charge_lease(reservation, 0, Usage(), "not_sent", None)
+            return None
         settlement = LedgerSettlement(amount=0, outcome="not_sent")
         return await self.store.settle_ledger(reservation.entry.id, settlement)
 

@@ -156,7 +156,7 @@ class Completion:
             produced += "".join(c.arguments for c in self.tool_calls.values())
             completion_tokens = estimate_tokens(produced) if produced else 0
             # Nothing produced: the upstream answered with an error, and nothing is charged.
-            prompt_tokens = self._reservation.entry.prompt_tokens if completion_tokens else 0
+            prompt_tokens = self._reservation.prompt_tokens if completion_tokens else 0
             usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
         latency_ms = round((time.monotonic() - self._started) * 1000)
         try:

@@ -162,7 +162,7 @@ class Memory:
         finally:
             if usage is None:
                 produced = estimate_tokens("".join(text)) if text else 0
-                usage = Usage(prompt_tokens=reservation.entry.prompt_tokens, completion_tokens=produced)
+                usage = Usage(prompt_tokens=reservation.prompt_tokens, completion_tokens=produced)
             latency_ms = round((time.monotonic() - started) * 1000)
             # Settled even when the caller was interrupted meanwhile: the tokens were spent.
             settle = self.billing.settle(reservation, usage, outcome=outcome, latency_ms=latency_ms)

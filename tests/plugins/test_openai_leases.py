@@ -1,0 +1,168 @@
+"""Leases: a busy key's requests admitted without a store call each, billed and limited exactly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+
+from core.store import LedgerEntry, RateLimits
+from tests.conftest import PRICED_MODELS, Gateway, chatgate, deepseek_config
+from tests.fakes.deepseek import FakeDeepSeek, Scenario
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+async def funded_key(gateway: Gateway, balance: int, **limits: int) -> tuple[int, str]:
+    key, secret = await gateway.services.accounts.create_key("busy@example.com")
+    await gateway.services.billing.top_up(key.user_id, balance)
+    if limits:
+        await gateway.services.billing.store.set_api_key_limits(key.id, RateLimits(**limits))
+    return key.user_id, secret
+
+
+async def ledger_until(
+    gateway: Gateway, user_id: int, done: Callable[[list[LedgerEntry]], bool]
+) -> list[LedgerEntry]:
+    async with asyncio.timeout(5):
+        while not done(entries := await gateway.services.billing.store.list_ledger(user_id)):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    return entries
+
+
+async def test_a_busy_key_runs_on_one_lease_and_every_request_is_charged_exactly(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
+    gateway.services.billing.leases.idle = 0.2
+    user_id, secret = await funded_key(gateway, 10**12, requests_per_minute=1000, concurrent_requests=400)
+    fake_deepseek.scenario = Scenario(tokens=8, token_delay=0.01)
+    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
+        answers = await asyncio.gather(
+            *(sdk.chat.completions.create(model="deepseek-chat", messages=MESSAGES) for _ in range(30))  # type: ignore[arg-type]
+        )
+        # One at a time, the rate headers still count every request.
+        remaining = []
+        for _ in range(3):
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model="deepseek-chat", messages=MESSAGES
+            )  # type: ignore[arg-type]
+            remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
+    assert remaining == [969, 968, 967]
+    entries = await ledger_until(gateway, user_id, lambda es: not any(e.kind == "lease" for e in es))
+    leases = [e for e in entries if e.kind == "released"]
+    charges = [e for e in entries if e.kind == "charge"]
+    assert len(leases) == 1, [(e.kind, e.requests) for e in entries]
+    assert (leases[0].requests, leases[0].amount) == (64, 0)
+    assert len(charges) == len(fake_deepseek.requests) == 33
+    assert not any(e.kind == "reservation" for e in entries)
+    for answer, charge in zip(answers, sorted(charges, key=lambda e: e.id)[:30], strict=True):
+        assert answer.usage is not None
+        assert charge.amount == -(answer.usage.prompt_tokens * 1000 + answer.usage.completion_tokens * 2000)
+        assert (charge.outcome, charge.model, charge.provider) == ("complete", "deepseek-chat", "deepseek")
+        assert charge.latency_ms is not None
+        assert charge.key_id is not None
+    user = await gateway.services.billing.store.get_user(user_id)
+    assert user.balance == 10**12 + sum(c.amount for c in charges)
+    assert sum(e.amount for e in entries) == user.balance  # nothing held once the lease is released
+    usage = await gateway.services.billing.usage_by_day(leases[0].created_at)
+    assert [row.requests for row in usage] == [33]
+    # The minute counts the 33 requests served, not the 64 the lease stood for: the next
+    # lease's first request is the 34th.
+    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
+        raw = await sdk.chat.completions.with_raw_response.create(model="deepseek-chat", messages=MESSAGES)  # type: ignore[arg-type]
+    assert raw.headers["x-ratelimit-remaining-requests"] == "966"
+
+
+async def test_a_client_that_leaves_mid_stream_under_a_lease_pays_for_what_it_got(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
+    user_id, secret = await funded_key(gateway, 10**12)
+    fake_deepseek.scenario = Scenario(tokens=200, token_delay=0.05)
+    body = {"model": "deepseek-chat", "messages": MESSAGES, "stream": True}
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with (
+        httpx.AsyncClient(base_url=gateway.url) as http,
+        http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response,
+    ):
+        received = 0
+        async for line in response.aiter_lines():
+            received += '"content":"' in line and '"content":""' not in line
+            if received == 3:
+                break
+    entries = await ledger_until(gateway, user_id, lambda es: any(e.kind == "charge" for e in es))
+    (charge,) = [e for e in entries if e.kind == "charge"]
+    assert charge.outcome == "cancelled"
+    assert 3 <= charge.completion_tokens < 200
+    assert [e.kind for e in entries if e.kind in ("lease", "reservation")] == ["lease"]
+
+
+async def test_shutdown_posts_every_charge_and_releases_every_lease(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
+    user_id, secret = await funded_key(gateway, 10**12)
+    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
+        for _ in range(3):
+            await sdk.chat.completions.create(model="deepseek-chat", messages=MESSAGES)  # type: ignore[arg-type]
+    await gateway.services.completions.aclose()
+    await gateway.services.billing.aclose()  # what the server's shutdown does, in this order
+    entries = await gateway.services.billing.store.list_ledger(user_id)
+    assert sorted(e.kind for e in entries) == ["charge", "charge", "charge", "released", "topup"]
+    user = await gateway.services.billing.store.get_user(user_id)
+    assert sum(e.amount for e in entries) == user.balance < 10**12
+
+
+async def test_a_lease_a_dead_process_left_is_given_back_by_the_sweep(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
+    user_id, secret = await funded_key(gateway, 10**12)
+    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
+        await sdk.chat.completions.create(model="deepseek-chat", messages=MESSAGES)  # type: ignore[arg-type]
+    entries = await ledger_until(gateway, user_id, lambda es: any(e.kind == "charge" for e in es))
+    (lease,) = [e for e in entries if e.kind == "lease"]
+    # As if this process had died: the lease stays open, and another process's sweep finds it.
+    released = await gateway.services.billing.settle_stale(
+        await gateway.services.billing.store.get_ledger_entry(lease.id)
+    )
+    assert (released.kind, released.amount) == ("released", 0)
+    entries = await gateway.services.billing.store.list_ledger(user_id)
+    (charge,) = [e for e in entries if e.kind == "charge"]
+    user = await gateway.services.billing.store.get_user(user_id)
+    assert user.balance == 10**12 + charge.amount == sum(e.amount for e in entries)
+
+
+async def test_a_balance_too_small_for_a_lease_is_admitted_request_by_request(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
+    user_id, secret = await funded_key(gateway, 20_000_000)  # two or three worst cases, not 64
+    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
+        await sdk.chat.completions.create(model="deepseek-chat", messages=MESSAGES)  # type: ignore[arg-type]
+    entries = await ledger_until(gateway, user_id, lambda es: any(e.kind == "charge" for e in es))
+    assert sorted(e.kind for e in entries) == ["charge", "topup"]  # a settled reservation; no lease
+
+
+def test_two_workers_with_leases_share_one_limit(write_config: Callable[..., Path], server_process) -> None:  # type: ignore[no-untyped-def]
+    # 40 a minute: leases of 5 requests. If each worker kept its own count, 80 would pass.
+    config = write_config(
+        replace={"[surfaces.openai_compat]\n": "[surfaces.openai_compat]\nrequests_per_minute = 40\n"}
+    )
+    url = server_process(config, "--workers", "2")
+    secret = chatgate(
+        "keys", "create", "--email", "w@example.com", "--balance", "100", "--config", str(config), check=True
+    )
+    headers = {"Authorization": f"Bearer {secret.stdout.splitlines()[-1]}"}
+    body = {"model": "mock-chat", "messages": MESSAGES}
+    # A fresh connection per request, so the two workers take turns accepting them.
+    with httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        responses = [client.post("/v1/chat/completions", json=body, headers=headers) for _ in range(60)]
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 429}, statuses
+    assert 30 <= statuses.count(200) <= 40, statuses
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in responses if r.status_code == 429)
