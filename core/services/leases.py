@@ -171,6 +171,8 @@ class Leases:
             self._alone_until[draft.key_id] = time.monotonic() + 1.0
             return None
         lease = Lease(entry, use, time.monotonic(), size, tokens, size * worst_case)
+        # Released if nobody takes from it (its caller may have left while it was posted).
+        lease.idle_timer = asyncio.get_running_loop().call_later(self.idle, self._idle, lease)
         self._open.add(lease)
         current = self._current.get(draft.key_id)
         if current is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import httpx
 import openai
 
 from core.store import LedgerEntry, RateLimits
+from plugins.openai_compat import wire
 from tests.conftest import PRICED_MODELS, Gateway, chatgate, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
@@ -166,3 +168,24 @@ def test_two_workers_with_leases_share_one_limit(write_config: Callable[..., Pat
     assert set(statuses) == {200, 429}, statuses
     assert 30 <= statuses.count(200) <= 40, statuses
     assert all(int(r.headers["Retry-After"]) >= 1 for r in responses if r.status_code == 429)
+
+
+async def test_a_lease_nobody_takes_from_is_released_when_idle(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
+    billing = gateway.services.billing
+    billing.leases.idle = 0.1
+    user_id, _ = await funded_key(gateway, 10**12)
+    key = (await billing.store.list_api_keys(user_id))[0]
+    route = gateway.services.catalog.route("deepseek-chat")
+    request = wire.parse(json.dumps({"model": "deepseek-chat", "messages": MESSAGES}).encode()).request
+    # A caller who leaves while its lease is being posted: the lease lands, and nobody takes from it.
+    admitting = asyncio.ensure_future(
+        billing.reserve(user_id, route, request, key_id=key.id, limits=RateLimits())
+    )
+    await asyncio.sleep(0)
+    admitting.cancel()
+    entries = await ledger_until(gateway, user_id, lambda es: any(e.kind == "released" for e in es))
+    assert sorted(e.kind for e in entries) == ["released", "topup"]
+    assert (await billing.store.get_user(user_id)).balance == 10**12 == sum(e.amount for e in entries)
