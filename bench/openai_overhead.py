@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_KEY = "sk-bench-upstream-0123456789"
 CONCURRENCY = (1, 16, 64)
+WARMUP = 200
+"""Requests each measurement's callers send first, uncounted (see :func:`load`)."""
 LITELLM_VERSION = "1.100.0"  # pinned; 1.82.7 and 1.82.8 were compromised releases
 LITELLM_KEY = "sk-litellm-bench-master"
 LITELLM_CONFIG = """
@@ -187,28 +189,39 @@ async def load(
     concurrency: int,
     total: int,
     spread: float = 0.0,
+    warmup: int = 0,
 ) -> Run:
     """``total`` requests from ``concurrency`` keep-alive callers; a GET when ``body`` is None.
 
     With ``spread``, the callers start evenly over that many seconds instead of at once.
+    With ``warmup``, the same callers first send that many requests, which are not counted:
+    the measured ones find the connections open and the callers out of step, as in a
+    server's steady state (otherwise the first ``concurrency`` requests, all connecting at
+    the same instant, are the p99 at 64 callers).
     """
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode() if body is not None else b""
     method = "POST" if body is not None else "GET"
     run = Run()
-    remaining = total
+    issued = 0
+    measuring = 0.0
 
     async def caller(start: float) -> None:
-        nonlocal remaining
+        nonlocal issued, measuring
         connection = Connection(
             host, int(port), path, {"Content-Type": "application/json", **headers}, method
         )
         await asyncio.sleep(start)
         try:
-            while remaining > 0:
-                remaining -= 1
+            while issued < warmup + total:
+                counted = issued >= warmup
+                issued += 1
                 started = time.perf_counter()
+                if counted and not measuring:
+                    measuring = started
                 status, first = await connection.post(payload)
+                if not counted:
+                    continue
                 run.latencies.append(time.perf_counter() - started)
                 if first is not None:
                     run.first_tokens.append(first)
@@ -219,7 +232,7 @@ async def load(
 
     started = time.perf_counter()
     await asyncio.gather(*(caller(spread * i / concurrency) for i in range(concurrency)))
-    run.wall = time.perf_counter() - started
+    run.wall = time.perf_counter() - (measuring or started)
     return run
 
 
@@ -347,15 +360,13 @@ async def measure(targets: list[Target], stream: bool, concurrency: int, request
     cell = Cell(stream, concurrency)
     for target in targets:
         body = {**target.body, "stream": stream}
-        await load(target.url, target.path, target.headers, body, concurrency, 100)  # warm-up
-    for target in targets:
-        body = {**target.body, "stream": stream}
         before = cpu_seconds(target.process.pid) if target.process else 0.0
         cell.runs[target.name] = await load(
-            target.url, target.path, target.headers, body, concurrency, requests
+            target.url, target.path, target.headers, body, concurrency, requests, warmup=WARMUP
         )
         if target.process:
-            cell.cpu_ms[target.name] = (cpu_seconds(target.process.pid) - before) / requests * 1000
+            spent = cpu_seconds(target.process.pid) - before
+            cell.cpu_ms[target.name] = spent / (WARMUP + requests) * 1000
         target.sample_rss()
     return cell
 

@@ -101,6 +101,7 @@ class Leases:
         self.idle = idle
         self.max_age = max_age
         self._current: dict[int, Lease] = {}  # key id -> the lease admitting its requests
+        self._next: dict[int, Lease] = {}  # key id -> the lease to admit them once that one is used up
         self._posting: dict[int, asyncio.Future[Lease | None]] = {}  # key id -> a lease being posted
         self._alone_until: dict[int, float] = {}  # key id -> admit one by one until then
         self._open: set[Lease] = set()
@@ -132,23 +133,41 @@ class Leases:
                 use = lease.take(prompt, worst_case, now, self.max_age)
                 if use is not None:
                     self._busy(lease)
+                    # Half used within the idle time: have the next lease ready before this one
+                    # runs out, or every caller's next request would queue behind its posting
+                    # and leave together, in step.
+                    if lease.requests * 2 < lease.entry.requests and now - lease.posted < self.idle:
+                        self._posted(draft, limits, worst_case)
                     return lease, use
                 del self._current[key_id]
                 self._retire(lease)
+                following = self._next.pop(key_id, None)
+                if following is not None:
+                    self._current[key_id] = following
+                    continue
             if self._alone_until.get(key_id, 0.0) > now:
                 return None
-            posting = self._posting.get(key_id)
-            if posting is None:
-                size = self.size(limits, prompt)
-                if size < 2:
-                    return None
-                posting = self._posting[key_id] = asyncio.ensure_future(
-                    self._post(draft, limits, size, worst_case)
-                )
-                posting.add_done_callback(lambda _: self._posting.pop(key_id, None))
+            posting = self._posted(draft, limits, worst_case)
             # Shielded: a lease posted for a caller who left is still this key's lease.
-            if await asyncio.shield(posting) is None:
+            if posting is None or await asyncio.shield(posting) is None:
                 return None
+
+    def _posted(
+        self, draft: LedgerDraft, limits: RateLimits, worst_case: int
+    ) -> asyncio.Future[Lease | None] | None:
+        """The key's next lease being posted (posting it now if it is not); None: no lease fits."""
+        assert draft.key_id is not None
+        key_id = draft.key_id
+        posting = self._posting.get(key_id)
+        if posting is None and key_id not in self._next:
+            size = self.size(limits, draft.prompt_tokens)
+            if size < 2:
+                return None
+            posting = self._posting[key_id] = asyncio.ensure_future(
+                self._post(draft, limits, size, worst_case)
+            )
+            posting.add_done_callback(lambda _: self._posting.pop(key_id, None))
+        return posting
 
     async def _post(self, draft: LedgerDraft, limits: RateLimits, size: int, worst_case: int) -> Lease | None:
         assert draft.key_id is not None
@@ -174,10 +193,10 @@ class Leases:
         # Released if nobody takes from it (its caller may have left while it was posted).
         lease.idle_timer = asyncio.get_running_loop().call_later(self.idle, self._idle, lease)
         self._open.add(lease)
-        current = self._current.get(draft.key_id)
-        if current is not None:
-            self._retire(current)
-        self._current[draft.key_id] = lease
+        if draft.key_id in self._current:  # still admitting: this one follows it
+            self._next[draft.key_id] = lease
+        else:
+            self._current[draft.key_id] = lease
         return lease
 
     def _busy(self, lease: Lease) -> None:
@@ -199,8 +218,10 @@ class Leases:
     def _idle(self, lease: Lease) -> None:
         lease.idle_timer = None
         if lease.in_flight == 0 and not lease.retired:
-            if self._current.get(lease.entry.key_id or 0) is lease:
-                del self._current[lease.entry.key_id or 0]
+            key_id = lease.entry.key_id or 0
+            for leases in (self._current, self._next):
+                if leases.get(key_id) is lease:
+                    del leases[key_id]
             self._retire(lease)
 
     def _retire(self, lease: Lease) -> None:
@@ -249,8 +270,10 @@ class Leases:
 
         A lease whose write fails stays held until the sweep of stale reservations releases it.
         """
+        await asyncio.gather(*self._posting.values(), return_exceptions=True)  # leases still landing
         for lease in list(self._open):
             self._retire(lease)
         self._current.clear()
+        self._next.clear()
         while self._flushing is not None:
             await asyncio.shield(self._flushing)

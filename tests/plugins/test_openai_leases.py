@@ -57,8 +57,9 @@ async def test_a_busy_key_runs_on_one_lease_and_every_request_is_charged_exactly
     entries = await ledger_until(gateway, user_id, lambda es: not any(e.kind == "lease" for e in es))
     leases = [e for e in entries if e.kind == "released"]
     charges = [e for e in entries if e.kind == "charge"]
-    assert len(leases) == 1, [(e.kind, e.requests) for e in entries]
-    assert (leases[0].requests, leases[0].amount) == (64, 0)
+    # One lease for all of them (and perhaps the next, posted before the first ran out).
+    assert 1 <= len(leases) <= 2, [(e.kind, e.requests) for e in entries]
+    assert all((lease.requests, lease.amount) == (64, 0) for lease in leases)
     assert len(charges) == len(fake_deepseek.requests) == 33
     assert not any(e.kind == "reservation" for e in entries)
     for answer, charge in zip(answers, sorted(charges, key=lambda e: e.id)[:30], strict=True):
@@ -114,7 +115,9 @@ async def test_shutdown_posts_every_charge_and_releases_every_lease(
     await gateway.services.completions.aclose()
     await gateway.services.billing.aclose()  # what the server's shutdown does, in this order
     entries = await gateway.services.billing.store.list_ledger(user_id)
-    assert sorted(e.kind for e in entries) == ["charge", "charge", "charge", "released", "topup"]
+    kinds = [e.kind for e in entries]
+    assert (kinds.count("charge"), kinds.count("topup"), kinds.count("lease")) == (3, 1, 0)
+    assert kinds.count("released") >= 1  # the one in use, and the next when it was posted in time
     user = await gateway.services.billing.store.get_user(user_id)
     assert sum(e.amount for e in entries) == user.balance < 10**12
 
@@ -189,3 +192,17 @@ async def test_a_lease_nobody_takes_from_is_released_when_idle(
     entries = await ledger_until(gateway, user_id, lambda es: any(e.kind == "released" for e in es))
     assert sorted(e.kind for e in entries) == ["released", "topup"]
     assert (await billing.store.get_user(user_id)).balance == 10**12 == sum(e.amount for e in entries)
+
+
+async def test_the_next_lease_is_posted_before_the_first_runs_out(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
+    user_id, secret = await funded_key(gateway, 10**12, requests_per_minute=1000, concurrent_requests=400)
+    body = {"model": "deepseek-chat", "messages": MESSAGES}
+    headers = {"Authorization": f"Bearer {secret}"}
+    for _ in range(40):  # past half of a lease of 64, within a second
+        response = await gateway.client.post("/v1/chat/completions", json=body, headers=headers)
+        assert response.status_code == 200
+    entries = await ledger_until(gateway, user_id, lambda es: sum(e.kind == "charge" for e in es) == 40)
+    assert [(e.kind, e.requests) for e in entries if e.kind == "lease"] == [("lease", 64), ("lease", 64)]
