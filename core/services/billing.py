@@ -99,8 +99,12 @@ class Billing:
         *,
         key_id: int | None,
         limits: RateLimits | None = None,
+        balance: int | None = None,
     ) -> Reservation:
         """Hold the worst-case cost; with ``limits``, only if the key is within them.
+
+        With ``limits``, the request may be admitted under a lease of its key, sized to at
+        most an eighth of ``balance`` (the owner's, as last seen) when it is given.
 
         Raises:
             RateLimitExceeded: admitting the request would pass a limit; nothing was written.
@@ -119,7 +123,7 @@ class Billing:
             outcome="pending",
         )
         if limits is not None and key_id is not None:
-            leased = await self.leases.admit(draft, limits, worst_case)
+            leased = await self.leases.admit(draft, limits, worst_case, balance)
             if leased is not None:
                 lease, leased_use = leased
                 return Reservation(lease.entry, route, leased_use, prompt, worst_case, lease)
@@ -176,13 +180,14 @@ class Billing:
     ) -> None:
         assert reservation.lease is not None
         lease = reservation.lease.entry
+        route = reservation.route  # a key's lease serves all its models
         charge = LedgerDraft(
             user_id=lease.user_id,
             amount=-cost,
             kind="charge",
             key_id=lease.key_id,
-            model=lease.model,
-            provider=lease.provider,
+            model=route.model,
+            provider=route.provider.instance,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             latency_ms=latency_ms,

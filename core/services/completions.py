@@ -192,7 +192,9 @@ class Completions:
             InsufficientBalance: the balance cannot cover the worst case; nothing went upstream.
         """
         key_id = caller.key.id if caller.key is not None else None
-        reservation = await self.billing.reserve(caller.user.id, route, request, key_id=key_id, limits=limits)
+        reservation = await self.billing.reserve(
+            caller.user.id, route, request, key_id=key_id, limits=limits, balance=caller.user.balance
+        )
         completion = Completion(self.billing, route, request, reservation)
         # Tracked until settled: answers no longer wait for the ledger, shutdown does.
         self._running.add(completion._task)

@@ -17,7 +17,9 @@ added at concurrency 1 and a third of its CPU at 16 (``bench/openai_overhead.py`
 
 What a lease holds is held from everyone else for that long, so it is sized
 to the key's limits: at most an eighth of its requests or tokens per minute
-and a quarter of its concurrent requests. A key whose limits or balance are
+and of its owner's balance, and a quarter of its concurrent requests. It
+admits for ``max_age`` (one second): its requests count in the minute from
+the second it was posted. A key whose limits or balance are
 too small for a lease of two requests is admitted one request at a time, as
 before; so is a key whose last lease was refused, for a second.
 """
@@ -37,6 +39,9 @@ log = logging.getLogger("chatgate.billing")
 MAX_SIZE = 64
 """The most requests one lease stands for."""
 
+RETRY_SECONDS = 1.0
+"""How long after a failed write of charges (or a release) it is tried again."""
+
 
 @dataclass(eq=False)
 class Lease:
@@ -55,17 +60,13 @@ class Lease:
     pending_tokens: int = 0  # what the pending charges were counted for
     idle_timer: asyncio.TimerHandle | None = None
 
-    def take(self, prompt_tokens: int, worst_case: int, now: float, max_age: float) -> RateUse | None:
-        """Admit one request, or None when the lease cannot cover it (it is then retired)."""
-        if self.retired:
-            return None
-        if (
-            self.requests < 1
-            or self.tokens < prompt_tokens
-            or self.amount < worst_case
-            or now - self.posted > max_age
-        ):
-            self.retired = True
+    def expired(self, now: float, max_age: float) -> bool:
+        """Too old to admit more: its requests count in the second it was posted."""
+        return now - self.posted > max_age
+
+    def take(self, prompt_tokens: int, worst_case: int, now: float) -> RateUse | None:
+        """Admit one request, or None when what is left cannot cover it."""
+        if self.requests < 1 or self.tokens < prompt_tokens or self.amount < worst_case:
             return None
         self.requests -= 1
         self.tokens -= prompt_tokens
@@ -94,7 +95,7 @@ class Leases:
     """
 
     def __init__(
-        self, store: Store, *, idle: float = 1.0, max_age: float = 10.0, batch_delay: float = 0.05
+        self, store: Store, *, idle: float = 1.0, max_age: float = 1.0, batch_delay: float = 0.05
     ) -> None:
         self.store = store
         self.batch_delay = batch_delay
@@ -109,9 +110,15 @@ class Leases:
         self._flushing: asyncio.Task[None] | None = None
 
     @staticmethod
-    def size(limits: RateLimits, prompt_tokens: int) -> int:
-        """Requests a lease for this key may stand for (below 2: no lease)."""
+    def size(limits: RateLimits, prompt_tokens: int, worst_case: int, balance: int | None) -> int:
+        """Requests a lease for this key may stand for (below 2: no lease).
+
+        At most an eighth of the owner's ``balance`` (as last seen): what a lease holds,
+        the owner's other requests cannot use.
+        """
         size = MAX_SIZE
+        if balance is not None and worst_case > 0:
+            size = min(size, balance // 8 // worst_case)
         if limits.requests_per_minute is not None:
             size = min(size, limits.requests_per_minute // 8)
         if limits.concurrent_requests is not None:
@@ -121,52 +128,67 @@ class Leases:
         return size
 
     async def admit(
-        self, draft: LedgerDraft, limits: RateLimits, worst_case: int
+        self, draft: LedgerDraft, limits: RateLimits, worst_case: int, balance: int | None = None
     ) -> tuple[Lease, RateUse] | None:
-        """Admit the request ``draft`` reserves under a lease of its key; None: admit it alone."""
+        """Admit the request ``draft`` reserves under a lease of its key; None: admit it alone.
+
+        ``balance`` is the owner's balance as last seen, which bounds the size of a lease.
+        """
         assert draft.key_id is not None
         key_id, prompt = draft.key_id, draft.prompt_tokens
+        waited = False
         while True:
             now = time.monotonic()
             lease = self._current.get(key_id)
+            if lease is not None and lease.expired(now, self.max_age):
+                del self._current[key_id]
+                self._retire(lease)
+                lease = self._next.pop(key_id, None)
+                if lease is not None:
+                    self._current[key_id] = lease
             if lease is not None:
-                use = lease.take(prompt, worst_case, now, self.max_age)
+                use = lease.take(prompt, worst_case, now)
                 if use is not None:
                     self._busy(lease)
                     # Half used within the idle time: have the next lease ready before this one
                     # runs out, or every caller's next request would queue behind its posting
                     # and leave together, in step.
                     if lease.requests * 2 < lease.entry.requests and now - lease.posted < self.idle:
-                        self._posted(draft, limits, worst_case)
+                        self._posted(draft, limits, worst_case, balance)
                     return lease, use
+                if lease.requests > 0 or waited:
+                    # A request bigger than what is left (or than a lease just posted for it):
+                    # the store admits it alone; the lease stays for the others.
+                    return None
                 del self._current[key_id]
                 self._retire(lease)
                 following = self._next.pop(key_id, None)
                 if following is not None:
                     self._current[key_id] = following
                     continue
-            if self._alone_until.get(key_id, 0.0) > now:
+            if waited or self._alone_until.get(key_id, 0.0) > now:
                 return None
-            posting = self._posted(draft, limits, worst_case)
+            posting = self._posted(draft, limits, worst_case, balance)
+            if posting is None:
+                return None
             # Shielded: a lease posted for a caller who left is still this key's lease.
-            if posting is None or await asyncio.shield(posting) is None:
-                return None
+            await asyncio.shield(posting)
+            waited = True  # once: a lease that cannot take this request is not posted again for it
 
     def _posted(
-        self, draft: LedgerDraft, limits: RateLimits, worst_case: int
+        self, draft: LedgerDraft, limits: RateLimits, worst_case: int, balance: int | None
     ) -> asyncio.Future[Lease | None] | None:
         """The key's next lease being posted (posting it now if it is not); None: no lease fits."""
         assert draft.key_id is not None
         key_id = draft.key_id
         posting = self._posting.get(key_id)
         if posting is None and key_id not in self._next:
-            size = self.size(limits, draft.prompt_tokens)
+            size = self.size(limits, draft.prompt_tokens, worst_case, balance)
             if size < 2:
                 return None
             posting = self._posting[key_id] = asyncio.ensure_future(
                 self._post(draft, limits, size, worst_case)
             )
-            posting.add_done_callback(lambda _: self._posting.pop(key_id, None))
         return posting
 
     async def _post(self, draft: LedgerDraft, limits: RateLimits, size: int, worst_case: int) -> Lease | None:
@@ -189,6 +211,15 @@ class Leases:
             # Too close to a limit or to the floor for a lease: the store decides request by request.
             self._alone_until[draft.key_id] = time.monotonic() + 1.0
             return None
+        except Exception:
+            # The store admits request by request, and says what is wrong to each of them.
+            log.exception("could not post a lease for key %d; admitting one by one", draft.key_id)
+            self._alone_until[draft.key_id] = time.monotonic() + 1.0
+            return None
+        finally:
+            # Here, not in a done callback: a caller arriving before that ran would find this
+            # finished posting and wait on it again, and again, without ever yielding.
+            self._posting.pop(draft.key_id, None)
         lease = Lease(entry, use, time.monotonic(), size, tokens, size * worst_case)
         # Released if nobody takes from it (its caller may have left while it was posted).
         lease.idle_timer = asyncio.get_running_loop().call_later(self.idle, self._idle, lease)
@@ -251,11 +282,12 @@ class Leases:
             try:
                 await self.store.charge_lease(lease.entry.id, charges, counted)
             except Exception:
-                # Kept, and tried again with the next charges: a lease is released only after them.
+                # Kept and tried again: a lease is released only after its charges.
                 log.exception(
                     "could not post %d charge(s) of lease %d; will retry", len(charges), lease.entry.id
                 )
                 lease.pending[:0], lease.pending_tokens = charges, lease.pending_tokens + counted
+                self._retry(lease)
                 return
         if lease.retired and lease.in_flight == 0 and not lease.pending and lease in self._open:
             self._open.discard(lease)
@@ -264,6 +296,14 @@ class Leases:
             except Exception:
                 self._open.add(lease)
                 log.exception("could not release lease %d; will retry", lease.entry.id)
+                self._retry(lease)
+
+    def _retry(self, lease: Lease) -> None:
+        def again() -> None:
+            self._dirty.add(lease)
+            self._flush_soon()
+
+        asyncio.get_running_loop().call_later(RETRY_SECONDS, again)
 
     async def aclose(self) -> None:
         """Post every charge and release every lease (call once no request is running).

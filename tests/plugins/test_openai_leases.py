@@ -206,3 +206,17 @@ async def test_the_next_lease_is_posted_before_the_first_runs_out(
         assert response.status_code == 200
     entries = await ledger_until(gateway, user_id, lambda es: sum(e.kind == "charge" for e in es) == 40)
     assert [(e.kind, e.requests) for e in entries if e.kind == "lease"] == [("lease", 64), ("lease", 64)]
+
+
+async def test_each_charge_names_its_own_model_under_a_shared_lease(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
+    user_id, secret = await funded_key(gateway, 10**12)
+    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
+        for model in ("deepseek-chat", "deepseek-reasoner", "deepseek-chat"):
+            await sdk.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
+    entries = await ledger_until(gateway, user_id, lambda es: sum(e.kind == "charge" for e in es) == 3)
+    assert "lease" in [e.kind for e in entries]
+    charges = sorted((e for e in entries if e.kind == "charge"), key=lambda e: e.id)
+    assert [c.model for c in charges] == ["deepseek-chat", "deepseek-reasoner", "deepseek-chat"]

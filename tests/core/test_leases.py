@@ -1,0 +1,119 @@
+"""Leases against a real SQLite store: races and store failures (end to end: test_openai_leases.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.services.leases import Leases
+from core.store import LedgerDraft, LedgerEntry, RateLimits, User
+from stores.sqlite import SqliteStore
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(SqliteStore.Options(path=str(tmp_path / "leases.db")))
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def keyed(store: SqliteStore) -> tuple[User, int]:
+    user = await store.ensure_user("lease@example.com")
+    key = await store.create_api_key(user.id, "k", "sk-cg-lease", "hash-lease")
+    await store.post_ledger(LedgerDraft(user_id=user.id, amount=10**9, kind="topup"))
+    return user, key.id
+
+
+def request(user: User, key_id: int, worst_case: int) -> LedgerDraft:
+    return LedgerDraft(
+        user_id=user.id, amount=-worst_case, kind="reservation", key_id=key_id, prompt_tokens=5
+    )
+
+
+def charge(user: User, key_id: int, cost: int) -> LedgerDraft:
+    return LedgerDraft(user_id=user.id, amount=-cost, kind="charge", key_id=key_id, prompt_tokens=5)
+
+
+async def ledger(store: SqliteStore, user: User) -> list[LedgerEntry]:
+    return await store.list_ledger(user.id)
+
+
+async def test_callers_arriving_as_a_lease_lands_never_spin(store: SqliteStore) -> None:
+    # They find the posting finished but not yet forgotten, and a lease that cannot take them
+    # (a larger worst case): they must be admitted alone, not wait on that posting forever.
+    user, key_id = await keyed(store)
+    leases = Leases(store)
+    limits = RateLimits(requests_per_minute=32)  # leases of 4
+    admit = store.admit
+    late: list[asyncio.Future[Any]] = []
+
+    async def admit_then_arrive(draft: LedgerDraft, limits: RateLimits) -> Any:
+        admitted = await admit(draft, limits)
+        if not late:
+            late.extend(
+                asyncio.ensure_future(leases.admit(request(user, key_id, 10**6), limits, 10**6))
+                for _ in range(5)
+            )
+        return admitted
+
+    store.admit = admit_then_arrive  # type: ignore[method-assign]
+    async with asyncio.timeout(5):
+        first = await leases.admit(request(user, key_id, 10), limits, 10)
+        assert first is not None
+        assert await asyncio.gather(*late) == [None] * 5  # each one the store's to admit
+    await leases.aclose()
+
+
+async def test_a_failed_write_of_charges_is_tried_again(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("core.services.leases.RETRY_SECONDS", 0.05)
+    user, key_id = await keyed(store)
+    leases = Leases(store, idle=0.05, batch_delay=0.0)
+    leased = await leases.admit(request(user, key_id, 10), RateLimits(), 10)
+    assert leased is not None
+    lease, _ = leased
+    charge_lease = store.charge_lease
+    failures = []
+
+    async def fails_once(lease_id: int, charges: list[LedgerDraft], counted: int) -> int:
+        if not failures:
+            failures.append(lease_id)
+            raise OSError("disk I/O error")  # what a full disk looks like
+        return await charge_lease(lease_id, charges, counted)
+
+    store.charge_lease = fails_once  # type: ignore[method-assign]
+    leases.settle(lease, charge(user, key_id, 7), counted_tokens=5, worst_case=10)
+    async with asyncio.timeout(5):
+        while [e.kind for e in await ledger(store, user) if e.kind != "topup"] != ["charge", "released"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    assert failures == [lease.entry.id]
+    entries = await ledger(store, user)
+    assert sum(e.amount for e in entries) == 10**9 - 7 == (await store.get_user(user.id)).balance
+    await leases.aclose()
+
+
+async def test_a_lease_older_than_its_age_admits_no_more(store: SqliteStore) -> None:
+    user, key_id = await keyed(store)
+    leases = Leases(store, max_age=0.05)
+    first = await leases.admit(request(user, key_id, 10), RateLimits(), 10)
+    await asyncio.sleep(0.1)
+    second = await leases.admit(request(user, key_id, 10), RateLimits(), 10)
+    assert first is not None
+    assert second is not None
+    assert first[0] is not second[0]
+    assert first[0].retired
+    await leases.aclose()
+
+
+async def test_a_lease_holds_at_most_an_eighth_of_the_balance_seen() -> None:
+    limits = RateLimits()
+    assert Leases.size(limits, 5, worst_case=100, balance=None) == 64
+    assert Leases.size(limits, 5, worst_case=100, balance=8 * 100 * 10) == 10
+    assert Leases.size(limits, 5, worst_case=100, balance=1000) == 1  # no lease
+    assert Leases.size(RateLimits(requests_per_minute=120, concurrent_requests=16), 5, 100, None) == 4
