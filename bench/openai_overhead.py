@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,9 +128,13 @@ class Run:
         return percentile(values, q)
 
 
+_TEXT = re.compile(rb'"content":"[^"]')
+
+
 def sse_token(data: bytes) -> bool:
-    """Whether a chunk of an OpenAI-style stream carries reply text."""
-    return b'"content":"' in data and b'"content":""' not in data
+    """Whether a chunk of an OpenAI-style stream carries reply text (a chunk may hold several
+    events: the role's empty content and the first text, when they leave together)."""
+    return _TEXT.search(data) is not None
 
 
 class Connection:
