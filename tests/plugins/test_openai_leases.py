@@ -9,13 +9,29 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from core.store import LedgerEntry, RateLimits
 from plugins.openai_compat import wire
-from tests.conftest import PRICED_MODELS, Gateway, chatgate, deepseek_config
+from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
+from tests.plugins.test_openai_limits import through_two_workers
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture
+async def gateway(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> Gateway:
+    return await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[no-any-return,misc]
+
+
+async def complete(gateway: Gateway, secret: str, *models: str) -> None:
+    """One whole completion per model, one after the other, through the openai SDK."""
+    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
+        for model in models:
+            await sdk.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
 
 
 async def funded_key(gateway: Gateway, balance: int, **limits: int) -> tuple[int, str]:
@@ -36,9 +52,8 @@ async def ledger_until(
 
 
 async def test_a_busy_key_runs_on_one_lease_and_every_request_is_charged_exactly(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
-    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
     gateway.services.billing.leases.idle = 0.2
     user_id, secret = await funded_key(gateway, 10**12, requests_per_minute=1000, concurrent_requests=400)
     fake_deepseek.scenario = Scenario(tokens=8, token_delay=0.01)
@@ -81,9 +96,8 @@ async def test_a_busy_key_runs_on_one_lease_and_every_request_is_charged_exactly
 
 
 async def test_a_client_that_leaves_mid_stream_under_a_lease_pays_for_what_it_got(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
-    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
     user_id, secret = await funded_key(gateway, 10**12)
     fake_deepseek.scenario = Scenario(tokens=200, token_delay=0.05)
     body = {"model": "deepseek-chat", "messages": MESSAGES, "stream": True}
@@ -105,13 +119,10 @@ async def test_a_client_that_leaves_mid_stream_under_a_lease_pays_for_what_it_go
 
 
 async def test_shutdown_posts_every_charge_and_releases_every_lease(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
-    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
     user_id, secret = await funded_key(gateway, 10**12)
-    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
-        for _ in range(3):
-            await sdk.chat.completions.create(model="deepseek-chat", messages=MESSAGES)  # type: ignore[arg-type]
+    await complete(gateway, secret, *["deepseek-chat"] * 3)
     await gateway.services.completions.aclose()
     await gateway.services.billing.aclose()  # what the server's shutdown does, in this order
     entries = await gateway.services.billing.store.list_ledger(user_id)
@@ -123,12 +134,10 @@ async def test_shutdown_posts_every_charge_and_releases_every_lease(
 
 
 async def test_a_lease_a_dead_process_left_is_given_back_by_the_sweep(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
-    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
     user_id, secret = await funded_key(gateway, 10**12)
-    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
-        await sdk.chat.completions.create(model="deepseek-chat", messages=MESSAGES)  # type: ignore[arg-type]
+    await complete(gateway, secret, "deepseek-chat")
     entries = await ledger_until(gateway, user_id, lambda es: any(e.kind == "charge" for e in es))
     (lease,) = [e for e in entries if e.kind == "lease"]
     # As if this process had died: the lease stays open, and another process's sweep finds it.
@@ -143,30 +152,17 @@ async def test_a_lease_a_dead_process_left_is_given_back_by_the_sweep(
 
 
 async def test_a_balance_too_small_for_a_lease_is_admitted_request_by_request(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
-    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
     user_id, secret = await funded_key(gateway, 20_000_000)  # two or three worst cases, not 64
-    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
-        await sdk.chat.completions.create(model="deepseek-chat", messages=MESSAGES)  # type: ignore[arg-type]
+    await complete(gateway, secret, "deepseek-chat")
     entries = await ledger_until(gateway, user_id, lambda es: any(e.kind == "charge" for e in es))
     assert sorted(e.kind for e in entries) == ["charge", "topup"]  # a settled reservation; no lease
 
 
 def test_two_workers_with_leases_share_one_limit(write_config: Callable[..., Path], server_process) -> None:  # type: ignore[no-untyped-def]
     # 40 a minute: leases of 5 requests. If each worker kept its own count, 80 would pass.
-    config = write_config(
-        replace={"[surfaces.openai_compat]\n": "[surfaces.openai_compat]\nrequests_per_minute = 40\n"}
-    )
-    url = server_process(config, "--workers", "2")
-    secret = chatgate(
-        "keys", "create", "--email", "w@example.com", "--balance", "100", "--config", str(config), check=True
-    )
-    headers = {"Authorization": f"Bearer {secret.stdout.splitlines()[-1]}"}
-    body = {"model": "mock-chat", "messages": MESSAGES}
-    # A fresh connection per request, so the two workers take turns accepting them.
-    with httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-        responses = [client.post("/v1/chat/completions", json=body, headers=headers) for _ in range(60)]
+    responses = through_two_workers(write_config, server_process, 40, 60)
     statuses = [r.status_code for r in responses]
     assert set(statuses) == {200, 429}, statuses
     assert 30 <= statuses.count(200) <= 40, statuses
@@ -174,9 +170,8 @@ def test_two_workers_with_leases_share_one_limit(write_config: Callable[..., Pat
 
 
 async def test_a_lease_nobody_takes_from_is_released_when_idle(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
-    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
     billing = gateway.services.billing
     billing.leases.idle = 0.1
     user_id, _ = await funded_key(gateway, 10**12)
@@ -195,9 +190,8 @@ async def test_a_lease_nobody_takes_from_is_released_when_idle(
 
 
 async def test_the_next_lease_is_posted_before_the_first_runs_out(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
-    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
     user_id, secret = await funded_key(gateway, 10**12, requests_per_minute=1000, concurrent_requests=400)
     body = {"model": "deepseek-chat", "messages": MESSAGES}
     headers = {"Authorization": f"Bearer {secret}"}
@@ -209,13 +203,10 @@ async def test_the_next_lease_is_posted_before_the_first_runs_out(
 
 
 async def test_each_charge_names_its_own_model_under_a_shared_lease(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
-    gateway: Gateway = await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[assignment,misc]
     user_id, secret = await funded_key(gateway, 10**12)
-    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
-        for model in ("deepseek-chat", "deepseek-reasoner", "deepseek-chat"):
-            await sdk.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
+    await complete(gateway, secret, "deepseek-chat", "deepseek-reasoner", "deepseek-chat")
     entries = await ledger_until(gateway, user_id, lambda es: sum(e.kind == "charge" for e in es) == 3)
     assert "lease" in [e.kind for e in entries]
     charges = sorted((e for e in entries if e.kind == "charge"), key=lambda e: e.id)

@@ -126,11 +126,10 @@ def test_reset_durations_read_like_openais() -> None:
     assert [duration(s) for s in (0.25, 1, 19.2, 60, 65)] == ["250ms", "1s", "20s", "1m0s", "1m5s"]
 
 
-def test_two_workers_share_one_limit_not_one_each(write_config: Callable[..., Path], server_process) -> None:  # type: ignore[no-untyped-def]
-    # The gateways' most common complaint: a limit per worker process is the limit times the workers.
-    config = write_config(
-        replace={"[surfaces.openai_compat]\n": "[surfaces.openai_compat]\nrequests_per_minute = 6\n"}
-    )
+def through_two_workers(write_config, server_process, per_minute: int, count: int) -> list[httpx.Response]:  # type: ignore[no-untyped-def]
+    """``count`` mock-chat requests of one key, each on a new connection to a two-worker server."""
+    limit = f"[surfaces.openai_compat]\nrequests_per_minute = {per_minute}\n"
+    config = write_config(replace={"[surfaces.openai_compat]\n": limit})
     url = server_process(config, "--workers", "2")
     secret = chatgate(
         "keys", "create", "--email", "w@example.com", "--balance", "100", "--config", str(config), check=True
@@ -138,11 +137,12 @@ def test_two_workers_share_one_limit_not_one_each(write_config: Callable[..., Pa
     headers = {"Authorization": f"Bearer {secret.stdout.splitlines()[-1]}"}
     # A fresh connection per request, so the two workers take turns accepting them.
     with httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-        statuses = [
-            client.post(
-                "/v1/chat/completions", json={**BODY, "model": "mock-chat"}, headers=headers
-            ).status_code
-            for _ in range(12)
-        ]
+        body = {**BODY, "model": "mock-chat"}
+        return [client.post("/v1/chat/completions", json=body, headers=headers) for _ in range(count)]
+
+
+def test_two_workers_share_one_limit_not_one_each(write_config: Callable[..., Path], server_process) -> None:  # type: ignore[no-untyped-def]
+    # The gateways' most common complaint: a limit per worker process is the limit times the workers.
+    statuses = [r.status_code for r in through_two_workers(write_config, server_process, 6, 12)]
     assert statuses.count(200) == 6, statuses
     assert statuses.count(429) == 6, statuses
