@@ -369,7 +369,7 @@ class Store(abc.ABC):
     async def release_lease(self, lease_id: int, unused_requests: int, unused_tokens: int) -> LedgerEntry:
         """End a lease: what it still holds goes back to the balance, atomically.
 
-        The entry becomes kind ``released`` with amount 0; the requests and
+        The entry becomes kind (and outcome) ``released`` with amount 0; the requests and
         tokens it counted but never used leave the key's rate window. Releasing
         a released lease changes nothing and returns it.
         """

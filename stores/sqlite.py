@@ -695,7 +695,8 @@ def _release_lease(
         "UPDATE users SET balance = balance - ? WHERE id = ? RETURNING balance", (held, user_id)
     ).fetchall()
     [row] = db.execute(
-        "UPDATE ledger SET kind = 'released', amount = 0, balance_after = ?, updated_at = ? WHERE id = ?"
+        "UPDATE ledger SET kind = 'released', outcome = 'released', amount = 0, balance_after = ?,"
+        " updated_at = ? WHERE id = ?"
         f" RETURNING {_LEDGER_COLUMNS}",
         (after, _now(), lease_id),
     ).fetchall()

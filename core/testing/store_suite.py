@@ -886,6 +886,7 @@ class StoreConformance:
             await store.admit(reservation(user, key_id, prompt_tokens=50), limits)
         released = await store.release_lease(entry.id, unused_requests=3, unused_tokens=60)
         assert (released.kind, released.amount, released.balance_after) == ("released", 0, 1_000_000 - 25)
+        assert released.outcome == "released"  # no longer "open"
         assert (await store.get_user(user.id)).balance == 1_000_000 - 25
         entries = await store.list_ledger(user.id)
         assert ledger_total(entries) == 1_000_000 - 25
