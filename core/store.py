@@ -366,6 +366,17 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def shrink_lease(
+        self, lease_id: int, requests: int, unused_requests: int, unused_tokens: int, unused_amount: int
+    ) -> None:
+        """Make an open lease that admits no more stand for the ``requests`` still running, atomically.
+
+        ``unused_amount`` (of what it holds) goes back to the balance, and the requests and
+        tokens it counted but never used leave the key's rate window; it keeps counting
+        ``requests`` concurrent ones until it is released. A released lease is left as it is.
+        """
+
+    @abc.abstractmethod
     async def release_lease(self, lease_id: int, unused_requests: int, unused_tokens: int) -> LedgerEntry:
         """End a lease: what it still holds goes back to the balance, atomically.
 

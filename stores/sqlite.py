@@ -406,6 +406,11 @@ class SqliteStore(Store):
     async def release_lease(self, lease_id: int, unused_requests: int, unused_tokens: int) -> LedgerEntry:
         return await self._write(_release_lease, lease_id, unused_requests, unused_tokens)
 
+    async def shrink_lease(
+        self, lease_id: int, requests: int, unused_requests: int, unused_tokens: int, unused_amount: int
+    ) -> None:
+        await self._write(_shrink_lease, lease_id, requests, unused_requests, unused_tokens, unused_amount)
+
     async def usage_by_day(
         self, since: datetime, *, user_id: int | None = None, key_id: int | None = None
     ) -> list[UsageDay]:
@@ -682,6 +687,28 @@ def _charge_lease(
         used = sum(charge.prompt_tokens + charge.completion_tokens for charge in charges)
         _count(db, key_id, created_at, 0, used - counted_tokens)
     return int(balance)
+
+
+def _shrink_lease(
+    db: sqlite3.Connection,
+    lease_id: int,
+    requests: int,
+    unused_requests: int,
+    unused_tokens: int,
+    unused_amount: int,
+) -> None:
+    lease = _open_lease(db, lease_id)
+    if lease is None:
+        return
+    held, user_id, key_id, created_at = lease
+    back = min(unused_amount, -held)  # never more than it still holds
+    db.execute("UPDATE users SET balance = balance + ? WHERE id = ?", (back, user_id))
+    db.execute(
+        "UPDATE ledger SET amount = amount + ?, requests = ?, updated_at = ? WHERE id = ?",
+        (back, requests, _now(), lease_id),
+    )
+    if key_id is not None:
+        _count(db, key_id, created_at, -unused_requests, -unused_tokens)
 
 
 def _release_lease(

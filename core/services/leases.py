@@ -59,6 +59,7 @@ class Lease:
     pending: list[LedgerDraft] = field(default_factory=list)  # charges not yet posted
     pending_tokens: int = 0  # what the pending charges were counted for
     idle_timer: asyncio.TimerHandle | None = None
+    shrink: bool = False  # retired with requests running: give back the rest before they end
 
     def expired(self, now: float, max_age: float) -> bool:
         """Too old to admit more: its requests count in the second it was posted."""
@@ -256,6 +257,8 @@ class Leases:
             self._retire(lease)
 
     def _retire(self, lease: Lease) -> None:
+        if not lease.retired and lease.in_flight:
+            lease.shrink = True  # what it still holds, it holds for nobody
         lease.retired = True
         self._busy(lease)
         self._dirty.add(lease)
@@ -289,6 +292,15 @@ class Leases:
                 lease.pending[:0], lease.pending_tokens = charges, lease.pending_tokens + counted
                 self._retry(lease)
                 return
+        if lease.shrink and lease.in_flight:
+            lease.shrink = False
+            unused = (lease.requests, lease.tokens, max(0, lease.amount))
+            lease.requests = lease.tokens = lease.amount = 0
+            try:
+                await self.store.shrink_lease(lease.entry.id, lease.in_flight, *unused)
+            except Exception:  # it stays as it was until released: too much held, nothing lost
+                log.exception("could not shrink lease %d", lease.entry.id)
+                lease.requests, lease.tokens, lease.amount = unused
         if lease.retired and lease.in_flight == 0 and not lease.pending and lease in self._open:
             self._open.discard(lease)
             try:

@@ -901,6 +901,23 @@ class StoreConformance:
             await store.release_lease(entries[-1].id, 0, 0)  # the top-up
 
     @pytest.mark.asyncio
+    async def test_shrinking_a_lease_keeps_only_the_requests_still_running(self, store: Store) -> None:
+        user, key_id = await self.keyed_user(store)
+        entry, _ = await store.admit(lease(user, key_id, 4, amount=100, tokens=80), RateLimits())
+        await store.shrink_lease(entry.id, 1, unused_requests=2, unused_tokens=40, unused_amount=50)
+        shrunk = await store.get_ledger_entry(entry.id)
+        assert (shrunk.kind, shrunk.amount, shrunk.requests) == ("lease", -50, 1)
+        assert ledger_total(await store.list_ledger(user.id)) == 1_000_000 - 50
+        _, use = await store.admit(reservation(user, key_id, prompt_tokens=0), RateLimits())
+        assert (use.requests, use.tokens, use.concurrent) == (3, 40, 2)
+        await store.shrink_lease(entry.id, 1, 0, 0, unused_amount=80)  # never more than it holds
+        assert (await store.get_ledger_entry(entry.id)).amount == 0
+        await store.release_lease(entry.id, 0, 0)
+        await store.shrink_lease(entry.id, 1, 1, 1, 1)  # released: left as it is
+        assert (await store.get_ledger_entry(entry.id)).kind == "released"
+        assert ledger_total(await store.list_ledger(user.id)) == (await store.get_user(user.id)).balance + 0
+
+    @pytest.mark.asyncio
     async def test_a_lease_checks_the_balance_like_a_reservation(self, store: Store) -> None:
         user, key_id = await self.keyed_user(store, balance=150)
         with pytest.raises(InsufficientBalance):

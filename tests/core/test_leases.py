@@ -117,3 +117,28 @@ async def test_a_lease_holds_at_most_an_eighth_of_the_balance_seen() -> None:
     assert Leases.size(limits, 5, worst_case=100, balance=8 * 100 * 10) == 10
     assert Leases.size(limits, 5, worst_case=100, balance=1000) == 1  # no lease
     assert Leases.size(RateLimits(requests_per_minute=120, concurrent_requests=16), 5, 100, None) == 4
+
+
+async def test_a_lease_retired_with_requests_running_holds_only_those(store: SqliteStore) -> None:
+    user, key_id = await keyed(store)
+    leases = Leases(store, max_age=0.05, batch_delay=0.0)
+    limits = RateLimits(concurrent_requests=16)  # leases of 4
+    running = await leases.admit(request(user, key_id, 10), limits, 10)
+    assert running is not None
+    await asyncio.sleep(0.1)
+    following = await leases.admit(request(user, key_id, 10), limits, 10)  # the first one expired
+    assert following is not None
+    async with asyncio.timeout(5):
+        while (await store.get_ledger_entry(running[0].entry.id)).requests != 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    old = await store.get_ledger_entry(running[0].entry.id)
+    assert old.amount == -10  # the running request's worst case, no more
+    _, use = await store.admit(request(user, key_id, 10), limits)
+    assert use.concurrent == 1 + 4 + 1  # the running one, the new lease, this one
+    for lease, _ in (running, following):
+        leases.settle(lease, charge(user, key_id, 7), counted_tokens=5, worst_case=10)
+    await leases.aclose()
+    entries = await ledger(store, user)
+    assert [e.kind for e in entries].count("lease") == 0
+    assert [e.kind for e in entries].count("released") == 2
+    assert sum(e.amount for e in entries) == 10**9 - 2 * 7 - 10  # and the reservation
