@@ -347,7 +347,7 @@ class SqliteStore(Store):
         return await self._write(_ensure_user, email)
 
     async def get_user(self, user_id: int) -> User:
-        return await self._read(_first_found, User, f"{_USERS} WHERE id = ?", (user_id,), "user", user_id)
+        return await self._read(_user, user_id)
 
     async def find_user(self, email: str) -> User | None:
         return await self._read(_first, User, f"{_USERS} WHERE email = ?", (_normal_email(email),))
@@ -562,11 +562,7 @@ def _key_by_hash(db: sqlite3.Connection, key_hash: str) -> ApiKey | None:
 
 def _key_and_owner(db: sqlite3.Connection, key_hash: str) -> tuple[ApiKey, User] | None:
     key = _key_by_hash(db, key_hash)
-    return (
-        None
-        if key is None
-        else (key, _first_found(db, User, f"{_USERS} WHERE id = ?", (key.user_id,), "user", key.user_id))
-    )
+    return None if key is None else (key, _user(db, key.user_id))
 
 
 def _create_api_key(db: sqlite3.Connection, values: dict[str, Any]) -> ApiKey:
@@ -839,10 +835,8 @@ _USERS = (
 """Users as :class:`~core.store.User`: what open leases hold and did not spend is theirs."""
 
 
-def _first_found(
-    db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any], kind: str, row_id: int
-) -> _R:
-    return _record(cls, _found(_rows(db, sql, params), kind, row_id))
+def _user(db: sqlite3.Connection, user_id: int) -> User:
+    return _record(User, _found(_rows(db, f"{_USERS} WHERE id = ?", (user_id,)), "user", user_id))
 
 
 def _first(db: sqlite3.Connection, cls: type[_R], sql: str, params: Sequence[Any] = ()) -> _R | None:

@@ -54,7 +54,6 @@ class Lease:
     tokens: int  # counted, not yet drawn by an admitted request's prompt estimate
     amount: int  # micro-credits held and not drawn
     in_flight: int = 0
-    last_used: float = 0.0
     retired: bool = False
     pending: list[LedgerDraft] = field(default_factory=list)  # charges not yet posted
     pending_tokens: int = 0  # what the pending charges were counted for
@@ -73,7 +72,6 @@ class Lease:
         self.tokens -= prompt_tokens
         self.amount -= worst_case
         self.in_flight += 1
-        self.last_used = now
         use = self.use
         elapsed = now - self.posted
         return RateUse(
