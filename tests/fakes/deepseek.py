@@ -245,7 +245,8 @@ class FakeDeepSeek:
     ``scenario`` when the script is empty; unless the scenario injects an error status, the request is
     validated the way DeepSeek does (key, JSON, model, messages, max_tokens, thinking-mode rules).
 
-    What a test can observe: ``requests`` (every chat request, as received), ``connections`` (TCP
+    What a test can observe: ``requests`` (every chat request, as received; only the last ``history``
+    when that is set, as it is when the fake serves benchmarks by hand), ``connections`` (TCP
     connections accepted), ``active_streams`` (chat answers in progress, from the end of the request to
     the last byte or the cut) and ``disconnects`` (when a client went away while a chat answer was being
     waited on or written; noticed within milliseconds, even during a delay or a stall).
@@ -258,6 +259,7 @@ class FakeDeepSeek:
         models: Sequence[str] = DEFAULT_MODELS,
         host: str = "127.0.0.1",
         port: int = 0,
+        history: int | None = None,
     ) -> None:
         self.api_key = api_key
         self.models: tuple[str, ...] = tuple(models)
@@ -267,7 +269,10 @@ class FakeDeepSeek:
         self.scenario = Scenario()
         self.responder: Callable[[Any], Scenario | None] | None = None
         """Picks the scenario from the request's JSON body (None: the script's or ``scenario``)."""
+        # Bounded for long runs: a log of every request makes each full garbage collection walk
+        # all of them, and at a benchmark's tens of thousands that pauses the fake ~90 ms at a time.
         self.requests: list[Received] = []
+        self.history = history
         self.connections = 0
         self.active_streams = 0
         self.disconnects: list[float] = []
@@ -566,6 +571,8 @@ class FakeDeepSeek:
         body, syntax_error = _decode(request.body)
         if self.responder is not None and syntax_error is None:
             scenario = self.responder(body) or scenario
+        if self.history is not None and len(self.requests) >= 2 * self.history:
+            del self.requests[: -self.history]  # trimmed in batches: each trim copies what it keeps
         self.requests.append(
             Received(
                 method=request.method,
@@ -1078,7 +1085,7 @@ def _model_entry(model: str) -> dict[str, str]:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    async with FakeDeepSeek(api_key=args.api_key, port=args.port) as fake:
+    async with FakeDeepSeek(api_key=args.api_key, port=args.port, history=args.history) as fake:
         fake.scenario = Scenario(tokens=args.tokens, token_delay=args.token_delay)
         print(f"fake DeepSeek listening on {fake.url}", flush=True)
         await asyncio.Event().wait()  # until Ctrl-C cancels this task
@@ -1092,6 +1099,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--api-key", default=DEFAULT_API_KEY)
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed events")
     parser.add_argument("--tokens", type=int, default=24, help="tokens in each generated reply")
+    parser.add_argument(
+        "--history", type=int, default=1000, help="chat requests kept for GET /_fake/requests (default 1000)"
+    )
     args = parser.parse_args(argv)
     # SIGUSR1 prints every thread's stack to stderr: how a test shows where a hang is.
     faulthandler.register(signal.SIGUSR1, all_threads=True)

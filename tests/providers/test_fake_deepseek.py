@@ -836,6 +836,18 @@ async def test_openai_sdk_streams_reasoning_content(fake: FakeDeepSeek) -> None:
     assert fake.requests[0].path == "/chat/completions"
 
 
+async def test_history_keeps_the_latest_requests_only() -> None:
+    """A fake serving a benchmark keeps a bounded log, newest last, so it does not grow without end."""
+    async with FakeDeepSeek(history=2) as fake, httpx.AsyncClient(base_url=fake.url) as client:
+        headers = {"Authorization": f"Bearer {fake.api_key}"}
+        for n in range(9):
+            response = await client.post("/chat/completions", json=chat(f"message {n}"), headers=headers)
+            assert response.status_code == 200
+            assert 1 <= len(fake.requests) <= 4
+        assert fake.requests[-1].body["messages"][0]["content"] == "message 8"
+        assert [r.body["messages"][0]["content"] for r in fake.requests][-2:] == ["message 7", "message 8"]
+
+
 def test_runs_by_hand() -> None:
     """``python -m tests.fakes.deepseek`` serves until Ctrl-C."""
     port = free_port()
