@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
-from litestar.types import ControllerRouterHandler
+from litestar.types import ASGIApp, ControllerRouterHandler
 
 from .provider import NoOptions
 
@@ -36,6 +36,16 @@ class Surface(abc.ABC):
     @abc.abstractmethod
     def route_handlers(self) -> Sequence[ControllerRouterHandler]:
         """The Litestar handlers, controllers or routers this surface mounts."""
+
+    def direct_routes(self) -> Mapping[str, ASGIApp]:
+        """Exact paths answered by a raw ASGI app before Litestar routes the request.
+
+        For a hot path only: such a request skips routing, middleware and exception
+        handlers, so its app must answer every method and every failure itself. Mount
+        the same app in :meth:`route_handlers` too, so a path that differs (a trailing
+        slash, say) gets the same answer through the router.
+        """
+        return {}
 
     async def startup(self) -> None:
         """Called once after the store and providers are open."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -10,11 +10,12 @@ from litestar import MediaType, Request, Router, asgi, get
 from litestar.exceptions import HTTPException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Response
-from litestar.types import ControllerRouterHandler, Receive, Scope, Send
+from litestar.types import ASGIApp, ControllerRouterHandler, Receive, Scope, Send
 
 from core.errors import Unauthenticated
 from core.hookspecs import hookimpl
 from core.money import format_amount
+from core.services import Services
 from core.services.accounts import Caller
 from core.store import ApiKey, RateLimits
 from core.surface import Surface
@@ -87,6 +88,13 @@ class OpenAICompatSurface(Surface):
     name = "openai_compat"
     Options = Options
 
+    def __init__(self, options: Options, services: Services) -> None:
+        super().__init__(options, services)
+        self.completions = ChatCompletions(services, options)
+
+    def direct_routes(self) -> Mapping[str, ASGIApp]:
+        return {"/v1/chat/completions": self.completions}
+
     def route_handlers(self) -> Sequence[ControllerRouterHandler]:
         services = self.services
         options = self.options
@@ -120,7 +128,7 @@ class OpenAICompatSurface(Surface):
                 return respond(error(404, message, "invalid_request_error", "model_not_found", "model"))
             return Response(model_object(name))
 
-        endpoint = ChatCompletions(services, options)
+        endpoint = self.completions
 
         @asgi("/v1/chat/completions", is_mount=False, copy_scope=False)
         async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:

@@ -13,6 +13,7 @@ ordinary Litestar handler; both answer the same bytes through
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from litestar.types import Receive, Scope, Send
@@ -34,6 +35,8 @@ from .answers import Answer, error, json_answer, provider_error, rate_headers, r
 
 if TYPE_CHECKING:
     from . import Options
+
+log = logging.getLogger("chatgate.openai_compat")
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -136,6 +139,11 @@ class ChatCompletions:
             started = await self.start(scope, receive)
         except Gone:
             return None
+        except Exception as exc:
+            # The router's exception handlers never see this path (see Gateway): answer for them.
+            log.exception("POST /v1/chat/completions failed before it went upstream")
+            message = f"chatgate failed before the request went upstream ({type(exc).__name__}); see its log."
+            return await send_answer(send, error(500, message, "server_error", None))
         if isinstance(started, Answer):
             return await send_answer(send, started)
         completion, parsed, headers = started

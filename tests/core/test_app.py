@@ -6,11 +6,13 @@ import types
 
 import httpx
 import pytest
+from litestar import MediaType, get
 
 from core.app import create_app
 from core.config import load_config
 from core.errors import StoreError
 from core.hookspecs import hookimpl
+from core.surface import Surface
 from providers.mock import MockProvider
 from tests.conftest import serving
 
@@ -78,6 +80,38 @@ async def test_healthz_answers_503_when_the_store_is_unreachable(gateway):
     assert response.json()["store"]["ok"] is False
     assert response.json()["store"]["error"].endswith("; see the server log")
     await gateway.services.accounts.store.open()  # so shutdown closes a store that is open
+
+
+async def test_a_direct_route_is_answered_before_the_router_which_keeps_the_rest(
+    write_config, gateway_factory
+):
+    """What Surface.direct_routes promises a surface's author: the exact path skips routing."""
+
+    async def direct(scope, receive, send) -> None:
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+        )
+        await send({"type": "http.response.body", "body": b"direct"})
+
+    class Echo(Surface):
+        name = "echo"
+
+        def route_handlers(self):
+            @get("/echo", media_type=MediaType.TEXT)
+            async def routed() -> str:
+                return "router"
+
+            return [routed]
+
+        def direct_routes(self):
+            return {"/echo": direct}
+
+    echo = types.SimpleNamespace(__name__="echo", register_surfaces=hookimpl(lambda: [Echo]))
+    gateway = await gateway_factory(write_config("[surfaces.echo]\n"), extra_plugins=[echo])
+    assert (await gateway.client.get("/echo")).text == "direct"
+    assert (await gateway.client.post("/echo")).text == "direct"  # every method: the app answers them
+    assert (await gateway.client.get("/echo/")).text == "router"  # not the exact path: routed
+    assert (await gateway.client.get("/healthz")).json()["surfaces"][-1] == "echo"
 
 
 async def test_openapi_schema_lists_the_mounted_routes(gateway):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -322,6 +323,32 @@ async def test_a_failure_mid_stream_is_an_error_event_the_sdk_raises(
     (charge,) = await settled(client, 1)
     assert charge.outcome == "error"
     assert charge.completion_tokens > 0  # what was streamed is charged
+
+
+async def test_a_store_failure_answers_500_in_openai_shape_and_the_server_goes_on(
+    client: Client, fake_deepseek: FakeDeepSeek, tmp_path: Path
+) -> None:
+    """The route skips the router's exception handlers (see core.app.Gateway): it answers for itself."""
+    hi = [{"role": "user", "content": "Hi"}]
+    db = sqlite3.connect(tmp_path / "chatgate.db")
+    db.execute("ALTER TABLE ledger RENAME TO ledger_away")  # every reservation now fails
+    db.commit()
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.sdk.with_options(max_retries=0).chat.completions.create(
+                model="deepseek-chat",
+                messages=hi,  # type: ignore[arg-type]
+            )
+    finally:
+        db.execute("ALTER TABLE ledger_away RENAME TO ledger")
+        db.commit()
+        db.close()
+    assert caught.value.status_code == 500
+    assert caught.value.type == "server_error"
+    assert "failed before the request went upstream" in caught.value.message
+    assert fake_deepseek.requests == []
+    answer = await client.sdk.chat.completions.create(model="deepseek-chat", messages=hi)  # type: ignore[arg-type]
+    assert answer.choices[0].message.content
 
 
 # --- money ---
