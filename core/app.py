@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, cast
 
-from litestar import Litestar, get
+from litestar import Litestar, Request, get
 from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.response import Response
 from litestar.types import (
     ASGIApp,
@@ -27,7 +28,10 @@ from litestar.types import (
 )
 
 from . import __version__
+from .bodies import nested_too_deeply
 from .config import Config, load_config
+from .credentials import bearer_matches
+from .hosts import HostCheck
 from .plugins import Plugins
 from .services import Services
 from .services.accounts import Accounts
@@ -48,28 +52,36 @@ class Gateway(Litestar):
     straight to that ASGI app (see :meth:`~core.surface.Surface.direct_routes`);
     everything else, lifespan included, is Litestar's. Its routing and
     middleware took ~6% of the CPU of a proxied completion, the request that
-    carries nearly all the traffic (bench/README.md).
+    carries nearly all the traffic (bench/README.md). Before either, an HTTP
+    request whose ``Host`` the server does not answer to (see
+    :class:`~core.hosts.HostCheck`) gets 400, whatever its path.
     """
 
     direct: Mapping[str, ASGIApp]
+    hosts: HostCheck | None = None
 
     async def __call__(
         self, scope: Scope | LifeSpanScope, receive: Receive | LifeSpanReceive, send: Send | LifeSpanSend
     ) -> None:
         if scope["type"] == ScopeType.HTTP:
+            if self.hosts is not None and not self.hosts.admits(cast("HTTPScope", scope)):
+                return await self.hosts.refuse(cast("HTTPScope", scope), send)  # type: ignore[arg-type]
             app = self.direct.get(cast("HTTPScope", scope)["path"])
             if app is not None:
                 return await app(scope, receive, send)  # type: ignore[arg-type]  # http: not lifespan
         await super().__call__(scope, receive, send)
 
 
-def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installed: bool = True) -> Gateway:
-    """Build the gateway for ``config``.
+def create_app(
+    config: Config, *, extra_plugins: Sequence[object] = (), installed: bool = True, host: str | None = None
+) -> Gateway:
+    """Build the gateway for ``config``, served on ``host`` (default: ``[server] host``).
 
     Builds a fresh plugin manager (every installed plugin, plus
     ``extra_plugins``), instantiates what the configuration selects and
     mounts the enabled surfaces. The store, providers and surfaces are opened
-    and closed by the app's lifespan.
+    and closed by the app's lifespan. The address decides which ``Host``
+    names are answered (:meth:`~core.hosts.HostCheck.for_server`).
 
     Raises:
         PluginError: a plugin failed to load, or two claim one name.
@@ -137,9 +149,13 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
             )
             yield
 
+    admin_token = config.server.admin_token
+
     @get("/healthz", summary="Liveness and readiness", tags=["health"])
-    async def healthz() -> Response[dict[str, Any]]:
-        """Whether the store answers, and which providers and surfaces are configured."""
+    async def healthz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        """Whether the store answers (503 when not). Which store, providers and surfaces are
+        configured only with the admin token (``Authorization: Bearer <admin_token>``): base
+        URLs and models are for the operator, not for anyone who can reach the port."""
         store_health: dict[str, Any] = {**store.describe(), "ok": True}
         try:
             await store.ping()
@@ -147,13 +163,16 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
             # The detail (paths, hosts) is for the operator's log, not for anonymous callers.
             log.warning("health check: the store did not answer: %s: %s", type(exc).__name__, exc)
             store_health.update(ok=False, error=f"{type(exc).__name__}; see the server log")
-        body = {
+        body: dict[str, Any] = {
             "status": "ok" if store_health["ok"] else "unavailable",
             "version": __version__,
-            "store": store_health,
-            "providers": {name: p.describe() for name, p in services.catalog.routing.items()},
-            "surfaces": [s.name for s in surfaces],
         }
+        if admin_token and bearer_matches(request.headers.get("authorization"), admin_token):
+            body.update(
+                store=store_health,
+                providers={name: p.describe() for name, p in services.catalog.routing.items()},
+                surfaces=[s.name for s in surfaces],
+            )
         return Response(body, status_code=200 if store_health["ok"] else 503)
 
     handlers: list[Any] = [healthz]
@@ -165,13 +184,27 @@ def create_app(config: Config, *, extra_plugins: Sequence[object] = (), installe
         route_handlers=handlers,
         lifespan=[lifespan],
         state=State({"services": services}),
-        openapi_config=OpenAPIConfig(title="chatgate", version=__version__, path="/schema"),
+        # The schema as JSON only, at /schema and /schema/openapi.json: Litestar's documentation
+        # pages (Scalar, Swagger, Redoc...) load their scripts from CDNs, which no page on the
+        # gateway's origin may do (a compromised CDN would run code next to the admin page).
+        openapi_config=OpenAPIConfig(
+            title="chatgate",
+            version=__version__,
+            path="/schema",
+            render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"])],
+        ),
+        # Litestar's own body decoding lets a deeply nested body escape as a 500 (core.bodies).
+        exception_handlers={RecursionError: nested_too_deeply},
         request_max_body_size=config.server.max_body_bytes,
     )
     app.direct = direct
+    app.hosts = HostCheck.for_server(host or config.server.host, config.server.allowed_hosts)
     return app
 
 
 def app_from_environment() -> Gateway:
-    """The app for ``$CHATGATE_CONFIG`` (default ``./plugins.toml``); what ``chatgate serve`` runs."""
-    return create_app(load_config(os.environ.get("CHATGATE_CONFIG", "plugins.toml")))
+    """The app for ``$CHATGATE_CONFIG`` (default ``./plugins.toml``) served on ``$CHATGATE_HOST``
+    (default its ``[server] host``); what ``chatgate serve`` runs, having set both."""
+    return create_app(
+        load_config(os.environ.get("CHATGATE_CONFIG", "plugins.toml")), host=os.environ.get("CHATGATE_HOST")
+    )

@@ -12,6 +12,7 @@ from typing import Any
 from . import __version__
 from .config import Config, load_config
 from .errors import ChatgateError, ConfigError, NotFound
+from .hosts import is_loopback
 from .money import format_amount, parse_amount
 from .plugins import Plugins, Setup
 from .services.accounts import Accounts, normalize_email
@@ -147,17 +148,20 @@ def configure(path: str) -> tuple[Config, Plugins, Setup]:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .http_server import uvicorn_options
+
     config, _, _ = configure(args.config)  # fail here, readably, rather than in every worker
+    options = uvicorn_options(config.server, host=args.host, port=args.port)
+    # What every worker's app_from_environment reads: the file, and the address it is served on
+    # (the Host check depends on it, and --host may differ from [server] host).
     os.environ["CHATGATE_CONFIG"] = os.path.abspath(args.config)
+    os.environ["CHATGATE_HOST"] = options["host"]
     uvicorn.run(
         "core.app:app_from_environment",
         factory=True,
-        host=args.host or config.server.host,
-        port=args.port or config.server.port,
         workers=args.workers or config.server.workers,
-        timeout_graceful_shutdown=config.server.shutdown_grace,
         log_level="info",
-        access_log=config.server.access_log,
+        **options,
     )
     return 0
 
@@ -172,7 +176,26 @@ def run_check(args: argparse.Namespace) -> int:
     print(f" (disabled: {', '.join(setup.disabled_surfaces)})" if setup.disabled_surfaces else "")
     models = [f"{name} -> {m.provider}" for name, m in config.models.items()]
     print(f"models:    {', '.join(models) or 'none'}")
+    for line in warnings(config, setup):
+        print(f"warning: {line}")
     return 0
+
+
+def warnings(config: Config, setup: Setup) -> list[str]:
+    """What a valid configuration likely did not mean."""
+    found = []
+    for name, configured in setup.surfaces.items():
+        if (
+            configured.registered.name == "email_socket"
+            and getattr(configured.options, "allow", None) is None
+            and not is_loopback(config.server.host)
+        ):
+            found.append(
+                f"[surfaces.{name}] allow is unset and [server] host = {config.server.host!r} is not "
+                "a loopback address: the email surface admits only loopback callers without proxy "
+                "headers; set allow to the addresses it should serve"
+            )
+    return found
 
 
 def run_plugins(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ installed plugins are known (see :mod:`core.plugins`).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import types
@@ -22,6 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import msgspec
 
 from .errors import ConfigError, Problem
+from .hosts import host_pattern_problem
 
 ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 SECTIONS = ("server", "generation", "store", "providers", "models", "surfaces", "web_search")
@@ -42,10 +44,56 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     access_log: bool = False
     """A line per HTTP request on stderr (off, as gunicorn has it: the ledger already records
     every charged request, and the line's formatting and write cost more CPU than routing it)."""
+    header_timeout: float = 10.0
+    """Seconds a client gets to send a request's complete headers (from connecting, or from the
+    request's first byte on a kept-alive connection); then the connection is closed."""
+    keepalive_timeout: float = 5.0
+    """Seconds an idle kept-alive connection stays open waiting for its next request."""
+    max_connections: int = 1000
+    """Open connections per worker process; a request on a connection past it answers 503.
+    Keep it below the process's open-file limit (``ulimit -n``)."""
+    allowed_hosts: list[str] = []
+    """``Host`` names served besides loopback ones (exact names or ``*.domain`` for its
+    subdomains; ``*``: any), against DNS rebinding. Empty: while listening on a loopback address
+    only loopback names are served; otherwise any. Set: only these and loopback names, whatever
+    the address."""
+    forwarded_allow_ips: list[str] | str | None = None
+    """The reverse proxies (IP addresses or CIDR networks, ``*`` for any) whose
+    ``X-Forwarded-For`` / ``X-Forwarded-Proto`` give the client's address and scheme. Unset:
+    no proxy is trusted, the client is the connection's peer."""
 
     def __post_init__(self) -> None:
         if self.shutdown_grace < 0:
             raise ValueError(f"shutdown_grace to be >= 0 (it is {self.shutdown_grace})")
+        if self.header_timeout <= 0:
+            raise ValueError(f"header_timeout to be > 0 (it is {self.header_timeout})")
+        if self.keepalive_timeout <= 0:
+            raise ValueError(f"keepalive_timeout to be > 0 (it is {self.keepalive_timeout})")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections to be >= 1 (it is {self.max_connections})")
+        for pattern in self.allowed_hosts:
+            problem = host_pattern_problem(pattern)
+            if problem:
+                raise ValueError(f"allowed_hosts entries to be {problem}")
+        if self.forwarded_allow_ips is not None:
+            for entry in proxy_entries(self.forwarded_allow_ips):
+                if entry != "*" and not is_network(entry):
+                    raise ValueError(
+                        f"forwarded_allow_ips to be IP addresses or CIDR networks, or * (found {entry!r})"
+                    )
+
+
+def proxy_entries(value: list[str] | str) -> list[str]:
+    """``forwarded_allow_ips`` as a list: a string is comma-separated, as uvicorn reads it."""
+    return [e.strip() for e in (value.split(",") if isinstance(value, str) else value)]
+
+
+def is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 class GenerationConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -8,8 +8,19 @@ from pathlib import Path
 from litestar import Router, get
 from litestar.response import Response
 
-HEADERS = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"}
-"""Pages hold no secret, but must not be framed or served stale after an upgrade."""
+HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    # The pages handle API keys and the admin token: only their own files may run or style them
+    # (no inline code, no CDN), so an injected snippet cannot, and nothing is sent to other sites.
+    "Content-Security-Policy": (
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "Referrer-Policy": "no-referrer",
+}
+"""Pages hold no secret, but must not be framed, served stale after an upgrade, or run
+anything but their own files (``tests/plugins/test_*_page.py`` check they work so)."""
 
 
 def web_page(path: str, directory: Path, page: str, assets: Mapping[str, str], summary: str) -> Router:

@@ -20,7 +20,8 @@ import uvicorn
 from litestar import Litestar
 
 from core.app import create_app
-from core.config import load_config
+from core.config import ServerConfig, load_config
+from core.http_server import uvicorn_options
 from core.services import Services
 from tests.fakes.deepseek import FakeDeepSeek
 
@@ -81,9 +82,16 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def serving(app: Litestar) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a loopback port in this event loop; yield its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+async def serving(app: Litestar, server_config: ServerConfig | None = None) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a loopback port in this event loop; yield its base URL.
+
+    The server runs ``chatgate serve``'s settings (:func:`core.http_server.uvicorn_options`) for
+    ``server_config``, by default the app's own ``[server]`` table."""
+    if server_config is None:
+        services = app.state.get("services")
+        server_config = services.config.server if services is not None else ServerConfig()
+    options = uvicorn_options(server_config, host="127.0.0.1", port=0)
+    server = uvicorn.Server(uvicorn.Config(app, **options, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -248,3 +256,9 @@ backoff = 0.01
 deepseek-chat = {{ model = "deepseek-v4-flash", extra_body = {{ thinking = {{ type = "disabled" }} }} }}
 deepseek-reasoner = {{ model = "deepseek-v4-flash", extra_body = {{ thinking = {{ type = "enabled" }} }} }}
 """
+
+
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+WITH_ADMIN = {'host = "127.0.0.1"\n': f'host = "127.0.0.1"\nadmin_token = "{ADMIN_TOKEN}"\n'}
+"""``write_config(replace=WITH_ADMIN)``: the admin API on, and /healthz's details, for ``ADMIN_HEADERS``."""

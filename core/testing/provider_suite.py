@@ -127,7 +127,10 @@ class ProviderConformance:
 
     def assert_no_secret(self, text: str) -> None:
         if self.secret:
-            assert self.secret not in text, "the provider's secret leaked"
+            # A piece of a key gives it away too (upstreams echo "sk-abc***wxyz" back).
+            size = min(6, len(self.secret))
+            pieces = {self.secret[i : i + size] for i in range(len(self.secret) - size + 1)}
+            assert not any(piece in text for piece in pieces), "the provider's secret (or a piece) leaked"
 
     def chat_request(self, model: str, **fields: Any) -> ChatRequest:
         """The request the tests send; ``fields`` override sampling parameters."""

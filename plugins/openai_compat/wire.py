@@ -14,6 +14,8 @@ from typing import Any
 
 import msgspec
 
+from core.bodies import decode_body
+from core.errors import InvalidBody
 from core.types import ChatMessage, ChatRequest, Finish, ToolCall, ToolCallDelta, Usage
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -65,8 +67,8 @@ class Parsed(msgspec.Struct, frozen=True):
 def parse(raw: bytes) -> Parsed:
     """Check a request body; raise :class:`Invalid` naming the first bad field."""
     try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
+        body = decode_body(raw)
+    except InvalidBody as exc:
         raise Invalid(
             f"We could not parse the JSON body of your request ({exc}). "
             "The body must be a JSON object; see https://platform.openai.com/docs/api-reference/chat",

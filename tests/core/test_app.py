@@ -8,13 +8,14 @@ import httpx
 import pytest
 from litestar import MediaType, get
 
+from core import __version__
 from core.app import create_app
 from core.config import load_config
 from core.errors import StoreError
 from core.hookspecs import hookimpl
 from core.surface import Surface
 from providers.mock import MockProvider
-from tests.conftest import serving
+from tests.conftest import ADMIN_HEADERS, ADMIN_TOKEN, WITH_ADMIN, serving
 
 SURFACE_ROUTES = {
     "openai_compat": ("GET", "/v1/models", None),
@@ -46,21 +47,22 @@ async def test_a_disabled_surface_answers_404_while_the_others_work(disabled, wr
 
 
 async def test_a_surface_without_a_table_is_not_mounted(write_config, gateway_factory):
-    config = write_config(replace={"[surfaces.email_socket]\n": ""})
+    config = write_config(replace={"[surfaces.email_socket]\n": "", **WITH_ADMIN})
     gateway = await gateway_factory(config)
     assert await status_of(gateway.client, "email_socket", "") == 404
-    assert (await gateway.client.get("/healthz")).json()["surfaces"] == ["openai_compat", "topic_chat"]
+    health = (await gateway.client.get("/healthz", headers=ADMIN_HEADERS)).json()
+    assert health["surfaces"] == ["openai_compat", "topic_chat"]
 
 
 async def test_healthz_reports_store_providers_and_surfaces_without_secrets(
     write_config, gateway_factory, monkeypatch
 ):
     config = write_config(
-        replace={"\ntoken_delay = 0": '\ntoken_delay = 0\nfail_message = "${SECRET_FOR_TEST}"'}
+        replace={"\ntoken_delay = 0": '\ntoken_delay = 0\nfail_message = "${SECRET_FOR_TEST}"', **WITH_ADMIN}
     )
     monkeypatch.setenv("SECRET_FOR_TEST", "sk-very-secret-value")
     gateway = await gateway_factory(config)
-    response = await gateway.client.get("/healthz")
+    response = await gateway.client.get("/healthz", headers=ADMIN_HEADERS)
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok"
@@ -72,9 +74,29 @@ async def test_healthz_reports_store_providers_and_surfaces_without_secrets(
     assert str(gateway.services.config.path.rsplit("/", 1)[0]) not in response.text
 
 
-async def test_healthz_answers_503_when_the_store_is_unreachable(gateway):
+async def test_healthz_tells_anyone_the_status_and_only_the_admin_token_the_details(
+    write_config, gateway_factory
+):
+    gateway = await gateway_factory(write_config(replace=WITH_ADMIN))
+    anonymous = {"status": "ok", "version": __version__}
+    assert (await gateway.client.get("/healthz")).json() == anonymous
+    for wrong in (f"Bearer {ADMIN_TOKEN}x", f"Basic {ADMIN_TOKEN}", ADMIN_TOKEN, "Bearer x"):
+        response = await gateway.client.get("/healthz", headers={"Authorization": wrong})
+        assert (response.status_code, response.json()) == (200, anonymous), wrong
+    details = (await gateway.client.get("/healthz", headers=ADMIN_HEADERS)).json()
+    assert set(details) == {"status", "version", "store", "providers", "surfaces"}
+    # Without an admin token configured, no header shows them.
+    plain = await gateway_factory(write_config(name="plain.toml"))
+    assert (await plain.client.get("/healthz", headers=ADMIN_HEADERS)).json() == anonymous
+
+
+async def test_healthz_answers_503_when_the_store_is_unreachable(write_config, gateway_factory):
+    gateway = await gateway_factory(write_config(replace=WITH_ADMIN))
     await gateway.services.accounts.store.close()
     response = await gateway.client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "version": __version__}
+    response = await gateway.client.get("/healthz", headers=ADMIN_HEADERS)
     assert response.status_code == 503
     assert response.json()["status"] == "unavailable"
     assert response.json()["store"]["ok"] is False
@@ -107,11 +129,13 @@ async def test_a_direct_route_is_answered_before_the_router_which_keeps_the_rest
             return {"/echo": direct}
 
     echo = types.SimpleNamespace(__name__="echo", register_surfaces=hookimpl(lambda: [Echo]))
-    gateway = await gateway_factory(write_config("[surfaces.echo]\n"), extra_plugins=[echo])
+    gateway = await gateway_factory(
+        write_config("[surfaces.echo]\n", replace=WITH_ADMIN), extra_plugins=[echo]
+    )
     assert (await gateway.client.get("/echo")).text == "direct"
     assert (await gateway.client.post("/echo")).text == "direct"  # every method: the app answers them
     assert (await gateway.client.get("/echo/")).text == "router"  # not the exact path: routed
-    assert (await gateway.client.get("/healthz")).json()["surfaces"][-1] == "echo"
+    assert (await gateway.client.get("/healthz", headers=ADMIN_HEADERS)).json()["surfaces"][-1] == "echo"
 
 
 async def test_openapi_schema_lists_the_mounted_routes(gateway):
@@ -119,6 +143,16 @@ async def test_openapi_schema_lists_the_mounted_routes(gateway):
     assert response.status_code == 200
     paths = response.json()["paths"]
     assert {"/healthz", "/v1/models", "/api/record", "/chat/topic"} <= set(paths)
+
+
+async def test_the_schema_is_served_as_json_and_no_page_loads_a_cdn_script(gateway):
+    """Litestar's documentation pages (Scalar, Swagger, Redoc...) load scripts from CDNs: not served."""
+    schema = await gateway.client.get("/schema")
+    assert schema.status_code == 200
+    assert schema.headers["content-type"].startswith("application/vnd.oai.openapi+json")
+    assert schema.json()["paths"] == (await gateway.client.get("/schema/openapi.json")).json()["paths"]
+    for page in ("swagger", "redoc", "elements", "rapidoc", "scalar", "openapi.yaml"):
+        assert (await gateway.client.get(f"/schema/{page}")).status_code == 404, page
 
 
 async def test_bodies_over_the_configured_limit_answer_413(write_config, gateway_factory):

@@ -11,7 +11,7 @@ import pytest
 from core.errors import BadRequest, Unavailable
 from core.fallbacks import Fallbacks
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish, ProviderEvent
-from tests.conftest import FAKE_DEEPSEEK_KEY, Gateway, chatgate, deepseek_config
+from tests.conftest import ADMIN_HEADERS, FAKE_DEEPSEEK_KEY, WITH_ADMIN, Gateway, chatgate, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
 MODELS = """
@@ -47,7 +47,8 @@ backoff = 0.01
 [providers.backup.aliases]
 deepseek-chat = {{ model = "deepseek-v4-pro" }}
 """
-        + MODELS
+        + MODELS,
+        replace=WITH_ADMIN,
     )
     return await gateway_factory(config)  # type: ignore[no-any-return,misc]
 
@@ -107,7 +108,7 @@ async def test_when_every_instance_fails_the_last_error_is_raised(
 
 
 async def test_healthz_shows_the_chain_and_no_key(chained: Gateway) -> None:
-    health = (await chained.client.get("/healthz")).json()
+    health = (await chained.client.get("/healthz", headers=ADMIN_HEADERS)).json()
     assert health["providers"]["deepseek"]["fallbacks"] == ["backup"]
     assert health["providers"]["deepseek"]["api_key"] == "set"
     assert health["providers"]["backup"]["plugin"] == "openai_compatible"

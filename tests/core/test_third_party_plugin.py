@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from core.types import ChatMessage, ChatRequest
-from tests.conftest import chatgate
+from tests.conftest import ADMIN_HEADERS, WITH_ADMIN, chatgate
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "chatgate-echo"
 PARROT = """
@@ -61,8 +61,8 @@ def test_its_options_are_validated_against_its_own_struct(write_config):
 
 @pytest.mark.usefixtures("echo_installed")
 async def test_it_serves_a_model_by_name(write_config, gateway_factory):
-    gateway = await gateway_factory(write_config(PARROT))
-    health = (await gateway.client.get("/healthz")).json()
+    gateway = await gateway_factory(write_config(PARROT, replace=WITH_ADMIN))
+    health = (await gateway.client.get("/healthz", headers=ADMIN_HEADERS)).json()
     assert health["providers"]["parrot"] == {"plugin": "echo"}
     services = gateway.services
     user = await services.accounts.user_for_email("fan@example.com", ["*"])

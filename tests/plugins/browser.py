@@ -24,7 +24,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-__all__ = ["By", "WebDriverWait", "browser", "expected_conditions"]
+__all__ = ["By", "WebDriverWait", "blocked_by_policy", "browser", "expected_conditions"]
 
 
 def browser() -> webdriver.Chrome:
@@ -33,4 +33,10 @@ def browser() -> webdriver.Chrome:
     options.binary_location = CHROMIUM  # type: ignore[assignment]
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # for blocked_by_policy
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def blocked_by_policy(driver: webdriver.Chrome) -> list[str]:
+    """What the page's Content-Security-Policy refused so far (Chromium logs each refusal)."""
+    return [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]

@@ -10,7 +10,13 @@ import openai
 import pytest
 
 from tests.conftest import Gateway
-from tests.plugins.browser import By, WebDriverWait, browser, expected_conditions  # skips without a browser
+from tests.plugins.browser import (  # skips without a browser
+    By,
+    WebDriverWait,
+    blocked_by_policy,
+    browser,
+    expected_conditions,
+)
 
 TOKEN = "admin-page-token-0123456789"
 
@@ -69,6 +75,7 @@ def use_the_page(url: str) -> tuple[str, int]:
             bars = len(driver.find_elements(By.CSS_SELECTOR, "#chart svg rect"))
             if bars:
                 break
+        assert not blocked_by_policy(driver), "the page works under its Content-Security-Policy"
         return key, bars
     finally:
         driver.quit()
@@ -91,7 +98,11 @@ async def test_the_page_is_only_served_with_an_admin_token(
 
 
 async def test_the_page_needs_nothing_from_the_internet(gateway: Gateway) -> None:
-    page = (await gateway.client.get("/admin")).text
+    response = await gateway.client.get("/admin")
+    assert response.headers["content-security-policy"].startswith("default-src 'self';")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    page = response.text
     assert "http://" not in page
     assert "https://" not in page
     for asset in ("admin.css", "admin.js"):

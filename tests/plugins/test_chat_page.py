@@ -10,7 +10,13 @@ from pathlib import Path
 
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
-from tests.plugins.browser import By, WebDriverWait, browser, expected_conditions  # skips without a browser
+from tests.plugins.browser import (  # skips without a browser
+    By,
+    WebDriverWait,
+    blocked_by_policy,
+    browser,
+    expected_conditions,
+)
 from tests.plugins.test_topic_chat import CATALOG, User, user_on
 
 
@@ -46,6 +52,7 @@ def use_the_page(url: str, key: str) -> list[str]:
         driver.find_element(By.CSS_SELECTOR, "#messages .msg.ai button.regenerate").click()
         wait.until(expected_conditions.text_to_be_present_in_element(reply, "Regenerated reply."))
         wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+        assert not blocked_by_policy(driver), "the page works under its Content-Security-Policy"
         return seen
     finally:
         driver.quit()
@@ -77,7 +84,11 @@ async def test_create_a_topic_send_a_message_watch_it_stream_and_regenerate_it(
 
 
 async def test_the_chat_page_needs_nothing_from_the_internet(gateway: Gateway) -> None:
-    page = (await gateway.client.get("/chat")).text
+    response = await gateway.client.get("/chat")
+    assert response.headers["content-security-policy"].startswith("default-src 'self';")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    page = response.text
     assert "<title>chatgate · chat</title>" in page
     assert "https://" not in page
     for asset in ("chat.css", "chat.js"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from core.types import ContentDelta
-from tests.conftest import FAKE_DEEPSEEK_KEY, Gateway, deepseek_config
+from tests.conftest import ADMIN_HEADERS, FAKE_DEEPSEEK_KEY, WITH_ADMIN, Gateway, deepseek_config
 from tests.core.test_generations import start_reply
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
@@ -29,7 +29,9 @@ provider = "deepseek"
 async def gateway(
     fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> Gateway:
-    config = write_config(deepseek_config(fake_deepseek.url, extra="max_retries = 0") + MODELS)
+    config = write_config(
+        deepseek_config(fake_deepseek.url, extra="max_retries = 0") + MODELS, replace=WITH_ADMIN
+    )
     return await gateway_factory(config)  # type: ignore[no-any-return,misc]
 
 
@@ -83,7 +85,7 @@ async def test_an_upstream_failure_keeps_the_question_and_marks_the_reply(
 async def test_healthz_describes_the_provider_without_its_key(
     gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
-    health = (await gateway.client.get("/healthz")).json()
+    health = (await gateway.client.get("/healthz", headers=ADMIN_HEADERS)).json()
     assert health["providers"]["deepseek"] == {
         "plugin": "deepseek",
         "base_url": fake_deepseek.url,
