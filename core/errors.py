@@ -5,6 +5,7 @@ Exception tree::
     ChatgateError
     ├── ConfigError            a bad plugins.toml; carries one Problem per line
     ├── PluginError            a plugin failed to import or two claim one name
+    ├── InvalidBody            a request body that is not the JSON expected (400)
     ├── Unauthenticated        no API key, or an unknown or revoked one
     ├── InvalidEmail           not an email address
     ├── NotAllowed             an identity outside the allow-list
@@ -16,6 +17,7 @@ Exception tree::
     ├── StoreError
     │   ├── NotFound           the row does not exist (or is not the caller's)
     │   ├── InsufficientBalance  a charge would take a balance below its floor
+    │   ├── BalanceTooLarge    a credit would take a balance past the ceiling
     │   └── RateLimitExceeded  a request would pass its key's rate limits
     └── ProviderError          an upstream failed; ``status`` is the HTTP status to answer
         ├── BadRequest             400: the upstream rejected the request
@@ -69,6 +71,23 @@ class PluginError(ChatgateError):
     """A plugin could not be loaded, or two plugins claim the same name."""
 
 
+class InvalidBody(ChatgateError):
+    """A request body that is not the JSON expected: the client's fault, always a 400.
+
+    ``str()`` is a message for the client that names what is wrong; ``field`` is the
+    dotted path of the offending field (``limits.requests_per_minute``), or None when
+    the body as a whole is to blame. ``reason`` is one of ``empty``, ``syntax``
+    (not JSON), ``depth`` (nested deeper than the decoder follows) or ``shape``
+    (JSON, but not of the expected type), for surfaces with error codes.
+    """
+
+    def __init__(self, message: str, *, reason: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.field = field
+
+
 class StoreError(ChatgateError):
     """Base class of store failures the caller can act on."""
 
@@ -87,6 +106,20 @@ class InsufficientBalance(StoreError):
         self.amount = amount
         super().__init__(
             f"balance {format_amount(balance)} cannot cover a charge of {format_amount(-amount)} credits"
+        )
+
+
+class BalanceTooLarge(StoreError):
+    """A credit would take the balance past :data:`core.money.MAX_BALANCE`; nothing changed."""
+
+    def __init__(self, balance: int, amount: int) -> None:
+        from .money import MAX_BALANCE, format_amount
+
+        self.balance = balance
+        self.amount = amount
+        super().__init__(
+            f"balance {format_amount(balance)} plus {format_amount(amount)} credits would pass"
+            f" the ceiling of {format_amount(MAX_BALANCE)} credits"
         )
 
 

@@ -45,8 +45,9 @@ class User(msgspec.Struct, frozen=True):
     created_at: datetime
 
 
-class RateLimits(msgspec.Struct, frozen=True, omit_defaults=True):
-    """Limits of one API key over a sliding minute; None means no limit.
+class RateLimits(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Limits of one API key over a sliding minute; None means no limit. (A misspelt
+    limit in an admin request is refused, not read as "no limit".)
 
     ``concurrent_requests`` counts requests in flight (reserved, not yet settled).
     """
@@ -319,13 +320,20 @@ class Store(abc.ABC):
 
         Raises :class:`~core.errors.InsufficientBalance` (and changes nothing)
         when a charge (``amount`` < 0) would end the balance below ``floor``;
-        ``floor=None`` allows any balance. Credits (``amount`` >= 0) always
-        land, so a top-up can repay a balance a settlement left negative.
+        ``floor=None`` allows any balance. Credits (``amount`` >= 0) land
+        whatever the floor, so a top-up can repay a balance left negative, but
+        raise :class:`~core.errors.BalanceTooLarge` (and change nothing) when
+        they would end the balance above :data:`core.money.MAX_BALANCE`,
+        checked in the same atomic step, so concurrent top-ups cannot pass it
+        together. An amount past ``MAX_BALANCE`` either way is refused the same
+        way (a charge as ``InsufficientBalance``). Money that requests in flight
+        hold is not counted: it may come back on top when they settle, so a
+        balance stays below twice the ceiling.
         """
 
     @abc.abstractmethod
     async def admit(
-        self, draft: LedgerDraft, limits: RateLimits, *, floor: int = 0
+        self, draft: LedgerDraft, limits: RateLimits, *, floor: int = 0, tokens_per_day: int | None = None
     ) -> tuple[LedgerEntry, RateUse]:
         """Post a reservation or lease for ``draft.key_id`` if its key is within ``limits``, atomically.
 
@@ -340,6 +348,15 @@ class Store(abc.ABC):
         when admitting would pass a limit, then with
         :class:`~core.errors.InsufficientBalance` like :meth:`post_ledger`.
         A refusal writes nothing. Returns the entry and the use including it.
+
+        A draft without a key (``key_id`` None: usage no key pays for, the email
+        surface's) is counted the same way against the entries of its user that
+        have no key (reservations and charges; the minute counted to the
+        millisecond). For such a draft ``tokens_per_day`` also applies: it is
+        refused (limit ``tokens_per_day``, ``retry_after`` until enough of them
+        are a day old) while the tokens of those entries created in the last 24
+        hours already reach it, so a day's last request may pass it by its own
+        size; a ``tokens_per_day`` for a draft with a key is a ``ValueError``.
         """
 
     @abc.abstractmethod

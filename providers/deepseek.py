@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import aiohttp
 import msgspec
 
+from core.credentials import Redactor, url_credentials, without_credentials
 from core.errors import (
     AuthenticationFailed,
     BadRequest,
@@ -100,7 +101,8 @@ class OpenAICompatibleOptions(msgspec.Struct, kw_only=True, forbid_unknown_field
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url to start with http:// or https:// (it is {self.base_url!r})")
+            shown = without_credentials(self.base_url)
+            raise ValueError(f"base_url to start with http:// or https:// (it is {shown!r})")
         for field in ("connect_timeout", "first_token_timeout", "idle_timeout", "total_timeout"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"{field} to be > 0")
@@ -113,6 +115,9 @@ class OpenAICompatibleOptions(msgspec.Struct, kw_only=True, forbid_unknown_field
         self.api_key = self.api_key.strip()
         if not self.api_key.isprintable():
             raise ValueError("api_key to hold no control characters")
+        if self.api_key and url_credentials(self.base_url):
+            # Both would be the Authorization header (aiohttp refuses every request so).
+            raise ValueError("base_url to carry no user:password@ when api_key is set")
         for header, value in self.headers.items():
             if header.lower() == "authorization":
                 raise ValueError("headers not to set Authorization (put the key in api_key)")
@@ -155,7 +160,9 @@ class OpenAICompatibleProvider(Provider):
         * 429, 5xx, connection failures and timeouts are retried with
           exponential backoff and jitter (``Retry-After`` honoured) while
           no delta has been produced, never after;
-        * the API key appears in no error, log line or ``describe()``.
+        * neither the API key (whole, or a piece of it an upstream echoes back) nor
+          credentials in ``base_url`` (``https://user:pass@host``, which are sent as
+          HTTP basic authentication) appear in an error, a log line or ``describe()``.
     """
 
     name = "openai_compatible"
@@ -172,6 +179,10 @@ class OpenAICompatibleProvider(Provider):
         self._client: aiohttp.ClientSession | None = None
         self._url = options.base_url.rstrip("/") + "/chat/completions"
         self._random = random.Random()
+        self._base_url = without_credentials(options.base_url)  # what messages and describe() show
+        credentials = url_credentials(options.base_url)
+        # The password, not the user name: a name like "user" would hide that word in every message.
+        self._redactor = Redactor([options.api_key, credentials[1] if credentials else ""])
 
     async def open(self) -> None:
         if self._client is not None:
@@ -212,7 +223,7 @@ class OpenAICompatibleProvider(Provider):
     def describe(self) -> dict[str, Any]:
         return {
             "plugin": self.name,
-            "base_url": self.options.base_url,
+            "base_url": self._base_url,
             "models": list(self.models()),
             "api_key": "set" if self.options.api_key else "not set",
         }
@@ -326,6 +337,12 @@ class OpenAICompatibleProvider(Provider):
                 body[key] = value
         if alias:
             body.update(alias.extra_body)
+        if request.max_tokens is not None:
+            # What was reserved covers this many output tokens: nothing sent may ask for more.
+            for field in ("max_tokens", "max_completion_tokens"):
+                asked = body.get(field)
+                if isinstance(asked, int) and asked > request.max_tokens:
+                    body[field] = request.max_tokens
         return body
 
     # --- one upstream request ---
@@ -371,7 +388,7 @@ class OpenAICompatibleProvider(Provider):
         chunk = self._decode(text.encode(), "answered HTTP 200 with a body that is not a chat completion")
         if not chunk.choices or chunk.choices[0].message is None:
             raise Unavailable(
-                f"{self._who()} answered HTTP 200 without a message: {snippet(text.encode())}",
+                f"{self._who()} answered HTTP 200 without a message: " + self._redact(snippet(text.encode())),
                 upstream_status=200,
             )
         choice = chunk.choices[0]
@@ -448,7 +465,7 @@ class OpenAICompatibleProvider(Provider):
             return Unavailable(said, upstream_status=status, retry_after=wait)
         if status == 404:
             return ProviderError(
-                f"{said} (is base_url {self.options.base_url!r} right? it should be the URL "
+                f"{said} (is base_url {self._base_url!r} right? it should be the URL "
                 "that /chat/completions is appended to)",
                 upstream_status=status,
             )
@@ -460,7 +477,7 @@ class OpenAICompatibleProvider(Provider):
             chunk = decode_chunk(payload)
         except (msgspec.DecodeError, RecursionError) as exc:  # msgspec gives up on deep nesting
             raise Unavailable(
-                f"{self._who()} {what} ({exc}): {snippet(payload)}", upstream_status=200
+                f"{self._who()} {what} ({exc}): {self._redact(snippet(payload))}", upstream_status=200
             ) from None
         if chunk.error is not None:
             raise self._error_event(chunk.error)
@@ -490,7 +507,7 @@ class OpenAICompatibleProvider(Provider):
         if produced:
             what = "the connection broke in the middle of the reply"
         elif isinstance(exc, aiohttp.ClientConnectorError):
-            what = f"cannot connect to {self.options.base_url}"
+            what = f"cannot connect to {self._base_url}"
         else:
             what = "the connection failed"
         return Unavailable(f"{self._who()}: {what} ({type(exc).__name__}: {self._redact(str(exc))})")
@@ -514,8 +531,9 @@ class OpenAICompatibleProvider(Provider):
         return f"{self.name} provider {self.instance!r}"
 
     def _redact(self, text: str) -> str:
-        key = self.options.api_key
-        return text.replace(key, "[api key]") if len(key) >= 4 else text
+        """``text`` from upstream (or about it) without the key or the base URL's credentials."""
+        text = text.replace(self.options.base_url, self._base_url)
+        return self._redactor(text)
 
 
 def _is_stream(response: aiohttp.ClientResponse) -> bool:

@@ -27,8 +27,9 @@ from typing import Any, TypeVar
 import msgspec
 from msgspec import UNSET
 
-from core.errors import InsufficientBalance, NotFound, RateLimitExceeded, StoreError
+from core.errors import BalanceTooLarge, InsufficientBalance, NotFound, RateLimitExceeded, StoreError
 from core.hookspecs import hookimpl
+from core.money import MAX_BALANCE, MICRO
 from core.store import (
     ApiKey,
     Conversation,
@@ -192,6 +193,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX ledger_in_flight ON ledger (key_id, created_at) WHERE kind IN ('reservation', 'lease');
     CREATE INDEX ledger_leases ON ledger (user_id) WHERE kind = 'lease';
     """,
+    # 9: usage without a key (the email surface's) is limited per user, counted from these
+    # entries over the last minute and day: an index, so that reads only those.
+    """
+    CREATE INDEX ledger_keyless ON ledger (user_id, created_at) WHERE key_id IS NULL;
+    """,
 ]
 """Forward migrations; applying ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
 
@@ -209,6 +215,7 @@ COUNTED = ("reservation", "lease", "charge")
 
 WINDOW_MS = 60_000  # the sliding minute of rate limits
 IN_FLIGHT_MS = 15 * 60_000  # an older unsettled reservation belongs to a crashed process
+DAY_MS = 24 * 3600_000  # the window of tokens_per_day
 
 
 class SqliteOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -390,8 +397,12 @@ class SqliteStore(Store):
     # ledger
 
     async def admit(
-        self, draft: LedgerDraft, limits: RateLimits, *, floor: int = 0
+        self, draft: LedgerDraft, limits: RateLimits, *, floor: int = 0, tokens_per_day: int | None = None
     ) -> tuple[LedgerEntry, RateUse]:
+        if draft.key_id is None:
+            return await self._write(_admit_keyless, draft, limits, floor, tokens_per_day)
+        if tokens_per_day is not None:
+            raise ValueError("tokens_per_day applies to usage without a key only")
         return await self._write(_admit, draft, limits, floor)
 
     async def post_ledger(self, draft: LedgerDraft, *, floor: int | None = 0) -> LedgerEntry:
@@ -414,10 +425,15 @@ class SqliteStore(Store):
     async def usage_by_day(
         self, since: datetime, *, user_id: int | None = None, key_id: int | None = None
     ) -> list[UsageDay]:
+        # Summed so that no stored value can overflow SQLite's integer sum (an error, not a
+        # wrap): amounts exactly, in whole credits and micro-credits apart; token counts (an
+        # upstream reports them) as floats, exact up to 2^53.
         sql = (
             "SELECT date(created_at / 1000, 'unixepoch') AS day, user_id, key_id, count(*) AS requests, "
-            "sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, "
-            "-sum(amount) AS cost FROM ledger WHERE kind = 'charge' AND created_at >= ?"
+            "CAST(total(prompt_tokens) AS INTEGER) AS prompt_tokens,"
+            " CAST(total(completion_tokens) AS INTEGER) AS completion_tokens,"
+            f" -sum(amount / {MICRO}) AS credits, -sum(amount % {MICRO}) AS micro"
+            " FROM ledger WHERE kind = 'charge' AND created_at >= ?"
         )
         params: list[Any] = [_ms(since)]
         if user_id is not None:
@@ -428,7 +444,10 @@ class SqliteStore(Store):
             params.append(key_id)
         sql += " GROUP BY day, user_id, key_id ORDER BY day, user_id, key_id"
         rows = await self._read(_rows, sql, params)
-        return [UsageDay(**dict(row)) for row in rows]
+        return [
+            UsageDay(day, user, key, requests, prompt, completion, credits * MICRO + micro)
+            for day, user, key, requests, prompt, completion, credits, micro in rows
+        ]
 
     async def stale_reservations(self, created_before: datetime) -> list[LedgerEntry]:
         sql = (
@@ -608,20 +627,80 @@ def _admit(
     return _post(db, draft, floor, now), use
 
 
+def _admit_keyless(
+    db: sqlite3.Connection, draft: LedgerDraft, limits: RateLimits, floor: int, tokens_per_day: int | None
+) -> tuple[LedgerEntry, RateUse]:
+    # Usage without a key is counted from the user's keyless entries themselves (index
+    # ledger_keyless): no rate_window rows, and the day's tokens need the entries anyway.
+    now = _now()
+    since = now - max(IN_FLIGHT_MS, WINDOW_MS, DAY_MS if tokens_per_day is not None else 0)
+    [(requests, tokens, oldest, concurrent, day)] = db.execute(
+        "SELECT coalesce(sum(requests) FILTER (WHERE created_at > ?2), 0),"
+        " coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE created_at > ?2), 0),"
+        " min(created_at) FILTER (WHERE created_at > ?2),"
+        " coalesce(sum(requests) FILTER (WHERE kind IN ('reservation', 'lease') AND created_at > ?3), 0),"
+        " coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE created_at > ?4), 0)"
+        " FROM ledger WHERE user_id = ?1 AND key_id IS NULL AND kind IN ('reservation', 'lease', 'charge')"
+        " AND created_at > ?5",
+        (draft.user_id, now - WINDOW_MS, now - IN_FLIGHT_MS, now - DAY_MS, since),
+    ).fetchall()
+    requests += draft.requests
+    tokens += draft.prompt_tokens + draft.completion_tokens
+    concurrent += draft.requests
+    reset = max(0.0, ((now if oldest is None else oldest) + WINDOW_MS - now) / 1000)
+    use = RateUse(requests, tokens, concurrent, reset, reset)
+    for limit, used, retry in (
+        ("requests_per_minute", requests, reset),
+        ("tokens_per_minute", tokens, reset),
+        ("concurrent_requests", concurrent, 1.0),
+    ):
+        allowed = getattr(limits, limit)
+        if allowed is not None and used > allowed:
+            raise RateLimitExceeded(limit, allowed, retry, use)
+    if tokens_per_day is not None and day >= tokens_per_day:
+        retry = _day_frees(db, draft, now, tokens_per_day)
+        raise RateLimitExceeded("tokens_per_day", tokens_per_day, retry, use)
+    return _post(db, draft, floor, now), use
+
+
+def _day_frees(db: sqlite3.Connection, draft: LedgerDraft, now: int, tokens_per_day: int) -> float:
+    """Seconds until enough of a user's keyless tokens of the last day are older than a day."""
+    rows = db.execute(
+        "SELECT created_at, prompt_tokens + completion_tokens FROM ledger"
+        " WHERE user_id = ? AND key_id IS NULL AND kind IN ('reservation', 'lease', 'charge')"
+        " AND created_at > ? ORDER BY created_at",
+        (draft.user_id, now - DAY_MS),
+    ).fetchall()
+    left = sum(tokens for _, tokens in rows)
+    for created_at, tokens in rows:
+        left -= tokens
+        if left < tokens_per_day:
+            return max(0.001, (int(created_at) + DAY_MS - now) / 1000)
+    return DAY_MS / 1000
+
+
 def _post_ledger(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None) -> LedgerEntry:
     return _post(db, draft, floor, _now())
 
 
 def _post(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, now: int) -> LedgerEntry:
-    # The floor check and the move in one statement (credits, and floor None, always land);
-    # only a refusal reads the balance again, for its message (NotFound for a missing user).
-    moved = db.execute(
-        "UPDATE users SET balance = balance + ?1"
-        " WHERE id = ?2 AND (?3 IS NULL OR ?1 >= 0 OR balance + ?1 >= ?3) RETURNING balance",
-        (draft.amount, draft.user_id, floor),
-    ).fetchall()
+    # The floor and ceiling checks and the move in one statement (a charge is held to the floor
+    # unless it is None, a credit to the ceiling); only a refusal reads the balance again, for
+    # its message (NotFound for a missing user).
+    if abs(draft.amount) > MAX_BALANCE:  # nor would SQLite bind every such integer
+        moved = []
+    else:
+        moved = db.execute(
+            "UPDATE users SET balance = balance + ?1 WHERE id = ?2"
+            " AND (?3 IS NULL OR ?1 >= 0 OR balance + ?1 >= ?3) AND (?1 <= 0 OR balance + ?1 <= ?4)"
+            " RETURNING balance",
+            (draft.amount, draft.user_id, floor, MAX_BALANCE),
+        ).fetchall()
     if not moved:
-        raise InsufficientBalance(_balance(db, draft.user_id), draft.amount)
+        balance = _balance(db, draft.user_id)
+        if draft.amount > 0:
+            raise BalanceTooLarge(balance, draft.amount)
+        raise InsufficientBalance(balance, draft.amount)
     after = moved[0][0]
     values = (*msgspec.structs.astuple(draft), after, now, now)
     [(entry_id,)] = db.execute(_INSERT_LEDGER, values).fetchall()

@@ -9,6 +9,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from ..errors import InvalidEmail, NotAllowed, Unauthenticated
 from ..store import ApiKey, RateLimits, Store, User
 
@@ -47,6 +49,41 @@ def email_allowed(email: str, patterns: Sequence[str]) -> bool:
     return False
 
 
+class KeyLimits(msgspec.Struct, forbid_unknown_fields=True):
+    """The rate limits of every API key that sets none of its own (0: no limit).
+
+    Configured in ``[surfaces.openai_compat]``; they apply to a key's requests on
+    every surface, counted together.
+    """
+
+    requests_per_minute: int = 120
+    """Default limit of each key (a key's own limit replaces it); 0: no limit."""
+    tokens_per_minute: int = 400_000
+    """Default limit of prompt plus completion tokens per key per minute; 0: no limit."""
+    concurrent_requests: int = 16
+    """Default limit of requests in flight per key; 0: no limit."""
+
+    def __post_init__(self) -> None:
+        for field in ("requests_per_minute", "tokens_per_minute", "concurrent_requests"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} to be >= 0 (0: no limit)")
+
+    def limits_for(self, key: ApiKey | None) -> RateLimits:
+        """The limits a key works under: its own where set, else these defaults (0: none)."""
+        own = key.limits if key is not None else RateLimits()
+
+        def pick(field: str) -> int | None:
+            value = getattr(own, field)
+            value = getattr(self, field) if value is None else value
+            return value or None
+
+        return RateLimits(
+            requests_per_minute=pick("requests_per_minute"),
+            tokens_per_minute=pick("tokens_per_minute"),
+            concurrent_requests=pick("concurrent_requests"),
+        )
+
+
 @dataclass(frozen=True)
 class Caller:
     """An authenticated caller: the user, and the key used when there was one."""
@@ -72,6 +109,13 @@ class Accounts:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._callers: dict[str, tuple[float, Caller]] = {}  # key hash -> (until, caller)
+        self.key_limits = KeyLimits()
+        """The keys' default limits: the surface whose options configure them sets them
+        (openai_compat's); until then, and without it, :class:`KeyLimits`' defaults."""
+
+    def limits_for(self, key: ApiKey | None) -> RateLimits:
+        """The rate limits a key's request works under, on every surface alike."""
+        return self.key_limits.limits_for(key)
 
     async def create_key(self, email: str, name: str = "") -> tuple[ApiKey, str]:
         """Create a key for the user with ``email`` (created if new). The secret is returned only here."""

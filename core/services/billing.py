@@ -9,12 +9,17 @@ entry.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
+import msgspec
+
 from ..config import ModelConfig
+from ..errors import ContextTooLong
 from ..store import (
     LedgerDraft,
     LedgerEntry,
@@ -25,10 +30,12 @@ from ..store import (
     Store,
     UsageDay,
 )
-from ..tokens import estimate_prompt_tokens, estimate_tokens
+from ..tokens import estimate_request_tokens, estimate_tokens
 from ..types import ChatRequest, Usage
 from .catalog import Route
 from .leases import Lease, Leases
+
+log = logging.getLogger("chatgate.billing")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,36 @@ class Reservation:
     prompt_tokens: int = 0  # the estimate the request was admitted with
     worst_case: int = 0
     lease: Lease | None = None  # admitted under this lease (``entry`` is the lease's)
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per-user limits of usage that no key pays for (the email surface's); None: no limit."""
+
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+
+
+@dataclass(frozen=True)
+class Payer:
+    """Who pays for a request, and what admits it.
+
+    By default the owner's balance, at the model's prices, with no limit. With
+    ``key_id``, the key's request, within ``limits`` when given (``balance``, the
+    owner's as last seen, sizes a lease). With ``quota``, nobody pays: the usage
+    is recorded under the owner at its tokens with amount 0, within the quota.
+    """
+
+    key_id: int | None = None
+    limits: RateLimits | None = None
+    balance: int | None = None
+    quota: Quota | None = None
+
+
+def unpriced(route: Route) -> Route:
+    """``route`` with its model's prices at zero: what usage nobody pays for costs."""
+    config = msgspec.structs.replace(route.config, input_price=0.0, output_price=0.0)
+    return dataclasses.replace(route, config=config)
 
 
 @functools.lru_cache(maxsize=256)
@@ -86,10 +123,21 @@ class Billing:
 
     def worst_case(self, route: Route, request: ChatRequest, prompt: int | None = None) -> int:
         """The most ``request`` can cost: its estimated prompt (``prompt`` tokens, when known)
-        plus the longest allowed reply."""
-        prompt = estimate_prompt_tokens(request.messages) if prompt is None else prompt
-        reply = min(request.max_tokens or route.config.max_output_tokens, route.config.max_output_tokens)
-        return self.cost(route, prompt, reply)
+        plus the longest allowed reply (``route.output_tokens``, what it asks upstream for)."""
+        prompt = estimate_request_tokens(request) if prompt is None else prompt
+        return self.cost(route, prompt, route.output_tokens(request))
+
+    @staticmethod
+    def prompt_tokens(route: Route, request: ChatRequest) -> int:
+        """The estimated prompt tokens of the whole of ``request`` (see :func:`estimate_request_tokens`).
+
+        Raises:
+            ContextTooLong: the prompt and one output token do not fit the model's ``context_tokens``.
+        """
+        prompt = estimate_request_tokens(request)
+        if prompt >= route.config.context_tokens:
+            raise ContextTooLong(prompt, route.config.context_tokens - 1)
+        return prompt
 
     async def reserve(
         self,
@@ -100,17 +148,25 @@ class Billing:
         key_id: int | None,
         limits: RateLimits | None = None,
         balance: int | None = None,
+        quota: Quota | None = None,
     ) -> Reservation:
         """Hold the worst-case cost; with ``limits``, only if the key is within them.
 
         With ``limits``, the request may be admitted under a lease of its key, sized to at
         most an eighth of ``balance`` (the owner's, as last seen) when it is given.
 
+        With ``quota`` (and no key), nobody pays: the reservation holds nothing and settles
+        at amount 0 with the real tokens, and it is admitted only within the quota of the
+        user's usage without a key.
+
         Raises:
             RateLimitExceeded: admitting the request would pass a limit; nothing was written.
             InsufficientBalance: the balance cannot cover it; nothing was written.
+            ContextTooLong: the request cannot fit the model's context; nothing was written.
         """
-        prompt = estimate_prompt_tokens(request.messages)
+        if quota is not None:
+            return await self._reserve_unpriced(user_id, route, request, quota)
+        prompt = self.prompt_tokens(route, request)
         worst_case = self.worst_case(route, request, prompt)
         draft = LedgerDraft(
             user_id=user_id,
@@ -141,6 +197,31 @@ class Billing:
             raise
         return Reservation(entry, route, use, prompt, worst_case)
 
+    async def _reserve_unpriced(
+        self, user_id: int, route: Route, request: ChatRequest, quota: Quota
+    ) -> Reservation:
+        prompt = self.prompt_tokens(route, request)
+        draft = LedgerDraft(
+            user_id=user_id,
+            amount=0,
+            kind="reservation",
+            prompt_tokens=prompt,
+            model=route.model,
+            provider=route.provider.instance,
+            outcome="pending",
+        )
+        limits = RateLimits(requests_per_minute=quota.requests_per_minute)
+        write: asyncio.Future[tuple[LedgerEntry, RateUse | None]] = asyncio.ensure_future(
+            self.store.admit(draft, limits, tokens_per_day=quota.tokens_per_day)
+        )
+        try:
+            entry, use = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            write.add_done_callback(self._give_back)
+            raise
+        # Settled at zero prices, whatever the model costs a key holder.
+        return Reservation(entry, unpriced(route), use, prompt, 0)
+
     async def _post(self, draft: LedgerDraft) -> tuple[LedgerEntry, None]:
         return await self.store.post_ledger(draft, floor=0), None
 
@@ -157,12 +238,26 @@ class Billing:
     async def settle(
         self, reservation: Reservation, usage: Usage, *, outcome: str, latency_ms: int
     ) -> LedgerEntry | None:
-        """Turn a reservation into the charge for the tokens actually used.
+        """Turn a reservation into the charge for the tokens actually used, at most the reservation.
+
+        An upstream that produced more than it was asked for (or counted a prompt above
+        its estimate) is not the caller's to pay for: the charge stops at the worst case
+        reserved, so no settlement takes a balance below the floor its reservation kept.
 
         Returns the charge, or None for a request admitted under a lease: its
         charge is posted with others shortly after.
         """
         cost = self.cost(reservation.route, usage.prompt_tokens, usage.completion_tokens)
+        if cost > reservation.worst_case:
+            log.warning(
+                "provider %r reported %d prompt and %d completion tokens for %r, more than was reserved;"
+                " charged the reservation",
+                reservation.route.provider.instance,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                reservation.route.model,
+            )
+            cost = reservation.worst_case
         if reservation.lease is not None:
             self._charge_lease(reservation, cost, usage, outcome, latency_ms)
             return None
@@ -207,7 +302,9 @@ class Billing:
             return None
         produced = estimate_tokens(reply.content) + estimate_tokens(reply.reasoning)
         model = self.models.get(entry.model or "")
-        cost = 0 if model is None else self.cost_at(model, entry.prompt_tokens, produced)
+        # A reservation that held nothing was usage nobody pays for (an email's): it stays free.
+        cost = 0 if model is None or entry.amount == 0 else self.cost_at(model, entry.prompt_tokens, produced)
+        cost = min(cost, -entry.amount)  # never more than was reserved
         settlement = LedgerSettlement(
             amount=-cost, prompt_tokens=entry.prompt_tokens, completion_tokens=produced, outcome="abandoned"
         )
@@ -224,7 +321,8 @@ class Billing:
         if entry.kind == "lease":  # its requests' charges that were posted are all it cost
             return await self.store.release_lease(entry.id, 0, 0)
         model = self.models.get(entry.model or "")
-        cost = 0 if model is None else self.cost_at(model, entry.prompt_tokens, 0)
+        cost = 0 if model is None or entry.amount == 0 else self.cost_at(model, entry.prompt_tokens, 0)
+        cost = min(cost, -entry.amount)  # never more than was reserved
         settlement = LedgerSettlement(amount=-cost, prompt_tokens=entry.prompt_tokens, outcome="abandoned")
         return await self.store.settle_ledger(entry.id, settlement)
 
@@ -243,7 +341,12 @@ class Billing:
         return await self.store.usage_by_day(since, user_id=user_id, key_id=key_id)
 
     async def top_up(self, user_id: int, amount: int, note: str | None = None) -> LedgerEntry:
-        """Add credits to a balance (negative ``amount`` takes them away, never below zero)."""
+        """Add credits to a balance (negative ``amount`` takes them away, never below zero).
+
+        Raises:
+            BalanceTooLarge: the balance would pass :data:`core.money.MAX_BALANCE`; nothing changed.
+            InsufficientBalance: taking ``-amount`` away would leave it below zero; nothing changed.
+        """
         draft = LedgerDraft(
             user_id=user_id, amount=amount, kind="topup" if amount >= 0 else "adjustment", note=note
         )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+
+import msgspec
 
 from ..config import ModelConfig
 from ..errors import UnknownModel, UnknownProvider
 from ..fallbacks import Fallbacks
 from ..provider import Provider
+from ..types import ChatRequest, ProviderEvent
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,26 @@ class Route:
     model: str
     config: ModelConfig
     provider: Provider
+
+    def output_tokens(self, request: ChatRequest) -> int:
+        """The most output tokens ``request`` may produce here: its ``max_tokens``, at most the
+        model's ``max_output_tokens`` (which is also what a request that sets none gets)."""
+        most = self.config.max_output_tokens
+        asked = request.max_tokens
+        return most if asked is None or asked > most else asked
+
+    def stream(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
+        """The provider's reply to ``request``, which asks for at most :meth:`output_tokens`.
+
+        Every request goes upstream through here, so none asks for more than was
+        reserved for it, whichever surface made it and whatever the client sent: a larger
+        ``max_tokens`` is lowered silently (as DeepSeek's clients send large ones), a
+        missing one is set.
+        """
+        cap = self.output_tokens(request)
+        if request.max_tokens != cap:
+            request = msgspec.structs.replace(request, max_tokens=cap)
+        return self.provider.stream(request)
 
 
 class Catalog:

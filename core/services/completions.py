@@ -6,7 +6,9 @@ generation runner's persistence; it needs the money right. A
 reads the provider in a task of its own (so a client that disconnects, which
 cancels the HTTP handler, cannot interrupt the bookkeeping), and settles the
 reservation to the tokens actually produced: the upstream's usage when the
-reply finished, an estimate of what was streamed when it did not.
+reply finished, an estimate of what was streamed when it did not. A reply is
+cut where it passes the output tokens reserved for it (an upstream that
+ignores ``max_tokens``), so the reservation is an upper bound.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from contextlib import aclosing
 from ..errors import ProviderError
 from ..provider import merge_tool_call
 from ..store import RateLimits
-from ..tokens import estimate_tokens
+from ..tokens import OutputMeter, estimate_tokens
 from ..types import (
     ChatRequest,
     ContentDelta,
@@ -45,7 +47,9 @@ class Completion:
     :meth:`cancel` (a client gone) stops the upstream at once; the
     reservation is settled exactly once, with outcome ``complete``,
     ``error`` or ``cancelled``, charging the tokens produced and nothing for
-    a request that failed before producing any.
+    a request that failed before producing any; a reply that passes the
+    output tokens reserved for it stops there, the upstream closed, and
+    finishes as ``length``, charged the reservation.
     """
 
     def __init__(
@@ -115,9 +119,13 @@ class Completion:
 
     async def _pump(self) -> None:
         outcome = "complete"
+        meter = OutputMeter(self.route.output_tokens(self.request))
         try:
-            async with aclosing(self.route.provider.stream(self.request)) as stream:
+            async with aclosing(self.route.stream(self.request)) as stream:
                 async for event in stream:
+                    if (admitted := meter.admit(event)) is None:
+                        break
+                    event = admitted
                     match event:
                         case ContentDelta(text=text):
                             self.content.append(text)
@@ -131,6 +139,19 @@ class Completion:
                             self.finish = event
                     self._ready.append(event)
                     self._wake()
+                    if meter.over:
+                        break
+            if meter.over:  # the upstream is closed: what it would have sent past the cap is not read
+                log.warning(
+                    "provider %r sent more than the %d output tokens asked for %r; the reply was cut there",
+                    self.route.provider.instance,
+                    meter.cap,
+                    self.route.model,
+                )
+                usage = Usage(prompt_tokens=self._reservation.prompt_tokens, completion_tokens=meter.cap)
+                self.finish = Finish("length", usage)
+                self._ready.append(self.finish)
+                self._wake()
         except asyncio.CancelledError:
             outcome = "cancelled"  # not re-raised: this task owns the bookkeeping, and ends with it
         except ProviderError as exc:
@@ -190,6 +211,7 @@ class Completions:
         Raises:
             RateLimitExceeded: the caller's key is at one of its limits; nothing went upstream.
             InsufficientBalance: the balance cannot cover the worst case; nothing went upstream.
+            ContextTooLong: the request cannot fit the model's context; nothing was reserved.
         """
         key_id = caller.key.id if caller.key is not None else None
         reservation = await self.billing.reserve(

@@ -13,7 +13,7 @@ from ..locks import KeyedLock
 from ..store import Conversation, ConversationPatch, Message, MessageDraft, MessagePatch, Store
 from ..tokens import estimate_tokens
 from ..types import ChatMessage, ChatRequest
-from .billing import Billing
+from .billing import Billing, Payer, Quota, Reservation
 from .catalog import Route
 from .context import fit_context
 from .generations import Generation, Generations, Upstream
@@ -54,7 +54,8 @@ class Conversations:
         system: str | None = None,
         memory: bool = True,
         summarize: bool = True,
-        key_id: int | None = None,
+        payer: Payer | None = None,
+        admitted: Reservation | None = None,
     ) -> Generation:
         """Interrupt the conversation's running reply, then answer ``question`` in its context.
 
@@ -63,7 +64,12 @@ class Conversations:
         upstream, fitted to the model's budget (see :class:`Memory`);
         without it only the system prompt and ``question``. The reply is
         limited to the model's ``max_output_tokens``, which is also what is
-        reserved.
+        reserved. ``payer`` says who pays and within what limits (default: the
+        owner's balance); a payer with a quota is admitted (see :meth:`admit`)
+        before anything is interrupted, summarized or written, and its
+        summaries are unpriced too. ``admitted``, what :meth:`admit` returned
+        for this question, is this call's from the start (released if nothing
+        is started).
 
         A newer ``ask`` on the same conversation cancels an older one still
         summarizing its context: the older raises :class:`Superseded`.
@@ -72,43 +78,89 @@ class Conversations:
             ContextTooLong: ``question`` alone does not fit; nothing was interrupted or written.
             InsufficientBalance: the owner cannot cover the worst case; nothing was written
                 (nothing was interrupted either, unless the balance only just fell short).
+            RateLimitExceeded: the key's limits or the quota do not admit it; nothing was
+                written (with a quota, nothing was interrupted either).
             Superseded: a newer question arrived while this one was being prepared; this
                 question was stored, without a reply.
         """
-        budget = budget_of(route)
-        fit_context((), budget=budget, system=system, question=question)  # too long: refuse before anything
-        busy = (
-            self._asking.held(conversation.id)
-            or conversation.id in self._preparing
-            or self.generations.current(conversation.id) is not None
-        )
-        if busy:  # there is something to interrupt: refuse first if this cannot be paid for
-            await self._check_balance(conversation, route, question)
-        self.supersede(conversation.id)
-        async with self._asking.hold(conversation.id):
-            await self.generations.interrupt(conversation.id)
-            if memory:
-                context = self._context(conversation, route, question, system, summarize, reread=busy)
-                preparing = asyncio.ensure_future(context)
-                self._preparing[conversation.id] = preparing
-                try:
-                    messages = await preparing
-                except asyncio.CancelledError:
-                    if not preparing.cancelled() or _cancelling():
-                        raise  # our own caller was cancelled
-                    await self.store.append_message(
-                        conversation.id, MessageDraft(role="user", content=question)
-                    )
-                    raise Superseded(f"conversation {conversation.id}: a newer question arrived") from None
-                finally:
-                    if self._preparing.get(conversation.id) is preparing:
-                        del self._preparing[conversation.id]
-            else:
-                messages = fit_context((), budget=budget, system=system, question=question).messages
-            request = ChatRequest(
-                model=route.model, messages=messages, max_tokens=route.config.max_output_tokens
+        payer = payer or Payer()
+        owned = admitted is not None  # released here until start_reply takes it over
+        try:
+            opening = self.opening(route, question, system=system)  # too long: refuse before anything
+            if admitted is None:
+                admitted = await self.admit(conversation.user_id, route, question, system=system, payer=payer)
+                owned = admitted is not None
+            busy = (
+                self._asking.held(conversation.id)
+                or conversation.id in self._preparing
+                or self.generations.current(conversation.id) is not None
             )
-            return await self.start_reply(conversation, route, request, question=question, key_id=key_id)
+            if busy and payer.quota is None:  # something to interrupt: first refuse what is unpaid
+                await self._check_balance(conversation, route, question)
+            self.supersede(conversation.id)
+            async with self._asking.hold(conversation.id):
+                await self.generations.interrupt(conversation.id)
+                if memory:
+                    context = self._context(
+                        conversation, route, question, system, summarize, reread=busy, payer=payer
+                    )
+                    preparing = asyncio.ensure_future(context)
+                    self._preparing[conversation.id] = preparing
+                    try:
+                        messages = await preparing
+                    except asyncio.CancelledError:
+                        if not preparing.cancelled() or _cancelling():
+                            raise  # our own caller was cancelled
+                        await self.store.append_message(
+                            conversation.id, MessageDraft(role="user", content=question)
+                        )
+                        raise Superseded(
+                            f"conversation {conversation.id}: a newer question arrived"
+                        ) from None
+                    finally:
+                        if self._preparing.get(conversation.id) is preparing:
+                            del self._preparing[conversation.id]
+                else:
+                    messages = opening.messages
+                request = ChatRequest(
+                    model=route.model, messages=messages, max_tokens=route.config.max_output_tokens
+                )
+                owned = False
+                return await self.start_reply(
+                    conversation, route, request, question=question, payer=payer, reservation=admitted
+                )
+        except BaseException:
+            if owned and admitted is not None:
+                await self.billing.release(admitted)  # nothing went upstream
+            raise
+
+    async def admit(
+        self, user_id: int, route: Route, question: str, *, system: str | None = None, payer: Payer
+    ) -> Reservation | None:
+        """Admit ``question`` for a payer with a quota, before anything else happens; None otherwise.
+
+        Nobody pays such a request, so nothing waits on the estimate of its whole
+        prompt: it is admitted within the quota first, so a refused question
+        interrupts, summarizes and writes nothing. Pass the reservation to :meth:`ask`.
+
+        Raises:
+            ContextTooLong: ``question`` alone does not fit; nothing was written.
+            RateLimitExceeded: the quota does not admit it; nothing was written.
+        """
+        opening = self.opening(route, question, system=system)
+        if payer.quota is None:
+            return None
+        return await self.billing.reserve(user_id, route, opening, key_id=None, quota=payer.quota)
+
+    @staticmethod
+    def opening(route: Route, question: str, *, system: str | None = None) -> ChatRequest:
+        """The request of ``question`` alone, after the system prompt.
+
+        Raises:
+            ContextTooLong: not even that fits the model's context (what :meth:`ask` refuses first).
+        """
+        messages = fit_context((), budget=budget_of(route), system=system, question=question).messages
+        return ChatRequest(model=route.model, messages=messages, max_tokens=route.config.max_output_tokens)
 
     async def regenerate(
         self,
@@ -118,7 +170,7 @@ class Conversations:
         *,
         system: str | None = None,
         memory: bool = True,
-        key_id: int | None = None,
+        payer: Payer | None = None,
     ) -> Generation:
         """Answer again, in place: a new reply replaces the one to the user message at ``message_id``
         (a user message, or the reply to one), keeping its id.
@@ -130,6 +182,7 @@ class Conversations:
             NotFound: ``message_id`` is not a message of the conversation.
             Conflict: the message is a reply to nothing, or a user message followed by another.
             InsufficientBalance: the owner cannot cover the worst case; nothing was changed.
+            RateLimitExceeded: the key's limits do not admit it; nothing was changed.
         """
         if self.generations.current(conversation.id) is not None:
             # Something would be interrupted: refuse first if the new reply cannot be paid for.
@@ -154,7 +207,7 @@ class Conversations:
                 route,
                 request,
                 question=None,
-                key_id=key_id,
+                payer=payer,
                 replacing=reply,
                 answers=question.id,
             )
@@ -200,6 +253,7 @@ class Conversations:
         summarize: bool,
         *,
         reread: bool,
+        payer: Payer,
     ) -> tuple[ChatMessage, ...]:
         # After waiting for others, the summary may have grown meanwhile: read it again.
         current = await self.store.get_conversation(conversation.id) if reread else conversation
@@ -210,6 +264,9 @@ class Conversations:
             question=question,
             system=system,
             summarize=summarize,
+            # Summaries of a conversation nobody pays for are unpriced too, bounded by the day's
+            # tokens; the question was admitted already, so they take no request of the minute.
+            quota=None if payer.quota is None else Quota(tokens_per_day=payer.quota.tokens_per_day),
         )
 
     async def _check_balance(self, conversation: Conversation, route: Route, question: str) -> None:
@@ -228,9 +285,10 @@ class Conversations:
         request: ChatRequest,
         *,
         question: str | None,
-        key_id: int | None = None,
+        payer: Payer | None = None,
         replacing: Message | None = None,
         answers: int | None = None,
+        reservation: Reservation | None = None,
     ) -> Generation:
         """Store ``question`` (when given) and a reply being generated for it, and start generating.
 
@@ -238,20 +296,34 @@ class Conversations:
         new one appended; ``answers`` names the user message it answers when
         ``question`` is not given.
 
-        The worst-case cost is reserved on the owner's balance first, so a
-        request the balance cannot cover writes nothing. The reply settles
+        The worst-case cost is reserved first, as ``payer`` says (default: on the
+        owner's balance, with no limit), so a request the balance or the limits
+        do not admit writes nothing; or ``reservation``, made for this request,
+        is used (and released here if nothing is started). The reply settles
         the reservation however it ends; a conversation's running reply is
         interrupted by the new one.
 
         Raises:
             InsufficientBalance: the owner's balance cannot cover the worst case; nothing was written.
+            RateLimitExceeded: the payer's limits do not admit it; nothing was written.
         """
-        reservation = await self.billing.reserve(conversation.user_id, route, request, key_id=key_id)
+        if reservation is None:
+            payer = payer or Payer()
+            reservation = await self.billing.reserve(
+                conversation.user_id,
+                route,
+                request,
+                key_id=payer.key_id,
+                limits=payer.limits,
+                balance=payer.balance,
+                quota=payer.quota,
+            )
         # The request goes upstream now: storing the question and the reply overlaps its wait.
         upstream = Upstream(route, request)
-        reply_draft = MessageDraft(
-            role="assistant", status="generating", model=route.model, ledger_id=reservation.entry.id
-        )
+        # A lease is released by the sweep of stale ones if this process dies, never by the
+        # reply that holds it: such a reply names no reservation.
+        held = reservation.entry.id if reservation.lease is None else None
+        reply_draft = MessageDraft(role="assistant", status="generating", model=route.model, ledger_id=held)
         try:
             if replacing is not None:
                 restart = MessagePatch(
@@ -262,7 +334,7 @@ class Conversations:
                     prompt_tokens=0,
                     completion_tokens=0,
                     error=None,
-                    ledger_id=reservation.entry.id,
+                    ledger_id=held,
                 )
                 reply = await self.store.update_message(replacing.id, restart)
             elif question is None:

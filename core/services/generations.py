@@ -6,7 +6,9 @@ it; keeps the partial reply in memory for live followers; and is written to
 the store by the runner's ticker at most every ``flush_interval`` seconds
 (and at least every ``stale_after / 3`` seconds, a heartbeat that tells
 other processes it is alive), then once more when it ends: ``complete``,
-``interrupted`` (cancelled) or ``error`` (the provider failed).
+``interrupted`` (cancelled) or ``error`` (the provider failed). A reply that
+passes the output tokens reserved for it (an upstream that ignores
+``max_tokens``) is cut there and completes as ``length``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..errors import ProviderError, Unavailable
 from ..locks import KeyedLock
 from ..provider import merge_tool_call
 from ..store import Message, MessagePatch, MessageStatus, Store, utcnow
-from ..tokens import estimate_prompt_tokens, estimate_tokens
+from ..tokens import OutputMeter, estimate_prompt_tokens, estimate_tokens
 from ..types import ChatRequest, ContentDelta, Finish, ProviderEvent, ReasoningDelta, ToolCallDelta, Usage
 from .billing import Billing, Reservation
 from .catalog import Route
@@ -143,7 +145,7 @@ class Upstream:
 
     def __init__(self, route: Route, request: ChatRequest) -> None:
         self.started = time.monotonic()
-        self._stream = route.provider.stream(request)
+        self._stream = route.stream(request)
         self._first: asyncio.Future[ProviderEvent | None] = asyncio.ensure_future(anext(self._stream, None))
 
     async def events(self) -> AsyncIterator[ProviderEvent]:
@@ -260,14 +262,34 @@ class Generations:
         error: ProviderError | None = None
         status: MessageStatus = "complete"
         provider = generation.route.provider
+        meter = OutputMeter(generation.route.output_tokens(generation.request))
         try:
             try:
                 async for event in upstream.events():
-                    if isinstance(event, Finish):
-                        finish = event
-                    generation._publish(event)
+                    if (admitted := meter.admit(event)) is None:
+                        break
+                    if isinstance(admitted, Finish):
+                        finish = admitted
+                    generation._publish(admitted)
+                    if meter.over:
+                        break
             finally:
                 await upstream.aclose()
+            if meter.over:  # the upstream is closed: what it would have sent past the cap is not read
+                log.warning(
+                    "provider %r sent more than the %d output tokens asked for %r; the reply was cut there",
+                    provider.instance,
+                    meter.cap,
+                    generation.route.model,
+                )
+                reservation = generation.reservation
+                prompt = (
+                    reservation.prompt_tokens
+                    if reservation
+                    else estimate_prompt_tokens(generation.request.messages)
+                )
+                finish = Finish("length", Usage(prompt_tokens=prompt, completion_tokens=meter.cap))
+                generation._publish(finish)
             if finish is None:
                 raise Unavailable(f"provider {provider.instance!r} ended the reply without finishing it")
         except asyncio.CancelledError:

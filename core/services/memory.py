@@ -4,7 +4,7 @@ What no longer fits is folded into the conversation's rolling summary,
 written by the conversation's own model (or, with summaries off, dropped
 oldest first), so a conversation of hundreds of turns still carries what
 was said at its start. Summaries are charged to the conversation's owner
-like any reply.
+like any reply (or, where nobody pays, recorded unpriced within the quota).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from contextlib import aclosing
 
 from ..errors import ContextTooLong, InsufficientBalance, ProviderError, RateLimitExceeded, Unavailable
 from ..store import Conversation, ConversationPatch, Message, Store
-from ..tokens import estimate_prompt_tokens, estimate_tokens
+from ..tokens import OutputMeter, estimate_prompt_tokens, estimate_tokens
 from ..types import ChatMessage, ChatRequest, ContentDelta, Finish, Usage
-from .billing import Billing
+from .billing import Billing, Quota
 from .catalog import Route
 from .context import fit_context
 
@@ -63,12 +63,15 @@ class Memory:
         system: str | None = None,
         summarize: bool = True,
         until: int | None = None,
+        quota: Quota | None = None,
     ) -> tuple[ChatMessage, ...]:
         """The prompt for the next reply: summary, then as many recent turns as fit, then the input.
 
         ``messages`` are the conversation's stored ones, oldest first.
         ``question`` is a user turn not stored yet; without it the newest
         message (up to message id ``until``, when given) is the input.
+        With ``quota``, summaries are usage nobody pays for, admitted within it
+        (see :meth:`Billing.reserve`).
 
         Raises:
             ContextTooLong: the system prompt and the input alone exceed the budget; nothing was written.
@@ -94,7 +97,7 @@ class Memory:
         except ContextTooLong:
             fold = window
         try:
-            summary = await self._fold(conversation, route, summary, fold.dropped, budget)
+            summary = await self._fold(conversation, route, summary, fold.dropped, budget, quota)
         except (ProviderError, InsufficientBalance, RateLimitExceeded) as exc:
             log.warning(
                 "conversation %d: could not summarize %d earlier message(s), leaving them out of this "
@@ -117,7 +120,13 @@ class Memory:
             return fit_context((), budget=budget, system=system, question=question).messages
 
     async def _fold(
-        self, conversation: Conversation, route: Route, summary: str, turns: Sequence[Message], budget: int
+        self,
+        conversation: Conversation,
+        route: Route,
+        summary: str,
+        turns: Sequence[Message],
+        budget: int,
+        quota: Quota | None = None,
     ) -> str:
         """The summary rewritten to cover ``turns`` too, in as many provider calls as their length needs."""
         limit = max(64, min(1024, budget // 8))
@@ -135,29 +144,43 @@ class Memory:
             room = budget - estimate_prompt_tokens(_fold_request(route, instructions, summary, []).messages)
             line = _clip(line, room // 2)
             if batch and not fits([*batch, line]):
-                folded = await self._summarize(conversation, route, instructions, summary, batch)
+                folded = await self._summarize(conversation, route, instructions, summary, batch, quota)
                 summary, batch = _clip(folded, budget // 4), []
             batch.append(line)
         if batch:
-            summary = await self._summarize(conversation, route, instructions, summary, batch)
+            summary = await self._summarize(conversation, route, instructions, summary, batch, quota)
         return summary
 
     async def _summarize(
-        self, conversation: Conversation, route: Route, instructions: str, summary: str, lines: list[str]
+        self,
+        conversation: Conversation,
+        route: Route,
+        instructions: str,
+        summary: str,
+        lines: list[str],
+        quota: Quota | None = None,
     ) -> str:
         request = _fold_request(route, instructions, summary, lines)
-        reservation = await self.billing.reserve(conversation.user_id, route, request, key_id=None)
+        reservation = await self.billing.reserve(
+            conversation.user_id, route, request, key_id=None, quota=quota
+        )
         started = time.monotonic()
         text: list[str] = []
         usage: Usage | None = None
         outcome = "summary_error"
         try:
-            async with aclosing(route.provider.stream(request)) as events:
+            meter = OutputMeter(route.output_tokens(request))
+            async with aclosing(route.stream(request)) as events:
                 async for event in events:
-                    if isinstance(event, ContentDelta):
-                        text.append(event.text)
-                    elif isinstance(event, Finish):
-                        usage = event.usage
+                    # Past what was reserved (an upstream ignoring max_tokens): stop reading, keep the text.
+                    if (admitted := meter.admit(event)) is None:
+                        break
+                    if isinstance(admitted, ContentDelta):
+                        text.append(admitted.text)
+                    elif isinstance(admitted, Finish):
+                        usage = admitted.usage
+                    if meter.over:
+                        break
             outcome = "summary"
         finally:
             if usage is None:

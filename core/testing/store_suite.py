@@ -30,7 +30,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import pytest_asyncio
 
-from core.errors import InsufficientBalance, NotFound, RateLimitExceeded, StoreError
+from core.errors import BalanceTooLarge, InsufficientBalance, NotFound, RateLimitExceeded, StoreError
+from core.money import MAX_BALANCE
 from core.store import (
     ConversationPatch,
     LedgerDraft,
@@ -77,6 +78,11 @@ def reservation(user: User, key_id: int, amount: int = 10, prompt_tokens: int = 
     return LedgerDraft(
         user_id=user.id, amount=-amount, kind="reservation", key_id=key_id, prompt_tokens=prompt_tokens
     )
+
+
+def keyless(user: User, prompt_tokens: int = 5) -> LedgerDraft:
+    """A reservation no key pays for (the email surface's): amount 0."""
+    return LedgerDraft(user_id=user.id, amount=0, kind="reservation", prompt_tokens=prompt_tokens)
 
 
 def lease(user: User, key_id: int, requests: int, amount: int = 100, tokens: int = 50) -> LedgerDraft:
@@ -331,6 +337,54 @@ class StoreConformance:
         repaid = await store.post_ledger(LedgerDraft(user_id=user.id, amount=5, kind="topup"), floor=0)
         assert repaid.balance_after == -10
         assert (await store.get_user(user.id)).balance == -10
+
+    @pytest.mark.asyncio
+    async def test_a_credit_past_the_ceiling_is_refused_and_changes_nothing(self, store: Store) -> None:
+        user = await funded_user(store, "rich@example.com", MAX_BALANCE - 10)
+        ledger = await store.list_ledger(user.id)
+        for amount in (11, MAX_BALANCE, MAX_BALANCE + 1, 2**63, 10**30):
+            with pytest.raises(BalanceTooLarge) as caught:
+                await store.post_ledger(LedgerDraft(user_id=user.id, amount=amount, kind="topup"))
+            assert (caught.value.balance, caught.value.amount) == (MAX_BALANCE - 10, amount)
+        with pytest.raises(InsufficientBalance):  # a charge past the ceiling, whatever the floor
+            await store.post_ledger(charge(user, 2**64), floor=None)
+        assert (await store.get_user(user.id)).balance == MAX_BALANCE - 10
+        assert await store.list_ledger(user.id) == ledger
+        exact = await store.post_ledger(LedgerDraft(user_id=user.id, amount=10, kind="topup"))
+        assert exact.balance_after == MAX_BALANCE
+        assert (await store.get_user(user.id)).balance == MAX_BALANCE
+        spent = await store.post_ledger(charge(user, MAX_BALANCE))
+        assert spent.balance_after == 0
+
+    @pytest.mark.asyncio
+    async def test_concurrent_credits_never_pass_the_ceiling(
+        self, store: Store, connect_store: OpenStore
+    ) -> None:
+        other = await connect_store()
+        step = MAX_BALANCE // 10
+        user = await funded_user(store, "rich@example.com", MAX_BALANCE - 3 * step)
+        credit = LedgerDraft(user_id=user.id, amount=step, kind="topup")
+        results = await asyncio.gather(
+            *((store, other)[i % 2].post_ledger(credit) for i in range(20)), return_exceptions=True
+        )
+        posted = [result for result in results if isinstance(result, LedgerEntry)]
+        refused = [result for result in results if isinstance(result, BalanceTooLarge)]
+        assert (len(posted), len(refused)) == (3, 17)
+        assert max(entry.balance_after for entry in posted) == MAX_BALANCE
+        assert (await other.get_user(user.id)).balance == MAX_BALANCE
+        assert ledger_total(await store.list_ledger(user.id)) == MAX_BALANCE
+
+    @pytest.mark.asyncio
+    async def test_usage_of_amounts_at_the_ceiling_adds_up_exactly(self, store: Store) -> None:
+        # Ten charges of the largest balance sum past a 64-bit integer's range in micro-credits
+        # (and a store's own integer sum): usage still adds them up exactly.
+        user = await store.ensure_user("whale@example.com")
+        for _ in range(10):
+            await store.post_ledger(LedgerDraft(user_id=user.id, amount=MAX_BALANCE, kind="topup"))
+            await store.post_ledger(charge(user, MAX_BALANCE))
+        days = await store.usage_by_day(utcnow() - timedelta(days=1), user_id=user.id)
+        assert sum(day.requests for day in days) == 10  # one day, or two around midnight
+        assert sum(day.cost for day in days) == 10 * MAX_BALANCE
 
     @pytest.mark.asyncio
     async def test_post_ledger_for_missing_user(self, store: Store) -> None:
@@ -827,6 +881,50 @@ class StoreConformance:
         refused = [r for r in results if isinstance(r, RateLimitExceeded)]
         assert (len(admitted), len(refused)) == (5, 25)
         assert sorted(use.concurrent for _, use in admitted) == [1, 2, 3, 4, 5]
+
+    @pytest.mark.asyncio
+    async def test_usage_without_a_key_is_counted_per_user_apart_from_keys(self, store: Store) -> None:
+        user, key_id = await self.keyed_user(store, balance=0)
+        other = await store.ensure_user("other@example.com")
+        limits = RateLimits(requests_per_minute=2, concurrent_requests=5)
+        uses = [(await store.admit(keyless(user, prompt_tokens=5), limits))[1] for _ in range(2)]
+        assert [(u.requests, u.tokens, u.concurrent) for u in uses] == [(1, 5, 1), (2, 10, 2)]
+        assert all(0 < u.requests_reset <= 60 for u in uses)
+        before = await store.list_ledger(user.id)
+        with pytest.raises(RateLimitExceeded) as caught:
+            await store.admit(keyless(user), limits)
+        assert (caught.value.limit, caught.value.allowed) == ("requests_per_minute", 2)
+        assert 0 < caught.value.retry_after <= 60
+        assert await store.list_ledger(user.id) == before  # a refusal writes nothing
+        # The user's keys and other users count apart: neither takes from the other.
+        await store.admit(reservation(user, key_id, amount=0), RateLimits(requests_per_minute=1))
+        _, use = await store.admit(keyless(other), limits)
+        assert use.requests == 1
+        # A top-up is not usage.
+        await store.post_ledger(LedgerDraft(user_id=other.id, amount=5, kind="topup"))
+        assert (await store.admit(keyless(other), limits))[1].requests == 2
+
+    @pytest.mark.asyncio
+    async def test_tokens_per_day_refuses_once_the_days_tokens_reach_it(self, store: Store) -> None:
+        user = await store.ensure_user("daily@example.com")
+        # The first request is admitted whatever its size: nothing was used yet today.
+        entry, _ = await store.admit(keyless(user, prompt_tokens=80), RateLimits(), tokens_per_day=50)
+        settled = LedgerSettlement(amount=0, prompt_tokens=30, completion_tokens=15)
+        await store.settle_ledger(entry.id, settled)
+        entry, use = await store.admit(keyless(user, prompt_tokens=10), RateLimits(), tokens_per_day=50)
+        assert use.tokens == 55
+        await store.settle_ledger(entry.id, LedgerSettlement(amount=0, prompt_tokens=10, completion_tokens=0))
+        before = await store.list_ledger(user.id)
+        with pytest.raises(RateLimitExceeded) as caught:
+            await store.admit(keyless(user, prompt_tokens=1), RateLimits(), tokens_per_day=50)
+        assert (caught.value.limit, caught.value.allowed) == ("tokens_per_day", 50)
+        # It frees up when the first request's tokens are a day old (the second's alone are under).
+        assert 24 * 3600 - 60 < caught.value.retry_after <= 24 * 3600
+        assert await store.list_ledger(user.id) == before
+        await store.admit(keyless(user), RateLimits(), tokens_per_day=56)
+        user2, key_id = await self.keyed_user(store)
+        with pytest.raises(ValueError, match="tokens_per_day"):
+            await store.admit(reservation(user2, key_id), RateLimits(), tokens_per_day=50)
 
     @pytest.mark.asyncio
     async def test_a_lease_counts_as_its_requests_tokens_and_slots(self, store: Store) -> None:

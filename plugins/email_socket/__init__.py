@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -15,10 +16,12 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Response
 from litestar.types import ControllerRouterHandler
 
-from core.errors import ConfigError, ContextTooLong, InsufficientBalance, Problem, Superseded
+from core.bodies import decode_body
+from core.errors import ConfigError, ContextTooLong, InvalidBody, Problem, RateLimitExceeded, Superseded
 from core.hookspecs import hookimpl
 from core.locks import KeyedLock
 from core.services.accounts import EMAIL, email_allowed, normalize_email
+from core.services.billing import Payer, Quota
 from core.services.conversations import Transcript
 from core.services.generations import Generation
 from core.store import Conversation, User
@@ -36,14 +39,30 @@ class Options(msgspec.Struct, forbid_unknown_fields=True):
     model: str = "mock-chat"
     """The model of ``[models]`` that answers every email."""
     allow: list[str] | None = None
-    """Who may chat: exact addresses, ``*@domain`` patterns, or ``*`` for everyone.
-    Unset: everyone while the server listens on a loopback address, no one otherwise."""
+    """Who may chat: exact addresses, ``*@domain`` patterns, or ``*`` for everyone, whatever
+    the caller's address. Unset: only callers on this machine, that is a loopback client
+    address (or a Unix socket) and none of the proxy headers ``Forwarded``,
+    ``X-Forwarded-For``, ``X-Real-IP``; everyone else gets 403."""
+    requests_per_minute: int = 20
+    """``/api/chat`` requests each email may make in a minute (summaries count too); 0: no limit."""
+    tokens_per_day: int = 200_000
+    """Prompt and reply tokens each email may use in 24 hours; once they are reached, its
+    chats are refused until enough are a day old; 0: no limit."""
     show_think: bool = True
     """Whether ``/api/record`` (and streamed replies) show the model's reasoning as ``think``."""
     system_prompt: str = ""
     """Sent first in every conversation; empty: none."""
     summarize: bool = True
     """Fold turns that no longer fit the model's context into a rolling summary; off: drop them."""
+
+    def __post_init__(self) -> None:
+        for field in ("requests_per_minute", "tokens_per_day"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} to be >= 0 (0: no limit)")
+
+    def quota(self) -> Quota:
+        """What each email may use."""
+        return Quota(self.requests_per_minute or None, self.tokens_per_day or None)
 
 
 def failure(status: int, message: str) -> Response[Any]:
@@ -59,32 +78,75 @@ class Refused(Exception):
     """An email the allow-list does not admit (403); ``str()`` says so."""
 
 
+class Unsupported(Exception):
+    """A body that is not declared JSON (415): a page of another site can post a form or
+    ``text/plain`` to a local server without asking, but not JSON."""
+
+
+MAX_EMAIL = 254  # the longest address SMTP carries (RFC 5321's path, less its brackets)
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def json_content(request: Request[Any, Any, Any]) -> None:
+    """:class:`Unsupported` unless the body is declared ``application/json`` or ``application/*+json``."""
+    declared = request.headers.get("content-type", "")
+    media = declared.partition(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        shown = repr(media[:60]) if media else "none"
+        raise Unsupported(f"the body must be JSON sent as Content-Type: application/json (got {shown})")
+
+
 def fields(raw: bytes) -> dict[str, Any]:
     """The JSON object of a request body, with ``email`` checked and normalized."""
     try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        raise Invalid('the body must be a JSON object like {"email": "you@example.com"}') from None
+        body = decode_body(raw)
+    except InvalidBody as exc:
+        raise Invalid(f'{exc}; send a JSON object like {{"email": "you@example.com"}}') from None
     if not isinstance(body, dict):
         raise Invalid('the body must be a JSON object like {"email": "you@example.com"}')
     email = body.get("email")
     if email is None:
         raise Invalid("field 'email' is missing")
+    if isinstance(email, str) and len(normalize_email(email)) > MAX_EMAIL:
+        raise Invalid(f"field 'email' is longer than {MAX_EMAIL} characters")
     if not isinstance(email, str) or not EMAIL.fullmatch(normalize_email(email)):
         raise Invalid(f"field 'email' must be an email address, got {email!r}")
     body["email"] = normalize_email(email)
     return body
 
 
-def on_loopback(request: Request[Any, Any, Any]) -> bool:
-    """Whether the request came in on a loopback address (or a Unix socket)."""
-    server = request.scope.get("server")
-    if not server:
+def local_caller(request: Request[Any, Any, Any]) -> bool:
+    """Whether the caller is on this machine: its client address is loopback (or it came over a
+    Unix socket) and it carries no proxy header.
+
+    The client address, not the address the server listens on: behind a reverse proxy on the
+    same host every request arrives on loopback. A proxy header means someone else's request
+    was passed on, whoever passed it.
+    """
+    if any(name in request.headers for name in PROXY_HEADERS):
+        return False
+    client = request.scope.get("client")
+    if not client:
         return True
     try:
-        return ipaddress.ip_address(server[0]).is_loopback
+        address = ipaddress.ip_address(client[0])
     except ValueError:
-        return server[0] == "localhost"
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def limited(exc: RateLimitExceeded) -> Response[Any]:
+    """429 in the seed's shape, with ``Retry-After``."""
+    wait = max(1, math.ceil(exc.retry_after))
+    if exc.limit == "tokens_per_day":
+        message = f"this email has used its {exc.allowed} tokens of the last 24 hours; retry in {wait} s"
+    else:
+        message = f"too many requests: this email may send {exc.allowed} a minute; retry in {wait} s"
+    response = failure(429, message)
+    response.headers["Retry-After"] = str(wait)
+    return response
 
 
 def record_entries(transcript: Transcript, show_think: bool) -> list[dict[str, str]]:
@@ -116,6 +178,17 @@ class EmailSocketSurface(Surface):
     by a failure or an interrupt; every error is
     ``{"status": false, "code": N, "error": ...}``. Interrupts reach replies
     running in this process: run one worker per email-socket server.
+
+    Who calls: an email is an identity by its address alone, so with ``allow``
+    unset only callers on this machine are admitted (loopback client, no proxy
+    header; see :func:`local_caller`), and with it set the allow-list decides
+    (behind a proxy, ``[server] forwarded_allow_ips`` makes the client address
+    the proxy's caller's). Bodies must be declared JSON (415 otherwise), so a web
+    page cannot drive a local server. An email's usage never spends a balance: it
+    is recorded under the email at its tokens with amount 0, within the per-email
+    quotas ``requests_per_minute`` and ``tokens_per_day`` (429 with Retry-After
+    past them). A refused request (400, 403, 415, 429) writes nothing and creates
+    no user.
     """
 
     name = "email_socket"
@@ -147,11 +220,12 @@ class EmailSocketSurface(Surface):
         def admit(request: Request[Any, Any, Any], email: str) -> None:
             allow = options.allow
             if allow is None:
-                allow = ["*"] if on_loopback(request) else []
+                allow = ["*"] if local_caller(request) else []
             if not email_allowed(email, allow):
                 raise Refused(f"{email} is not allowed to use this service; ask the operator to add it")
 
         async def admitted_email(request: Request[Any, Any, Any]) -> str:
+            json_content(request)
             email: str = fields(await request.body())["email"]
             admit(request, email)
             return email
@@ -174,6 +248,7 @@ class EmailSocketSurface(Surface):
             status_code=200,
         )
         async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
+            json_content(request)
             body = fields(await request.body())
             question = body.get("inp")
             if not isinstance(question, str) or not question.strip():
@@ -182,22 +257,43 @@ class EmailSocketSurface(Surface):
             if not isinstance(stream, bool):
                 raise Invalid(f"field 'stream' must be true or false, got {stream!r}")
             admit(request, body["email"])
-            user = await services.accounts.ensure_user(body["email"])
-            await supersede(user)
+            payer = Payer(quota=options.quota())
             try:
-                # Per email, so two first messages make one conversation and /api/clear
-                # never splits a question from its reply.
-                async with starting.hold(user.id):
-                    conversation = await conversation_of(user)
-                    generation = await services.conversations.ask(
-                        conversation, route, question, system=system, summarize=options.summarize
-                    )
+                user = await services.accounts.find_user(body["email"])
+                if user is None:
+                    # What refuses a new email refuses it before it exists (the quota cannot:
+                    # nothing was used yet).
+                    services.conversations.opening(route, question, system=system)
+                    user = await services.accounts.ensure_user(body["email"])
+                # Admitted before a running question is superseded: a refused one stops nothing.
+                admitted = await services.conversations.admit(
+                    user.id, route, question, system=system, payer=payer
+                )
+                try:
+                    await supersede(user)
+                    # Per email, so two first messages make one conversation and /api/clear
+                    # never splits a question from its reply.
+                    async with starting.hold(user.id):
+                        conversation = await conversation_of(user)
+                        taken, admitted = admitted, None  # ask's from here on
+                        generation = await services.conversations.ask(
+                            conversation,
+                            route,
+                            question,
+                            system=system,
+                            summarize=options.summarize,
+                            payer=payer,
+                            admitted=taken,
+                        )
+                finally:
+                    if admitted is not None:
+                        await services.billing.release(admitted)  # nothing went upstream
             except Superseded:
                 return Response({"status": True, "code": 200, "exit": 1})
             except ContextTooLong as exc:
                 return failure(400, f"field 'inp' is too long: {exc}")
-            except InsufficientBalance:
-                return failure(403, f"the balance of {user.email} is used up; ask the operator to top it up")
+            except RateLimitExceeded as exc:
+                return limited(exc)
             if stream:
                 return ReplyStream(streamed(generation), "text/event-stream")
             return await ended(generation)
@@ -267,6 +363,8 @@ class EmailSocketSurface(Surface):
                 return failure(400, str(exc))
             if isinstance(exc, Refused):
                 return failure(403, str(exc))
+            if isinstance(exc, Unsupported):
+                return failure(415, str(exc))
             log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
             return failure(500, f"internal error ({type(exc).__name__}); the server log has the details")
 

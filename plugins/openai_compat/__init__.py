@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import msgspec
 from litestar import MediaType, Request, Router, asgi, get
 from litestar.exceptions import HTTPException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
@@ -16,8 +15,7 @@ from core.errors import Unauthenticated
 from core.hookspecs import hookimpl
 from core.money import format_amount
 from core.services import Services
-from core.services.accounts import Caller
-from core.store import ApiKey, RateLimits
+from core.services.accounts import Caller, KeyLimits
 from core.surface import Surface
 
 from .admin import admin_page, admin_router
@@ -29,43 +27,28 @@ __all__ = ["OpenAICompatSurface", "Options", "duration"]
 CREATED = 1_735_689_600  # 2025-01-01: a fixed, honest "created" for configured models
 
 
-class Options(msgspec.Struct, forbid_unknown_fields=True):
-    """``[surfaces.openai_compat]`` options."""
+class Options(KeyLimits, forbid_unknown_fields=True):
+    """``[surfaces.openai_compat]`` options.
+
+    ``requests_per_minute``, ``tokens_per_minute`` and ``concurrent_requests``
+    (see :class:`~core.services.accounts.KeyLimits`) are every key's default
+    limits, on every surface a key is used on.
+    """
 
     owned_by: str = "chatgate"
     """What ``/v1/models`` reports as each model's owner."""
     keepalive_interval: float = 10.0
     """Seconds without a token after which a stream sends an SSE comment, so proxies keep it open."""
-    requests_per_minute: int = 120
-    """Default limit of each key (a key's own limit replaces it); 0: no limit."""
-    tokens_per_minute: int = 400_000
-    """Default limit of prompt plus completion tokens per key per minute; 0: no limit."""
-    concurrent_requests: int = 16
-    """Default limit of requests in flight per key; 0: no limit."""
     currency: str = "CNY"
     """What ``/user/balance`` names as the currency credits stand for (DeepSeek's shape)."""
 
     def __post_init__(self) -> None:
         if self.keepalive_interval <= 0:
             raise ValueError("keepalive_interval to be > 0")
-        for field in ("requests_per_minute", "tokens_per_minute", "concurrent_requests"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{field} to be >= 0 (0: no limit)")
+        super().__post_init__()
 
-    def limits_for(self, key: ApiKey | None) -> RateLimits:
-        """The limits a key works under: its own where set, else these defaults (0: none)."""
-        own = key.limits if key is not None else RateLimits()
-
-        def pick(field: str) -> int | None:
-            value = getattr(own, field)
-            value = getattr(self, field) if value is None else value
-            return value or None
-
-        return RateLimits(
-            requests_per_minute=pick("requests_per_minute"),
-            tokens_per_minute=pick("tokens_per_minute"),
-            concurrent_requests=pick("concurrent_requests"),
-        )
+    def key_limits(self) -> KeyLimits:
+        return KeyLimits(self.requests_per_minute, self.tokens_per_minute, self.concurrent_requests)
 
 
 def respond(answer: Answer) -> Response[Any]:
@@ -90,6 +73,8 @@ class OpenAICompatSurface(Surface):
 
     def __init__(self, options: Options, services: Services) -> None:
         super().__init__(options, services)
+        # The keys' default limits are configured here but hold on every surface (topic chat's).
+        services.accounts.key_limits = options.key_limits()
         self.completions = ChatCompletions(services, options)
 
     def direct_routes(self) -> Mapping[str, ASGIApp]:
@@ -140,7 +125,7 @@ class OpenAICompatSurface(Surface):
             if isinstance(caller, Response):
                 return caller
             user = await services.accounts.get_user(caller.user.id)  # the caller may be remembered
-            total = format_amount(max(user.balance, 0))
+            total = format_amount(user.balance)  # what is stored, negative included: never hidden
             info = {
                 "currency": options.currency,
                 "total_balance": total,

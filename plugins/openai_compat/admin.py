@@ -9,7 +9,6 @@ OpenAI-compatible API.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +19,9 @@ from litestar import Request, Router, delete, get, patch, post
 from litestar.response import Response
 from litestar.types import ControllerRouterHandler
 
-from core.errors import InsufficientBalance, InvalidEmail, NotFound
+from core.bodies import decode_body
+from core.credentials import bearer_matches
+from core.errors import BalanceTooLarge, InsufficientBalance, InvalidBody, InvalidEmail, NotFound
 from core.money import format_amount, parse_amount
 from core.pages import web_page
 from core.services import Services
@@ -68,12 +69,10 @@ def failure(exc: Refused) -> Response[Any]:
 
 def decode(raw: bytes, struct: type[Any]) -> Any:
     try:
-        return msgspec.json.decode(raw or b"{}", type=struct)
-    except msgspec.ValidationError as exc:
-        path = str(exc).rpartition(" - at `$.")[2].rstrip("`") or None
-        raise Refused(400, f"Invalid request: {exc}", "invalid_value", path) from None
-    except msgspec.DecodeError as exc:
-        raise Refused(400, f"The body is not valid JSON: {exc}", "invalid_json") from None
+        return decode_body(raw, struct)
+    except InvalidBody as exc:
+        code = "invalid_value" if exc.reason == "shape" else "invalid_json"
+        raise Refused(400, f"Invalid request: {exc}", code, exc.field) from None
 
 
 def amount(value: str | float, field: str) -> int:
@@ -131,13 +130,11 @@ def admin_page() -> Router:
 
 def admin_router(services: Services, token: str) -> Router:
     """The admin API, guarded by ``token``."""
-    expected = token.encode()
     accounts = services.accounts
     billing = services.billing
 
     def authorized(request: Request[Any, Any, Any]) -> bool:
-        scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+        return bearer_matches(request.headers.get("authorization"), token)
 
     async def guarded(request: Request[Any, Any, Any], work: Any) -> Response[Any]:
         if not authorized(request):
@@ -156,6 +153,15 @@ def admin_router(services: Services, token: str) -> Router:
             return failure(Refused(400, str(exc), "invalid_value", "email"))
         except InsufficientBalance as exc:
             return failure(Refused(400, str(exc), "insufficient_balance", "amount"))
+
+    async def credit(user_id: int, micro: int, field: str, note: str | None) -> None:
+        """Top up, or refuse naming ``field``: past the ceiling, or taking away more than there is."""
+        try:
+            await billing.top_up(user_id, micro, note=note)
+        except BalanceTooLarge as exc:
+            raise Refused(400, f"Invalid '{field}': {exc}", "invalid_value", field) from None
+        except InsufficientBalance as exc:
+            raise Refused(400, f"Invalid '{field}': {exc}", "insufficient_balance", field) from None
 
     async def emails() -> dict[int, str]:
         return {u.id: u.email for u in await accounts.list_users()}
@@ -187,9 +193,13 @@ def admin_router(services: Services, token: str) -> Router:
         async def work() -> Response[Any]:
             body = decode(await request.body(), UserRequest)
             opening = amount(body.balance, "balance")
+            if opening < 0:  # refused before the user is created: a refusal changes nothing
+                raise Refused(
+                    400, "Invalid 'balance': an opening balance is >= 0.", "invalid_value", "balance"
+                )
             user = await accounts.ensure_user(body.email)
             if opening:
-                await billing.top_up(user.id, opening, note="opening balance")
+                await credit(user.id, opening, "balance", "opening balance")
             return Response(user_body(await accounts.get_user(user.id)), status_code=201)
 
         return await guarded(request, work)
@@ -199,7 +209,7 @@ def admin_router(services: Services, token: str) -> Router:
         async def work() -> Response[Any]:
             body = decode(await request.body(), TopUpRequest)
             await accounts.get_user(user_id)
-            await billing.top_up(user_id, amount(body.amount, "amount"), note=body.note)
+            await credit(user_id, amount(body.amount, "amount"), "amount", body.note)
             return Response(user_body(await accounts.get_user(user_id)), status_code=200)
 
         return await guarded(request, work)

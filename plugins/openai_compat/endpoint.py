@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from litestar.types import Receive, Scope, Send
 
 from core.errors import (
+    ContextTooLong,
     InsufficientBalance,
     ProviderError,
     RateLimitExceeded,
@@ -192,6 +193,13 @@ class ChatCompletions:
             return rate_limited(exc, limits)
         except InsufficientBalance as exc:
             return error(403, str(exc), "insufficient_quota", "insufficient_user_quota")
+        except ContextTooLong as exc:
+            message = (
+                f"This model's maximum context length is {route.config.context_tokens} tokens. However, "
+                f"your messages resulted in about {exc.tokens} tokens (tools and other fields included). "
+                "Please reduce the length of the messages."
+            )
+            return error(400, message, "invalid_request_error", "context_length_exceeded", "messages")
         return completion, parsed, rate_headers(limits, completion.use)
 
     async def whole(self, send: Send, completion: Completion, headers: dict[str, str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
@@ -17,20 +18,24 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Response
 from litestar.types import ControllerRouterHandler
 
+from core.bodies import decode_body
 from core.errors import (
     ConfigError,
     Conflict,
     ContextTooLong,
     InsufficientBalance,
+    InvalidBody,
     NotFound,
     Problem,
     ProviderError,
+    RateLimitExceeded,
     Superseded,
     Unauthenticated,
 )
 from core.hookspecs import hookimpl
 from core.pages import web_page
 from core.services.accounts import Caller
+from core.services.billing import Payer
 from core.services.catalog import Route
 from core.services.generations import Generation
 from core.store import Conversation, ConversationPatch, Message
@@ -142,9 +147,9 @@ class Invalid(Exception):
 
 def json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = msgspec.json.decode(raw) if raw else {}
-    except msgspec.DecodeError:
-        raise Invalid("the body is not valid JSON") from None
+        body = decode_body(raw)
+    except InvalidBody as exc:
+        raise Invalid(str(exc)) from None
     if not isinstance(body, dict):
         raise Invalid("the body must be a JSON object")
     return body
@@ -245,6 +250,14 @@ class TopicChatSurface(Surface):
 
         async def caller_of(request: Request[Any, Any, Any]) -> Caller:
             return await services.accounts.authenticate_headers(request.headers)
+
+        def payer_of(caller: Caller) -> Payer:
+            # A key's requests here count against its limits together with its /v1 requests.
+            key = caller.key
+            if key is None:
+                return Payer(balance=caller.user.balance)
+            limits = services.accounts.limits_for(key)
+            return Payer(key_id=key.id, limits=limits, balance=caller.user.balance)
 
         async def own_topic(caller: Caller, raw_id: str, field: str = "id") -> Conversation:
             topic_id = path_id(raw_id, field)
@@ -380,6 +393,8 @@ class TopicChatSurface(Surface):
                 changes["name"] = name
             if "favorite" in body:
                 changes["favorite"] = flag(body["favorite"], "favorite", False)
+            if not changes:  # a client that sent neither meant to change something: say so
+                raise Invalid("nothing to change: send field 'name', 'favorite' or both")
             updated = await conversations.update(caller.user.id, found.id, ConversationPatch(**changes))
             return Response(topic(updated))
 
@@ -410,7 +425,7 @@ class TopicChatSurface(Surface):
                 system=system,
                 memory=memory,
                 summarize=options.summarize,
-                key_id=caller.key.id if caller.key else None,
+                payer=payer_of(caller),
             )
             return await reply_stream(found, generation, web)
 
@@ -466,7 +481,7 @@ class TopicChatSurface(Surface):
                 number,
                 system=system,
                 memory=memory,
-                key_id=caller.key.id if caller.key else None,
+                payer=payer_of(caller),
             )
             return await reply_stream(found, generation, web)
 
@@ -500,6 +515,10 @@ class TopicChatSurface(Surface):
                     return failure(401, str(exc))
                 case InsufficientBalance():
                     return failure(403, "your balance is used up; ask the operator to top it up")
+                case RateLimitExceeded():
+                    response = failure(429, str(exc))
+                    response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+                    return response
                 case NotFound():
                     return failure(404, str(exc))
                 case Conflict() | Superseded():

@@ -92,6 +92,8 @@ def test_a_balance_cannot_be_taken_below_zero(write_config):
         (["serve", "--port", "70000"], "'70000' is not a port"),
         (["keys", "create", "--email", "a@b.c", "--balance", "-5"], "'-5' is negative"),
         (["users", "topup", "a@b.c", "1e20"], "'1e20' is too large"),
+        (["users", "topup", "a@b.c", "1000000000000.000001"], "is too large (at most 1,000,000,000,000"),
+        (["keys", "create", "--email", "a@b.c", "--balance", "1e999999"], "'1e999999' is too large"),
         (["keys"], "choose an action"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
@@ -102,6 +104,23 @@ def test_bad_arguments_get_a_usage_line_and_exit_2(write_config, args, message):
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("usage: chatgate")
     assert message in result.stderr
+
+
+def test_a_top_up_past_the_ceiling_is_a_clear_error_and_changes_nothing(write_config):
+    config = str(write_config())
+    chatgate(
+        "keys", "create", "--email", "rich@example.com", "--balance", "1e12", "--config", config, check=True
+    )
+    more = chatgate("users", "topup", "rich@example.com", "0.000001", "--config", config)
+    assert more.returncode == 1
+    assert "Traceback" not in more.stderr
+    assert more.stderr.startswith("chatgate: balance 1000000000000.000000 plus 0.000001 credits would pass")
+    again = chatgate("keys", "create", "--email", "rich@example.com", "--balance", "1", "--config", config)
+    assert again.returncode == 1  # and no second key was made for a balance that was refused
+    keys = chatgate("keys", "list", "--config", config, check=True).stdout.splitlines()
+    assert len(keys) == 2
+    rows = chatgate("users", "list", "--config", config, check=True).stdout.splitlines()
+    assert rows[1].split()[1:3] == ["rich@example.com", "1000000000000.000000"]
 
 
 def test_unknown_ids_and_emails_are_clear_errors(write_config):

@@ -108,7 +108,8 @@ class Scenario(msgspec.Struct, forbid_unknown_fields=True):
     ``stall_after`` stalls before the JSON, and ``malformed_after`` replaces the JSON with broken text.
 
     Usage counts one completion token per reasoning, content or tool-call delta event, so the numbers add
-    up to what was sent.
+    up to what was sent (unless ``completion_tokens`` says otherwise). ``ignore_max_tokens`` plays an
+    upstream that sends its whole reply whatever ``max_tokens`` asked for.
     """
 
     # None: follow the request's "thinking" (absent: enabled, but disabled for the deepseek-chat alias).
@@ -126,6 +127,9 @@ class Scenario(msgspec.Struct, forbid_unknown_fields=True):
     usage: Literal["final_chunk", "trailer_chunk", "absent"] = "final_chunk"
     status: int | None = None  # answer with this HTTP error status and DeepSeek's body for it
     message: str | None = None  # the error message, instead of the status's usual one
+    # With ``status``: the message quotes the request's key, as some servers do: "full", or "masked"
+    # like OpenAI's "Incorrect API key provided: sk-abc***wxyz" (the first 6 and last 4 characters).
+    echo_key: Literal["full", "masked"] | None = None
     retry_after: str | None = None  # a Retry-After header on the error answer
     delay: float = 0.0  # seconds before the response headers (errors included)
     first_token_delay: float = 0.0  # seconds between the headers (and keep-alives) and the first event
@@ -136,6 +140,8 @@ class Scenario(msgspec.Struct, forbid_unknown_fields=True):
     empty_body: bool = False  # HTTP 200, application/json, Content-Length: 0
     finish_reason: str | None = None  # instead of stop/length/tool_calls
     json_for_stream: bool = False  # answer a stream=true request with the non-streamed JSON
+    ignore_max_tokens: bool = False  # a misbehaving upstream: the whole reply, whatever max_tokens says
+    completion_tokens: int | None = None  # report this many completion tokens, not the count sent
 
 
 class Received(msgspec.Struct):
@@ -589,8 +595,13 @@ class FakeDeepSeek:
         try:
             await self._pause(conn, scenario.delay)
             if scenario.status is not None:
+                message = scenario.message
+                if scenario.echo_key is not None:
+                    key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                    shown = key if scenario.echo_key == "full" else f"{key[:6]}***{key[-4:]}"
+                    message = f"{message or 'Incorrect API key provided'}: {shown}."
                 return await self._send_error(
-                    conn, request, scenario.status, scenario.message, retry_after=scenario.retry_after
+                    conn, request, scenario.status, message, retry_after=scenario.retry_after
                 )
             if (failure := self._auth_failure(request.headers)) is not None:
                 return await self._send_error(conn, request, 401, failure)
@@ -769,7 +780,7 @@ def _plan(scenario: Scenario, body: dict[str, Any], thinking: bool) -> _Plan:
         if scenario.content is not None
         else _generated(["You", " said"], prompt, _REPLY_FILLER, scenario.tokens)
     )
-    max_tokens = body.get("max_tokens")
+    max_tokens = None if scenario.ignore_max_tokens else body.get("max_tokens")
     budget = max_tokens if max_tokens is not None else math.inf
     truncated = False
 
@@ -797,6 +808,8 @@ def _plan(scenario: Scenario, body: dict[str, Any], thinking: bool) -> _Plan:
 
     prompt_tokens = estimate_prompt_tokens(messages)
     completion_tokens = len(reasoning) + (len(content) if tool_call is None else 1 + len(tool_call[2]))
+    if scenario.completion_tokens is not None:
+        completion_tokens = scenario.completion_tokens
     usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

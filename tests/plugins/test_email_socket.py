@@ -9,7 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from core.services.context import SUMMARY_PREAMBLE
 from core.tokens import estimate_prompt_tokens
 from core.types import ChatMessage
-from plugins.email_socket import on_loopback
+from plugins.email_socket import local_caller
 from tests.conftest import Gateway, Servers, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
@@ -157,12 +158,13 @@ async def test_the_seed_httpie_calls(email: Email, fake_deepseek: FakeDeepSeek) 
 # --- interrupt ---
 
 
-async def wait_for_partial(email: Email, address: str) -> dict[str, Any]:
-    """The record once the reply being generated shows some text."""
+async def wait_for_partial(email: Email, address: str, showing: str = "") -> dict[str, Any]:
+    """The record once the reply being generated shows some text (``showing``, when given)."""
     async with asyncio.timeout(10):
         while True:
             record = await email.record(address)
-            if record["code"] == 201 and record["text"][-1]["content"]:
+            partial = record["text"][-1]["content"] if record["text"] else ""
+            if record["code"] == 201 and partial and showing in partial:
                 return record
             await asyncio.sleep(0.02)
 
@@ -175,7 +177,8 @@ async def test_a_newer_chat_interrupts_and_answers_with_the_partial_exchange_in_
         Scenario(content="Second answer.", reasoning="r2"),
     )
     first = asyncio.create_task(email.chat("a@example.com", "Tell me a long story"))
-    await wait_for_partial(email, "a@example.com")
+    # Wait for two words, not one: on a busy machine the first flush may hold only "word0".
+    await wait_for_partial(email, "a@example.com", showing="word1")
     second = await email.chat("a@example.com", "Stop, answer this instead")
     # The interrupted caller hears exit 1; the upstream saw its request go away.
     assert (await first).json() == {"status": True, "code": 200, "exit": 1}
@@ -224,12 +227,14 @@ async def test_the_record_grows_while_generating_then_is_complete(
     chat = asyncio.create_task(email.chat("live@example.com", "count slowly"))
     seen = [await wait_for_partial(email, "live@example.com")]
     while seen[-1]["code"] == 201:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.1)
         seen.append(await email.record("live@example.com"))
     assert (await chat).json()["exit"] == 0
     growing = [r["text"][-1]["content"] for r in seen if r["code"] == 201]
-    assert len(growing) >= 2
-    assert all(len(a) < len(b) for a, b in itertools.pairwise(growing))
+    # Each poll shows at least what the last one did, and the reply was seen growing; a busy
+    # machine may stall a flush past one poll, so two polls may show the same text.
+    assert all(b.startswith(a) for a, b in itertools.pairwise(growing))
+    assert len(set(growing)) >= 2
     assert seen[-1]["text"][-1]["content"] == " ".join(f"w{i}" for i in range(100))
     assert all("status" not in r["text"][-1] for r in seen)
 
@@ -265,7 +270,7 @@ NO_INP = "field 'inp' is missing or empty; send the message as a string"
 @pytest.mark.parametrize(
     ("body", "error"),
     [
-        (b"{not json", 'the body must be a JSON object like {"email": "you@example.com"}'),
+        (b"{not json", 'the request body is not valid JSON (JSON is malformed: object keys must be strings (byte 1)); send a JSON object like {"email": "you@example.com"}'),  # noqa: E501
         (b"[]", 'the body must be a JSON object like {"email": "you@example.com"}'),
         (b'{"inp": "hi"}', "field 'email' is missing"),
         (b'{"email": "nobody", "inp": "hi"}', "field 'email' must be an email address, got 'nobody'"),
@@ -308,38 +313,32 @@ async def test_an_input_larger_than_the_context_is_400_and_interrupts_nothing(
 
 async def test_an_oversized_body_is_413_in_the_seed_shape(email: Email) -> None:
     oversized = json.dumps({"email": "a@example.com", "inp": "x" * 2_000_000})
-    response = await email.http.post("/api/chat", content=oversized)
+    response = await email.http.post(
+        "/api/chat", content=oversized, headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 413
     assert response.json()["error"] == "the request body is larger than this server's limit of 1048576 bytes"
 
 
-def test_without_an_allow_list_only_a_loopback_server_lets_everyone_in() -> None:
+def test_without_an_allow_list_only_a_loopback_client_without_proxy_headers_is_local() -> None:
+    # The client addresses a real server on this machine cannot be called from (the
+    # real-HTTP tests below cover loopback callers, proxy headers and proxies).
     from litestar import Request
 
-    def arrived_on(host: str) -> bool:
-        return on_loopback(Request({"type": "http", "server": (host, 8000), "headers": []}))  # type: ignore[arg-type]
+    def local(client: tuple[str, int] | None, *headers: tuple[bytes, bytes]) -> bool:
+        scope = {"type": "http", "client": client, "server": ("127.0.0.1", 8000), "headers": list(headers)}
+        return local_caller(Request(scope))  # type: ignore[arg-type]
 
-    assert arrived_on("127.0.0.1")
-    assert arrived_on("::1")
-    assert arrived_on("localhost")
-    assert not arrived_on("10.0.0.5")
-    assert not arrived_on("192.168.1.2")
-
-
-async def test_a_public_server_without_an_allow_list_refuses_everyone(
-    email_config: Callable[..., Path], fake_deepseek: FakeDeepSeek
-) -> None:
-    from litestar.testing import AsyncTestClient
-
-    from core.app import create_app
-    from core.config import load_config
-
-    app = create_app(load_config(email_config()))
-    async with AsyncTestClient(app, base_url="http://203.0.113.7:8000") as client:
-        # Litestar's test client reports the base URL's host as the server address.
-        response = await client.post("/api/chat", json={"email": "a@example.com", "inp": "hi"})
-    assert response.status_code == 403
-    assert fake_deepseek.requests == []
+    assert local(("127.0.0.1", 5000))
+    assert local(("127.0.0.5", 5000))
+    assert local(("::1", 5000))
+    assert local(("::ffff:127.0.0.1", 5000))
+    assert local(None)  # a Unix socket
+    assert not local(("10.0.0.5", 5000))  # whatever address the server listens on
+    assert not local(("203.0.113.7", 5000))
+    assert not local(("testclient", 5000))
+    for header in (b"forwarded", b"x-forwarded-for", b"x-real-ip"):
+        assert not local(("127.0.0.1", 5000), (header, b"127.0.0.1"))
 
 
 # --- long memory ---
@@ -348,6 +347,7 @@ SMALL = MODELS.replace(
     "context_tokens = 65536\nmax_output_tokens = 4096", "context_tokens = 700\nmax_output_tokens = 100"
 )
 BUDGET = 600
+UNLIMITED = "requests_per_minute = 0\ntokens_per_day = 0\n"  # long conversations, faster than any email
 
 
 def summarizer(body: dict[str, Any]) -> Scenario | None:
@@ -367,7 +367,9 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 async def test_a_long_conversation_fits_the_budget_and_remembers_its_start(
     email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
 ) -> None:
-    config = email_config('system_prompt = "You are terse."\n', model="deepseek-chat", models=SMALL)
+    config = email_config(
+        'system_prompt = "You are terse."\n' + UNLIMITED, model="deepseek-chat", models=SMALL
+    )
     email = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
     fake_deepseek.responder = summarizer
     fake_deepseek.scenario = Scenario(tokens=12)
@@ -398,7 +400,7 @@ async def test_a_long_conversation_fits_the_budget_and_remembers_its_start(
 async def test_without_summaries_the_oldest_turns_are_dropped(
     email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
 ) -> None:
-    config = email_config("summarize = false\n", model="deepseek-chat", models=SMALL)
+    config = email_config("summarize = false\n" + UNLIMITED, model="deepseek-chat", models=SMALL)
     email = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
     fake_deepseek.scenario = Scenario(tokens=12)
     for turn in range(40):
@@ -416,7 +418,7 @@ async def test_without_summaries_the_oldest_turns_are_dropped(
 async def test_a_failed_summary_drops_turns_for_now_and_folds_them_later(
     email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
 ) -> None:
-    config = email_config(model="deepseek-chat", models=SMALL)
+    config = email_config(UNLIMITED, model="deepseek-chat", models=SMALL)
     email = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
     broken = {"on": True}
 
@@ -557,37 +559,248 @@ async def test_a_streamed_chat_is_interrupted_like_any_other(
     assert len("".join(e.get("content", "") for e in received)) > 0
 
 
-async def test_a_priced_model_charges_the_email_and_refuses_an_empty_balance(
+PRICED = MODELS.replace(
+    'provider = "deepseek"\n', 'provider = "deepseek"\ninput_price = 1000\noutput_price = 2000\n'
+)
+
+
+async def settled_ledger(services: Any, user_id: int) -> list[Any]:
+    """The user's ledger, newest first, once no reservation of it is still open."""
+    async with asyncio.timeout(10):
+        while True:
+            ledger = await services.billing.store.list_ledger(user_id)
+            if ledger and not any(e.kind == "reservation" for e in ledger):
+                return ledger  # type: ignore[no-any-return]
+            await asyncio.sleep(0.01)
+
+
+async def test_an_email_never_spends_the_balance_of_the_key_holder_with_its_address(
     email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
 ) -> None:
-    priced = MODELS.replace(
-        'provider = "deepseek"\n', 'provider = "deepseek"\ninput_price = 1000\noutput_price = 2000\n'
-    )
-    email = Email(await gateway_factory(email_config(model="deepseek-chat", models=priced)))  # type: ignore[arg-type,misc]
-    response = await email.chat("paying@example.com", "hi")
-    assert response.status_code == 403
-    assert response.json() == {
-        "status": False,
-        "code": 403,
-        "error": "the balance of paying@example.com is used up; ask the operator to top it up",
-    }
-    assert (await email.record("paying@example.com"))["text"] == []
+    email = Email(await gateway_factory(email_config(model="deepseek-chat", models=PRICED)))  # type: ignore[arg-type,misc]
     services = email.gateway.services
-    user = await services.accounts.find_user("paying@example.com")
+    key, _ = await services.accounts.create_key("holder@example.com")
+    await services.billing.top_up(key.user_id, 100_000_000)
+    fake_deepseek.scenario = Scenario(content="Free for you.")
+    assert (await email.chat("holder@example.com", "hi there")).json() == {
+        "status": True,
+        "code": 200,
+        "exit": 0,
+    }
+    ledger = await settled_ledger(services, key.user_id)
+    assert (await services.accounts.get_user(key.user_id)).balance == 100_000_000
+    [usage, topup] = ledger
+    assert topup.kind == "topup"
+    # Recorded under the email, keyless, at its real tokens, model and provider: at no cost.
+    assert (usage.kind, usage.amount, usage.key_id) == ("charge", 0, None)
+    assert (usage.model, usage.provider, usage.outcome) == ("deepseek-chat", "deepseek", "ok")
+    assert usage.prompt_tokens > 0
+    assert usage.completion_tokens > 0
+    assert usage.balance_after == 100_000_000
+
+
+async def test_a_new_email_chats_on_a_priced_model_with_nothing_in_its_balance(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    email = Email(await gateway_factory(email_config(model="deepseek-chat", models=PRICED)))  # type: ignore[arg-type,misc]
+    fake_deepseek.scenario = Scenario(content="Welcome.")
+    assert (await email.chat("new@example.com", "hi")).json() == {"status": True, "code": 200, "exit": 0}
+    record = await email.record("new@example.com")
+    assert [(e["role"], e["content"]) for e in record["text"]] == [("user", "hi"), ("ai", "Welcome.")]
+    services = email.gateway.services
+    user = await services.accounts.find_user("new@example.com")
     assert user is not None
-    await services.billing.top_up(user.id, 100_000_000)
-    fake_deepseek.scenario = Scenario(content="Paid answer.")
-    assert (await email.chat("paying@example.com", "hi")).json()["exit"] == 0
-    async with asyncio.timeout(5):
-        while True:
-            ledger = await services.billing.store.list_ledger(user.id)
-            charges = [e for e in ledger if e.kind == "charge"]
-            if charges and not any(e.kind == "reservation" for e in ledger):
-                break
-            await asyncio.sleep(0.01)
-    [charge] = charges
-    assert charge.amount == -(charge.prompt_tokens * 1000 + charge.completion_tokens * 2000)
-    assert (await services.accounts.get_user(user.id)).balance == 100_000_000 + charge.amount
+    [usage] = await settled_ledger(services, user.id)
+    assert (usage.amount, usage.key_id, usage.model) == (0, None, "deepseek-chat")
+    assert (await services.accounts.get_user(user.id)).balance == 0
+
+
+async def test_past_its_requests_per_minute_an_email_gets_429_and_nothing_is_stored(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    email = Email(await gateway_factory(email_config("requests_per_minute = 2\n")))  # type: ignore[arg-type,misc]
+    fake_deepseek.scenario = Scenario(content="ok")
+    for text in ("one", "two"):
+        assert (await email.chat("busy@example.com", text)).json()["exit"] == 0
+    # A long reply runs for another email: a refused chat interrupts nothing.
+    fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(200)), token_delay=0.01)
+    running = asyncio.create_task(email.chat("other@example.com", "go"))
+    await wait_for_partial(email, "other@example.com")
+    response = await email.chat("busy@example.com", "three")
+    assert response.status_code == 429
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    body = response.json()
+    assert (body["status"], body["code"]) == (False, 429)
+    assert body["error"].startswith("too many requests: this email may send 2 a minute; retry in ")
+    record = await email.record("busy@example.com")
+    assert [e["content"] for e in record["text"] if e["role"] == "user"] == ["one", "two"]
+    assert len(chat_requests(fake_deepseek)) == 3
+    # Each email has its own minute.
+    assert (await running).json()["exit"] == 0
+    assert (await email.chat("other@example.com", "again")).json()["exit"] == 0
+
+
+async def test_past_its_tokens_per_day_an_email_gets_429(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    email = Email(await gateway_factory(email_config("tokens_per_day = 50\n")))  # type: ignore[arg-type,misc]
+    fake_deepseek.scenario = Scenario(content=" ".join(f"word{i}" for i in range(60)), thinking=False)
+    assert (await email.chat("wordy@example.com", "talk")).json()["exit"] == 0
+    user = await email.gateway.services.accounts.find_user("wordy@example.com")
+    assert user is not None
+    [usage] = await settled_ledger(email.gateway.services, user.id)
+    assert usage.prompt_tokens + usage.completion_tokens >= 50
+    response = await email.chat("wordy@example.com", "more")
+    assert response.status_code == 429
+    assert 23 * 3600 < int(response.headers["Retry-After"]) <= 24 * 3600
+    assert "this email has used its 50 tokens of the last 24 hours" in response.json()["error"]
+    assert [e["content"] for e in (await email.record("wordy@example.com"))["text"]][0::2] == ["talk"]
+    assert len(chat_requests(fake_deepseek)) == 1
+
+
+async def test_an_address_over_254_characters_is_400_short_and_creates_nothing(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    address = "a" * 288 + "@example.com"
+    for path in ("/api/chat", "/api/record", "/api/clear"):
+        response = await email.http.post(path, json={"email": address, "inp": "hi"})
+        assert response.status_code == 400
+        assert response.json() == {
+            "status": False,
+            "code": 400,
+            "error": "field 'email' is longer than 254 characters",
+        }
+    assert await email.gateway.services.accounts.list_users() == []
+    assert fake_deepseek.requests == []
+    assert (await email.chat("b" * 242 + "@example.com", "hi")).status_code == 200  # 254 exactly
+
+
+async def test_a_new_email_refused_for_a_too_long_input_is_not_created(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    email = Email(await gateway_factory(email_config(model="deepseek-chat", models=SMALL)))  # type: ignore[arg-type,misc]
+    response = await email.chat("verbose@example.com", "word " * 3000)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("field 'inp' is too long")
+    assert await email.gateway.services.accounts.list_users() == []
+    assert fake_deepseek.requests == []
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/json"],
+)
+async def test_a_body_not_declared_json_is_415_and_writes_nothing(
+    email: Email, fake_deepseek: FakeDeepSeek, content_type: str | None
+) -> None:
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    body = json.dumps({"email": "a@example.com", "inp": "hi"})
+    for path in ("/api/chat", "/api/record", "/api/clear"):
+        response = await email.http.post(path, content=body, headers=headers)
+        assert response.status_code == 415
+        error = response.json()["error"]
+        assert response.json() == {"status": False, "code": 415, "error": error}
+        assert "Content-Type: application/json" in error
+    assert await email.gateway.services.accounts.list_users() == []
+    assert fake_deepseek.requests == []
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "Application/JSON", "application/x+json"]
+)
+async def test_json_content_types_with_parameters_or_a_json_suffix_are_accepted(
+    email: Email, content_type: str
+) -> None:
+    body = json.dumps({"email": "a@example.com", "inp": "hi"})
+    response = await email.http.post("/api/chat", content=body, headers={"Content-Type": content_type})
+    assert response.json() == {"status": True, "code": 200, "exit": 0}
+
+
+# --- who is calling ---
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [("X-Forwarded-For", "127.0.0.1"), ("Forwarded", "for=127.0.0.1"), ("X-Real-IP", "127.0.0.1")],
+)
+async def test_without_an_allow_list_a_request_with_a_proxy_header_is_403_and_writes_nothing(
+    email: Email, fake_deepseek: FakeDeepSeek, header: str, value: str
+) -> None:
+    for path in ("/api/chat", "/api/record", "/api/clear"):
+        response = await email.http.post(
+            path, json={"email": "a@example.com", "inp": "hi"}, headers={header: value}
+        )
+        assert response.status_code == 403
+        assert response.json() == {
+            "status": False,
+            "code": 403,
+            "error": "a@example.com is not allowed to use this service; ask the operator to add it",
+        }
+    assert await email.gateway.services.accounts.list_users() == []
+    assert fake_deepseek.requests == []
+    # The same request from this machine, without the header, is let in.
+    assert (await email.chat("a@example.com", "hi")).json() == {"status": True, "code": 200, "exit": 0}
+
+
+@asynccontextmanager
+async def proxy(target: str, header: bytes) -> AsyncIterator[str]:
+    """A reverse proxy in miniature on loopback: passes each connection on to ``target``, adding
+    ``header`` to its request, as nginx adds X-Forwarded-For; yields its base URL."""
+    host, port = target.removeprefix("http://").split(":")
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        request_line, _, rest = (await reader.readuntil(b"\r\n\r\n")).partition(b"\r\n")
+        up_writer.write(request_line + b"\r\n" + header + b"\r\n" + rest)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port_ = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port_}"
+    finally:
+        server.close()
+
+
+async def test_behind_a_proxy_without_an_allow_list_everyone_is_refused(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    async with (
+        proxy(email.url, b"X-Forwarded-For: 203.0.113.7") as url,
+        httpx.AsyncClient(base_url=url, headers={"Connection": "close"}) as client,
+    ):
+        for path in ("/api/chat", "/api/record", "/api/clear"):
+            response = await client.post(path, json={"email": "a@example.com", "inp": "hi"})
+            assert response.status_code == 403
+            assert response.json()["error"].startswith("a@example.com is not allowed")
+    assert await email.gateway.services.accounts.list_users() == []
+    assert fake_deepseek.requests == []
+
+
+async def test_behind_a_proxy_the_allow_list_decides(
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    email = Email(await gateway_factory(email_config('allow = ["*@example.com"]\n')))  # type: ignore[arg-type,misc]
+    fake_deepseek.scenario = Scenario(content="Through the proxy.", thinking=False)
+    async with (
+        proxy(email.url, b"X-Forwarded-For: 203.0.113.7") as url,
+        httpx.AsyncClient(base_url=url, headers={"Connection": "close"}, timeout=30) as client,
+    ):
+        response = await client.post("/api/chat", json={"email": "a@example.com", "inp": "hi"})
+        assert response.json() == {"status": True, "code": 200, "exit": 0}
+        record = (await client.post("/api/record", json={"email": "a@example.com"})).json()
+        assert [e["content"] for e in record["text"]] == ["hi", "Through the proxy."]
+        refused = await client.post("/api/chat", json={"email": "a@example.org", "inp": "hi"})
+        assert refused.status_code == 403
+    assert await email.gateway.services.accounts.find_user("a@example.org") is None
 
 
 async def test_a_server_stopped_mid_reply_keeps_the_partial_reply_interrupted(
@@ -656,7 +869,7 @@ async def test_clear_during_a_reply_interrupts_it_and_keeps_it_in_the_old_conver
 async def test_a_newer_question_does_not_wait_for_an_older_ones_summary(
     email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
 ) -> None:
-    email = Email(await gateway_factory(email_config(model="deepseek-chat", models=SMALL)))  # type: ignore[arg-type,misc]
+    email = Email(await gateway_factory(email_config(UNLIMITED, model="deepseek-chat", models=SMALL)))  # type: ignore[arg-type,misc]
     slow = {"left": 1}
 
     def responder(body: dict[str, Any]) -> Scenario | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+from core.money import MAX_BALANCE, format_amount
+from core.store import LedgerDraft
 from tests.conftest import Gateway
 
 TOKEN = "admin-test-token-0123456789"
@@ -131,3 +134,67 @@ async def test_bad_admin_input_is_400(
 async def test_unknown_ids_are_404(admin: httpx.AsyncClient) -> None:
     assert (await admin.delete("/admin/api/keys/999")).status_code == 404
     assert (await admin.post("/admin/api/users/999/topup", json={"amount": "1"})).status_code == 404
+
+
+# --- the ceiling of balances ---
+
+CEILING = format_amount(MAX_BALANCE)  # "1000000000000.000000"
+
+
+@pytest.fixture
+async def admin_gateway(write_config: Callable[..., Path], gateway_factory: Callable[..., object]) -> Gateway:
+    config = write_config(replace={'host = "127.0.0.1"\n': f'host = "127.0.0.1"\nadmin_token = "{TOKEN}"\n'})
+    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    gateway.client.headers["Authorization"] = f"Bearer {TOKEN}"
+    return gateway
+
+
+@pytest.mark.parametrize("balance", ["1000000000000.000001", 10**13, "1e999999", 1e300, "-1"])
+async def test_a_user_created_past_the_ceiling_or_below_zero_is_400_and_not_created(
+    admin_gateway: Gateway, balance: str | float
+) -> None:
+    admin = admin_gateway.client
+    response = await admin.post("/admin/api/users", json={"email": "big@example.com", "balance": balance})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "balance"
+    assert await admin_gateway.services.accounts.find_user("big@example.com") is None
+
+
+async def test_a_top_up_past_the_ceiling_is_400_and_changes_nothing(admin_gateway: Gateway) -> None:
+    admin = admin_gateway.client
+    created = await admin.post("/admin/api/users", json={"email": "rich@example.com", "balance": CEILING})
+    assert created.status_code == 201, created.text
+    user = created.json()
+    assert user["balance"] == CEILING
+    ledger = await admin_gateway.services.billing.store.list_ledger(user["id"])
+    for amount in ("0.000001", "1000000000000", "1e999999"):
+        refused = await admin.post(f"/admin/api/users/{user['id']}/topup", json={"amount": amount})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["type"]) == ("amount", "invalid_request_error")
+    assert await admin_gateway.services.billing.store.list_ledger(user["id"]) == ledger
+    listed = (await admin.get("/admin/api/users")).json()["data"]
+    assert [u["balance"] for u in listed if u["id"] == user["id"]] == [CEILING]
+
+
+async def test_the_admin_api_renders_balances_and_usage_at_the_ceiling(admin_gateway: Gateway) -> None:
+    admin = admin_gateway.client
+    accounts, store = admin_gateway.services.accounts, admin_gateway.services.billing.store
+    key, _ = await accounts.create_key("whale@example.com")
+    # Ten charges of the largest balance: their sum is past what a 64-bit integer holds.
+    for _ in range(10):
+        await store.post_ledger(LedgerDraft(user_id=key.user_id, amount=MAX_BALANCE, kind="topup"))
+        await store.post_ledger(
+            LedgerDraft(user_id=key.user_id, amount=-MAX_BALANCE, kind="charge", key_id=key.id, model="m")
+        )
+    await store.post_ledger(LedgerDraft(user_id=key.user_id, amount=MAX_BALANCE, kind="topup"))
+    spent = format_amount(10 * MAX_BALANCE)
+    users = await admin.get("/admin/api/users")
+    assert users.status_code == 200, users.text
+    assert [u["balance"] for u in users.json()["data"] if u["id"] == key.user_id] == [CEILING]
+    keys = await admin.get("/admin/api/keys")
+    assert keys.status_code == 200, keys.text
+    assert [k["usage"]["cost"] for k in keys.json()["data"] if k["id"] == key.id] == [spent]
+    usage = await admin.get("/admin/api/usage", params={"key_id": key.id})
+    assert usage.status_code == 200, usage.text
+    assert sum(Decimal(row["cost"]) for row in usage.json()["data"]) == Decimal(spent)  # one day or two

@@ -15,6 +15,7 @@ import pytest
 
 from core.hookspecs import hookimpl
 from core.search import WebResult, WebSearch
+from core.store import RateLimits
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
@@ -474,6 +475,86 @@ async def test_replies_are_charged_and_an_empty_balance_is_403(
     assert await poor.messages(created["id"]) == []
 
 
+# --- rate limits ---
+
+
+async def limited_user(gateway: Gateway, email: str, **limits: int) -> User:
+    user = await user_on(gateway, email)
+    [key] = await gateway.services.accounts.list_keys(user.id)
+    await gateway.services.accounts.set_limits(key.id, RateLimits(**limits))
+    return user
+
+
+def assert_limited(response: httpx.Response, what: str) -> None:
+    assert response.status_code == 429
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert response.json()["statusCode"] == 429
+    assert response.json()["message"].startswith(f"rate limit reached: {what} for this key; retry in ")
+
+
+async def test_topic_messages_count_against_their_keys_requests_per_minute(
+    gateway: Gateway, fake_deepseek: FakeDeepSeek
+) -> None:
+    user = await limited_user(gateway, "counted@example.com", requests_per_minute=2)
+    created = await user.topic()
+    fake_deepseek.scenario = Scenario(content="ok")
+    await user.send(created["id"], "one")
+    await user.send(created["id"], "two")
+    body = {"seriesId": 1, "modelId": 1, "message": "three"}
+    assert_limited(
+        await user.call("POST", f"/chat/topic/{created['id']}/message", body), "2 requests per minute"
+    )
+    messages = await user.messages(created["id"])
+    assert [(m["type"], m["message"]) for m in messages] == [(0, "one"), (1, "ok"), (0, "two"), (1, "ok")]
+    # Regenerating is a request too.
+    response = await user.call(
+        "POST", f"/chat/topic/{created['id']}/message/{messages[3]['id']}/regenerate", PICK
+    )
+    assert_limited(response, "2 requests per minute")
+    assert await user.messages(created["id"]) == messages
+    assert len(fake_deepseek.requests) == 2
+
+
+async def test_topic_and_v1_requests_of_a_key_share_one_count(
+    gateway: Gateway, fake_deepseek: FakeDeepSeek
+) -> None:
+    user = await limited_user(gateway, "shared@example.com", requests_per_minute=2)
+    created = await user.topic()
+    fake_deepseek.scenario = Scenario(content="ok")
+    completion = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await user.call("POST", "/v1/chat/completions", completion)).status_code == 200
+    await user.send(created["id"], "one")
+    body = {**PICK, "message": "two"}
+    assert_limited(
+        await user.call("POST", f"/chat/topic/{created['id']}/message", body), "2 requests per minute"
+    )
+    v1 = await user.call("POST", "/v1/chat/completions", completion)
+    assert v1.status_code == 429
+    assert v1.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_the_configured_default_limits_hold_for_topic_chat_too(
+    topic_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+) -> None:
+    path = topic_config()  # every key's defaults are set where /v1's are
+    limited = "[surfaces.openai_compat]\nconcurrent_requests = 1\n"
+    path.write_text(path.read_text().replace("[surfaces.openai_compat]\n", limited))
+    gateway: Gateway = await gateway_factory(path)  # type: ignore[assignment,misc]
+    user = await user_on(gateway, "slow@example.com")
+    created = await user.topic()
+    fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(300)), token_delay=0.01)
+    first = await user.topic("other")
+    async with user.stream(
+        "POST", f"/chat/topic/{first['id']}/message", {**PICK, "message": "long"}
+    ) as running:
+        assert running.status_code == 200
+        body = {**PICK, "message": "meanwhile"}
+        response = await user.call("POST", f"/chat/topic/{created['id']}/message", body)
+        assert_limited(response, "1 concurrent requests")
+        await running.aread()
+    assert await user.messages(created["id"]) == []
+
+
 # --- bad input ---
 
 
@@ -487,7 +568,7 @@ PICK = {"seriesId": 1, "modelId": 1}
         ("POST", "/chat/topic", {"seriesId": 1}, "field 'name' is missing or empty"),
         ("POST", "/chat/topic", {"name": "x"}, "field 'seriesId' must be an integer, got None"),
         ("POST", "/chat/topic", {"name": "x", "seriesId": "1"}, "field 'seriesId' must be an integer, got '1'"),  # noqa: E501
-        ("POST", "/chat/topic", b"{broken", "the body is not valid JSON"),
+        ("POST", "/chat/topic", b"{broken", "the request body is not valid JSON (JSON is malformed: object keys must be strings (byte 1))"),  # noqa: E501
         ("GET", "/chat/topic/abc", None, "path parameter 'id' must be a positive integer, got 'abc'"),
         ("GET", "/chat/topic?seriesId=x", None, "query parameter 'seriesId' must be a positive integer, got 'x'"),  # noqa: E501
         ("PATCH", "/chat/topic/{t}", {"favorite": "yes"}, "field 'favorite' must be true or false, got 'yes'"),  # noqa: E501

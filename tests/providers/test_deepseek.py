@@ -264,6 +264,15 @@ async def test_alias_maps_the_model_and_merges_its_body(
     assert "thinking" not in fake.requests[-1].body
 
 
+async def test_an_alias_body_cannot_ask_for_more_output_than_the_request(fake: FakeDeepSeek) -> None:
+    aliases = {"deepseek-chat": {"model": "deepseek-v4-flash", "extra_body": {"max_tokens": 100_000}}}
+    async with opened(make(fake, aliases=aliases)) as provider:
+        await collect(provider, ask(max_tokens=64))
+        assert fake.requests[-1].body["max_tokens"] == 64  # what was reserved
+        await collect(provider, ask())  # a request without a cap takes the alias's
+        assert fake.requests[-1].body["max_tokens"] == 100_000
+
+
 async def test_openai_style_trailing_usage_chunk_is_read(
     fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
 ) -> None:
