@@ -327,8 +327,10 @@ class Store(abc.ABC):
         checked in the same atomic step, so concurrent top-ups cannot pass it
         together. An amount past ``MAX_BALANCE`` either way is refused the same
         way (a charge as ``InsufficientBalance``). Money that requests in flight
-        hold is not counted: it may come back on top when they settle, so a
-        balance stays below twice the ceiling.
+        hold is not counted (counting it would scan the user's ledger inside the
+        write): what they give back when they settle lands on top, so a balance
+        can pass the ceiling by what was held in flight, itself bounded by the
+        balances it was taken from.
         """
 
     @abc.abstractmethod
