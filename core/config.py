@@ -46,7 +46,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     every charged request, and the line's formatting and write cost more CPU than routing it)."""
     header_timeout: float = 10.0
     """Seconds a client gets to send a request's complete headers (from connecting, or from the
-    request's first byte on a kept-alive connection); then the connection is closed."""
+    request's first byte on a kept-alive connection), and the longest a request's body may pause
+    between two reads; then the connection is closed."""
     keepalive_timeout: float = 5.0
     """Seconds an idle kept-alive connection stays open waiting for its next request."""
     max_connections: int = 1000

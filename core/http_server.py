@@ -5,8 +5,10 @@ so the tests see production's settings. uvicorn (0.55) bounds idle keep-alive co
 (``timeout_keep_alive``) and can refuse excess requests (``limit_concurrency``), but its
 httptools protocol neither caps the size of request headers (llhttp buffers a header of any
 length) nor times out a client that never finishes sending them (slowloris), and its h11
-protocol answers an oversized head with 400. :class:`HttpProtocol` adds both to uvicorn's
-httptools protocol, and caps open connections.
+protocol answers an oversized head with 400. Nor does it bound a request's trailer fields
+(llhttp hands them to ``on_header``, which appends them to the running request's
+``scope["headers"]``), or time out a body that stops arriving. :class:`HttpProtocol` adds all
+of these to uvicorn's httptools protocol, and caps open connections.
 """
 
 from __future__ import annotations
@@ -48,7 +50,16 @@ class HttpProtocol(HttpToolsProtocol):
     the connection opened (or after its first byte, on a kept-alive connection) is closed; a
     connection opened while ``max_connections`` others are open is answered 503 (uvicorn's
     ``limit_concurrency`` answer, ``connection: close``) as soon as its request headers are in.
-    The work per request is a counter; a timer only where a request's head spans reads.
+
+    While a request's body is incomplete, a connection on which nothing arrives for
+    ``header_timeout`` seconds is closed (unless the server itself has stopped reading it, or
+    not yet asked for a ``100-continue`` body). Trailer fields of a chunked body are parsed and
+    dropped, as RFC 9110 6.5.1 allows (uvicorn's ASGI has no request trailers: it appended them
+    to a ``scope["headers"]`` the application was already using); more than
+    :data:`MAX_HEADER_BYTES` of them, or of any bytes between two body bytes, is answered 431
+    (closed, if an answer has begun).
+
+    The work per request is a counter; a timer only where a request's head or body spans reads.
     """
 
     def __init__(
@@ -70,6 +81,16 @@ class HttpProtocol(HttpToolsProtocol):
         """Bytes read while ``reading_headers``: those of an unfinished request head."""
         self.headers_seen = 0
         self.header_timer: TimerHandle | None = None
+        self.body_timer: TimerHandle | None = None
+        """Armed while a request's body spans reads: it checks ``last_read``, not rearmed per read."""
+        self.last_read = 0.0
+        """When a read last arrived for an incomplete body (loop time)."""
+        self.body_seen = False
+        """Whether the read being parsed carried a body byte."""
+        self.gap_bytes = 0
+        """Bytes read since the last that carried a body byte: chunk framing and trailers."""
+        self.trailer_bytes = 0
+        """Size of the trailer fields of the current request."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -80,14 +101,30 @@ class HttpProtocol(HttpToolsProtocol):
             self.limit_concurrency = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_timers()
+        super().connection_lost(exc)
+
+    def cancel_timers(self) -> None:
         if self.header_timer is not None:
             self.header_timer.cancel()
             self.header_timer = None
-        super().connection_lost(exc)
+        if self.body_timer is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
 
     def data_received(self, data: bytes) -> None:
         if not self.reading_headers:  # a body
+            self.body_seen = False
             super().data_received(data)
+            if not self.body_pending():
+                return
+            self.body_read()
+            # A read without a body byte is framing or trailers. Counted by the read, a gap
+            # can be undercounted by the read that ends the body (at most 256 KiB), never
+            # overcounted: llhttp buffers neither chunk extensions nor, beyond this, trailers.
+            self.gap_bytes = 0 if self.body_seen else self.gap_bytes + len(data)
+            if self.gap_bytes > MAX_HEADER_BYTES or self.trailer_bytes > MAX_HEADER_BYTES:
+                self.refuse_trailers()
             return
         budget = MAX_HEADER_BYTES - self.header_bytes
         self.header_bytes += len(data)
@@ -95,26 +132,49 @@ class HttpProtocol(HttpToolsProtocol):
             self.parse_within_budget(data, budget)
             return
         super().data_received(data)
-        if self.header_bytes and self.reading_headers and self.header_timer is None:
+        if self.body_pending():  # its body did not all come in this read
+            self.body_read()
+        elif self.reading_headers and self.header_bytes and self.header_timer is None:
             # A request began on a kept-alive connection and its headers did not all come in
             # this read. Only then is a timer armed: one per request costs ~2 us.
             self.header_timer = self.loop.call_later(self.header_timeout, self.header_timed_out)
+
+    def body_pending(self) -> bool:
+        """Whether a request's headers are in but not all its body, on a connection still served."""
+        return not self.reading_headers and self.serving()
+
+    def serving(self) -> bool:
+        """Whether this protocol still serves its transport (not closed, refused or upgraded)."""
+        return self.transport.get_protocol() is self and not self.transport.is_closing()
 
     def parse_within_budget(self, data: bytes, budget: int) -> None:
         """Parse no more than the header budget; if the headers have not ended by then, answer
         431 without reading further. Only reads that carry a body (or too much header) get here."""
         seen = self.headers_seen
         super().data_received(data[:budget])
-        if self.transport.is_closing() or self.transport.get_protocol() is not self:
+        if not self.serving():
             return  # answered 400 for a malformed request, or upgraded
         if self.headers_seen == seen:
             self.refuse(HEADERS_TOO_LARGE)
         else:
             self.data_received(data[budget:])  # the body, or the next request's headers, counted anew
 
+    # The parser calls these two per header and per read: the base class is called directly,
+    # which costs a third of what super() does (~30 ns against ~100).
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.reading_headers:
+            HttpToolsProtocol.on_header(self, name, value)
+        else:  # a trailer field: counted and dropped
+            self.trailer_bytes += len(name) + len(value) + 4
+
+    def on_body(self, body: bytes) -> None:
+        self.body_seen = True
+        HttpToolsProtocol.on_body(self, body)
+
     def on_headers_complete(self) -> None:
         self.reading_headers = False
         self.headers_seen += 1
+        self.gap_bytes = self.trailer_bytes = 0
         if self.header_timer is not None:
             self.header_timer.cancel()
             self.header_timer = None
@@ -123,7 +183,31 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self.reading_headers = True
         self.header_bytes = 0
+        if self.body_timer is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
         super().on_message_complete()
+
+    def body_read(self) -> None:
+        """A read arrived, and the request's body is still incomplete: note when, and make sure
+        one timer watches for the next."""
+        self.last_read = self.loop.time()
+        if self.body_timer is None:
+            self.body_timer = self.loop.call_at(self.last_read + self.header_timeout, self.body_timed_out)
+
+    def body_timed_out(self) -> None:
+        self.body_timer = None
+        if not self.body_pending():
+            return
+        now = self.loop.time()
+        if self.flow.read_paused or self.cycle.waiting_for_100_continue:
+            # The wait is the server's: it stopped reading (the application has not taken the
+            # body read so far, or a pipelined request waits its turn) or has not asked for it.
+            self.last_read = now
+        if now < self.last_read + self.header_timeout:
+            self.body_timer = self.loop.call_at(self.last_read + self.header_timeout, self.body_timed_out)
+            return
+        self.transport.close()  # silently, as for slow headers: an attacker's line would be a log flood
 
     def header_timed_out(self) -> None:
         self.header_timer = None
@@ -135,12 +219,30 @@ class HttpProtocol(HttpToolsProtocol):
     def refuse(self, answer: bytes) -> None:
         """Send ``answer`` and close without parsing more of this connection."""
         self.logger.warning("Request headers over %d bytes: answered 431.", MAX_HEADER_BYTES)
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-            self.header_timer = None
         if self.cycle is not None and not self.cycle.response_complete:
+            self.cancel_timers()
             self.transport.close()  # a pipelined request: no answer can follow the one under way
             return
+        self.answer_and_linger(answer)
+
+    def refuse_trailers(self) -> None:
+        """The request under way sent more than :data:`MAX_HEADER_BYTES` without a body byte:
+        answer 431 if no answer has begun, else close."""
+        self.logger.warning("Request trailers over %d bytes: refused.", MAX_HEADER_BYTES)
+        cycle = self.cycle
+        if cycle.response_started or self.pipeline:  # an answer is under way: none can follow
+            self.cancel_timers()
+            self.transport.close()
+            return
+        # The application sees the client gone (receive() answers http.disconnect) and writes
+        # nothing more; the connection answers 431 in its place.
+        cycle.disconnected = True
+        cycle.message_event.set()
+        self.answer_and_linger(HEADERS_TOO_LARGE)
+
+    def answer_and_linger(self, answer: bytes) -> None:
+        self.cancel_timers()
+        self._unset_keepalive_if_required()
         self.connections.discard(self)  # no longer an HTTP connection: it is not waited for
         self.transport.write(answer)
         self.transport.set_protocol(Lingering(self.transport))

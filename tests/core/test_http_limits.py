@@ -6,6 +6,7 @@ Raw sockets play the misbehaving clients; every wait has a deadline and ends on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -39,24 +40,28 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
     return received
 
 
-async def slow_headers(port: int, opened: list[float]) -> tuple[float, bytes]:
-    """Send headers a byte every 0.2 s, never ending them; seconds until the server closes."""
+async def hold_slow_headers(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, float]:
+    """Open a connection and start headers that the trickle below never ends; when it opened."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    started = time.monotonic()
-    opened.append(started)
     writer.write(HEAD + b"X-Slow: ")
-    try:
-        while True:
-            try:
-                received = await asyncio.wait_for(reader.read(65536), 0.2)
-            except TimeoutError:
-                writer.write(b"a")  # still open: one more byte, never the end of the headers
-                continue
-            return time.monotonic() - started, received  # b"" at end of stream
-    except ConnectionResetError:
-        return time.monotonic() - started, b""
-    finally:
-        writer.close()
+    return reader, writer, time.monotonic()
+
+
+async def trickle(writers: list[asyncio.StreamWriter], stop: asyncio.Event) -> None:
+    """A header byte every 0.2 s on each connection still open, from one task (not one per
+    connection: the test's own loop stays quiet while it times a request)."""
+    while not stop.is_set():
+        for writer in writers:
+            if not writer.is_closing():
+                writer.write(b"a")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.2)
+
+
+async def seconds_until_closed(reader: asyncio.StreamReader, started: float) -> tuple[float, bytes]:
+    """Seconds from ``started`` until the server closes; what it sent meanwhile."""
+    received = await read_until_closed(reader)
+    return time.monotonic() - started, received
 
 
 async def oversized_headers(port: int, size: int = 1 << 20) -> bytes:
@@ -96,7 +101,10 @@ async def read_response(reader: asyncio.StreamReader) -> bytes:
 async def test_slow_and_oversized_headers_are_cut_off_on_time_without_holding_memory(
     write_config, server_process
 ):
-    config = write_config(replace={'host = "127.0.0.1"\n': 'host = "127.0.0.1"\nheader_timeout = 1\n'})
+    timeout = 3  # long enough that all the attack is in place, and refused, while they are held
+    config = write_config(
+        replace={'host = "127.0.0.1"\n': f'host = "127.0.0.1"\nheader_timeout = {timeout}\n'}
+    )
     url = server_process(config)
     pid = server_process.processes[url].pid
     port = port_of(url)
@@ -105,13 +113,20 @@ async def test_slow_and_oversized_headers_are_cut_off_on_time_without_holding_me
             assert (await client.get("/healthz")).status_code == 200
         before = rss_bytes(pid)
 
-        opened: list[float] = []
-        slow = [asyncio.create_task(slow_headers(port, opened)) for _ in range(100)]
-        big = [asyncio.create_task(oversized_headers(port)) for _ in range(10)]
-        deadline = time.monotonic() + 10
-        while len(opened) < 100:
-            assert time.monotonic() < deadline, "could not open 100 connections"
-            await asyncio.sleep(0.01)
+        slow = await asyncio.wait_for(asyncio.gather(*(hold_slow_headers(port) for _ in range(100))), 10)
+        stop = asyncio.Event()
+        writers = [writer for _, writer, _ in slow]
+        trickling = asyncio.create_task(trickle(writers, stop))
+        watchers = [asyncio.create_task(seconds_until_closed(reader, started)) for reader, _, started in slow]
+        # The oversized ones are answered 431 first: the server accepts in order, so it has
+        # taken in all 100 slow connections too, and is left with just them when timed.
+        answers = await asyncio.wait_for(asyncio.gather(*(oversized_headers(port) for _ in range(10))), 15)
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        during = rss_bytes(pid)
+        assert not any(watcher.done() for watcher in watchers), (
+            "slow connections closed before the measurement"
+        )
 
         async with httpx.AsyncClient(base_url=url, timeout=10) as fresh:  # a new connection, meanwhile
             started = time.monotonic()
@@ -119,16 +134,15 @@ async def test_slow_and_oversized_headers_are_cut_off_on_time_without_holding_me
             assert response.status_code == 200
             assert time.monotonic() - started < 1.0
 
-        answers = await asyncio.wait_for(asyncio.gather(*big), 15)
-        for answer in answers:
-            assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
-        during = rss_bytes(pid)
-
-        closed = await asyncio.wait_for(asyncio.gather(*slow), 15)
+        closed = await asyncio.wait_for(asyncio.gather(*watchers), 15)
+        stop.set()
+        await trickling
         for seconds, received in closed:
             assert received == b"", received  # closed without an answer
-            assert 0.9 <= seconds < 6, seconds  # header_timeout = 1, counted from connecting
+            assert timeout - 0.1 <= seconds < timeout + 5, seconds  # counted from connecting
         after = rss_bytes(pid)
+        for writer in writers:
+            writer.close()
 
         assert max(during, after) - before < 20 * 1024 * 1024, (before, during, after)
         assert (await client.get("/healthz")).status_code == 200
@@ -229,3 +243,93 @@ async def test_requests_split_across_reads_and_pipelined_requests_are_served(wri
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(reader.read(1), 1.5)
     writer.close()
+
+
+TOKEN = "limits-admin-token"
+ADMIN = f'host = "127.0.0.1"\nadmin_token = "{TOKEN}"\nkeepalive_timeout = 60\n'
+
+
+def admin_post(*, chunked: bool = False, length: int = 0, token: str | None = TOKEN) -> bytes:
+    """The head of a POST /admin/api/users (a route that reads its whole body before answering)."""
+    head = b"POST /admin/api/users HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    if token:
+        head += f"authorization: Bearer {token}\r\n".encode()
+    head += b"transfer-encoding: chunked\r\n" if chunked else b"content-length: %d\r\n" % length
+    return head + b"\r\n"
+
+
+def trailers(size: int) -> bytes:
+    """The last chunk, then ``size`` bytes of trailer fields of 1 KiB, never ended."""
+    field = b"X-Trailer: " + b"t" * 1011 + b"\r\n"
+    return b"0\r\n" + field * (size // len(field))
+
+
+async def send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Send ``data`` in 64 KiB writes; a server that stops listening ends it."""
+    try:
+        for start in range(0, len(data), 65536):
+            writer.write(data[start : start + 65536])
+            await writer.drain()
+    except ConnectionError:
+        pass  # refused while still sending: the answer is read after
+
+
+async def test_trailers_are_dropped_and_over_64_kib_answer_431_without_holding_memory(
+    write_config, server_process
+):
+    url = server_process(write_config(replace={'host = "127.0.0.1"\n': ADMIN}))
+    pid = server_process.processes[url].pid
+    port = port_of(url)
+    # Served: a body in 1-byte chunks (five times more framing than body, 600 KB of it) and a
+    # few trailer fields, twice on one connection, so the budget is per request.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for n in range(2):
+        body = b'{"email": "chunks%d@example.com"' % n + b" " * 100_000 + b"}"
+        framed = b"".join(b"1\r\n%c\r\n" % byte for byte in body)
+        writer.write(admin_post(chunked=True) + framed + b"0\r\nX-Checksum: 1\r\nX-Other: 2\r\n\r\n")
+        assert await asyncio.wait_for(read_response(reader), 10) == b"HTTP/1.1 201 Created"
+    writer.close()
+    before = rss_bytes(pid)
+
+    # 32 MiB of trailers after the body: 431, and the server kept none of them.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await send(writer, admin_post(chunked=True) + b'2\r\n{"\r\n' + trailers(32 << 20))
+    answer = await asyncio.wait_for(read_until_closed(reader), 10)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert rss_bytes(pid) - before < 10 * 1024 * 1024, (before, rss_bytes(pid))
+    writer.close()
+
+    # Trailers past an answer already sent (the request refused before its body): closed.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(admin_post(chunked=True, token=None) + b'2\r\n{"\r\n')
+    assert await asyncio.wait_for(read_response(reader), 10) == b"HTTP/1.1 401 Unauthorized"
+    await send(writer, trailers(1 << 20))
+    assert await asyncio.wait_for(read_until_closed(reader), 10) == b""  # long before keepalive_timeout
+    writer.close()
+    assert rss_bytes(pid) - before < 10 * 1024 * 1024, (before, rss_bytes(pid))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_that_stops_arriving_is_closed_after_header_timeout(
+    write_config, gateway_factory, chunked
+):
+    timeout = 2
+    gateway = await gateway_factory(
+        write_config(replace={'host = "127.0.0.1"\n': ADMIN + f"header_timeout = {timeout}\n"})
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway.url))
+    body = b'{"email": "slow@example.com"}'
+    writer.write(admin_post(chunked=chunked, length=len(body)) + (b"1d\r\n" if chunked else b"") + body[:2])
+    started = time.monotonic()
+    for byte in body[2:10]:  # a trickle longer than header_timeout keeps it open: each read counts
+        await asyncio.sleep(timeout / 10)
+        writer.write(bytes([byte]))
+        await writer.drain()
+    assert time.monotonic() - started > timeout * 0.75
+    last = time.monotonic()
+    # Then nothing: the application still waits for the rest, and the connection is closed.
+    assert await asyncio.wait_for(read_until_closed(reader), 10) == b""
+    assert timeout - 0.1 <= time.monotonic() - last < timeout + 3
+    writer.close()
+    # A whole body, or one that keeps coming, is served.
+    assert (await gateway.client.get("/healthz")).status_code == 200
