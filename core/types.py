@@ -47,6 +47,8 @@ class ChatRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     (unknown fields real clients send, provider-specific switches).
     ``stream`` False says the consumer wants only the whole reply: a
     provider may then fetch it in one piece, yielding its events at once.
+    A client that names its output limit ``max_completion_tokens`` (OpenAI's
+    current field) has it in ``extra``: see :attr:`output_limit`.
     """
 
     model: str
@@ -64,6 +66,20 @@ class ChatRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     user: str | None = None
     extra: dict[str, Any] = {}
     stream: bool = True
+
+    @property
+    def output_limit(self) -> int | None:
+        """The most output tokens asked for: the least of ``max_tokens`` and an integer
+        ``extra["max_completion_tokens"]``; None when neither is set.
+
+        OpenAI-compatible providers send it as ``max_completion_tokens`` alone when the
+        client used that name (OpenAI's reasoning models refuse ``max_tokens``), as
+        ``max_tokens`` otherwise.
+        """
+        named = self.extra.get("max_completion_tokens")
+        if not isinstance(named, int) or isinstance(named, bool):
+            return self.max_tokens
+        return named if self.max_tokens is None else min(named, self.max_tokens)
 
 
 class Usage(msgspec.Struct, frozen=True, omit_defaults=True):

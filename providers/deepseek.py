@@ -168,6 +168,9 @@ class OpenAICompatibleProvider(Provider):
     name = "openai_compatible"
     Options: ClassVar[type[OpenAICompatibleOptions]] = OpenAICompatibleOptions
     needs_key: ClassVar[bool] = False
+    output_limit_names: ClassVar[tuple[str, ...]] = ("max_tokens", "max_completion_tokens")
+    """The names the server takes its output limit by; the cap is sent under the one the client
+    used, when the server takes it, else under the first."""
     """Whether the upstream refuses every request without a key (local servers usually need none)."""
     sends_reasoning: ClassVar[bool] = False
     """Whether earlier turns' reasoning goes back as ``reasoning_content`` (DeepSeek's thinking
@@ -314,10 +317,16 @@ class OpenAICompatibleProvider(Provider):
             stream_options = dict(client_options) if isinstance(client_options, dict) else {}
             stream_options["include_usage"] = True
             body["stream_options"] = stream_options
+        limit = request.output_limit
+        if limit is not None:
+            # Under the name the client used: OpenAI's reasoning models refuse max_tokens, and
+            # a client that sent max_completion_tokens gets it alone, carrying the cap.
+            names = self.output_limit_names
+            used = "max_completion_tokens" in request.extra and "max_completion_tokens" in names
+            body["max_completion_tokens" if used else names[0]] = limit
         for field in (
             "temperature",
             "top_p",
-            "max_tokens",
             "seed",
             "presence_penalty",
             "frequency_penalty",
@@ -333,16 +342,16 @@ class OpenAICompatibleProvider(Provider):
         if request.tools is not None:
             body["tools"] = list(request.tools)
         for key, value in request.extra.items():
-            if key not in RESERVED_FIELDS and key not in body:
-                body[key] = value
+            if key not in RESERVED_FIELDS and key not in body and key != "max_completion_tokens":
+                body[key] = value  # the output limit went above, under a name this server takes
         if alias:
             body.update(alias.extra_body)
-        if request.max_tokens is not None:
+        if limit is not None:
             # What was reserved covers this many output tokens: nothing sent may ask for more.
             for field in ("max_tokens", "max_completion_tokens"):
                 asked = body.get(field)
-                if isinstance(asked, int) and asked > request.max_tokens:
-                    body[field] = request.max_tokens
+                if isinstance(asked, int) and asked > limit:
+                    body[field] = limit
         return body
 
     # --- one upstream request ---
@@ -630,6 +639,7 @@ class DeepSeekProvider(OpenAICompatibleProvider):
     Options: ClassVar[type[OpenAICompatibleOptions]] = DeepSeekOptions
     needs_key = True
     sends_reasoning = True
+    output_limit_names = ("max_tokens",)  # DeepSeek's API documents no other name for it
 
 
 @hookimpl

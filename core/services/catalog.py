@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -23,10 +24,11 @@ class Route:
     provider: Provider
 
     def output_tokens(self, request: ChatRequest) -> int:
-        """The most output tokens ``request`` may produce here: its ``max_tokens``, at most the
-        model's ``max_output_tokens`` (which is also what a request that sets none gets)."""
+        """The most output tokens ``request`` may produce here: its :attr:`~ChatRequest.output_limit`
+        (``max_tokens``, or ``max_completion_tokens``), at most the model's ``max_output_tokens``
+        (which is also what a request that sets none gets)."""
         most = self.config.max_output_tokens
-        asked = request.max_tokens
+        asked = request.output_limit
         return most if asked is None or asked > most else asked
 
     def stream(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
@@ -34,12 +36,18 @@ class Route:
 
         Every request goes upstream through here, so none asks for more than was
         reserved for it, whichever surface made it and whatever the client sent: a larger
-        ``max_tokens`` is lowered silently (as DeepSeek's clients send large ones), a
-        missing one is set.
+        limit is lowered silently (as DeepSeek's clients send large ones), a missing one is
+        set. A client's ``max_completion_tokens`` carries the cap too, so a provider may send
+        it under the name the client used.
         """
         cap = self.output_tokens(request)
+        changes: dict[str, Any] = {}
         if request.max_tokens != cap:
-            request = msgspec.structs.replace(request, max_tokens=cap)
+            changes["max_tokens"] = cap
+        if "max_completion_tokens" in request.extra and request.extra["max_completion_tokens"] != cap:
+            changes["extra"] = {**request.extra, "max_completion_tokens": cap}
+        if changes:
+            request = msgspec.structs.replace(request, **changes)
         return self.provider.stream(request)
 
 

@@ -131,7 +131,9 @@ class Conversations:
                 )
         except BaseException:
             if owned and admitted is not None:
-                await self.billing.release(admitted)  # nothing went upstream
+                # Nothing went upstream. Shielded: were this caller cancelled again while releasing,
+                # the reservation would count in flight until swept as stale.
+                await asyncio.shield(self.billing.release(admitted))
             raise
 
     async def admit(
@@ -345,8 +347,8 @@ class Conversations:
                 )
                 answers = asked.id
         except BaseException:
-            await upstream.aclose()  # at once: nothing came back yet, or nobody would see it
-            await self.billing.release(reservation)
+            # At once: nothing came back yet, or nobody would see it. Shielded, like ask's release.
+            await asyncio.shield(self._withdraw(upstream, reservation))
             raise
         try:
             return await self.generations.run(
@@ -363,6 +365,13 @@ class Conversations:
             # settled as abandoned; the upstream request must not run on unseen.
             await upstream.aclose()
             raise
+
+    async def _withdraw(self, upstream: Upstream, reservation: Reservation) -> None:
+        """End a request that will not be followed, and give its reservation back."""
+        try:
+            await upstream.aclose()
+        finally:
+            await self.billing.release(reservation)
 
     async def create(
         self, user_id: int, kind: str, name: str = "", series_id: int | None = None

@@ -96,7 +96,8 @@ def parse(raw: bytes) -> Parsed:
     top_p = _number(body, "top_p", 0.0, 1.0, low_open=True)
     presence = _number(body, "presence_penalty", -2.0, 2.0)
     frequency = _number(body, "frequency_penalty", -2.0, 2.0)
-    max_tokens = _max_tokens(body)
+    limits = _max_tokens(body)
+    max_tokens = min(limits.values()) if limits else None
     stop = _stop(body.get("stop"))
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
@@ -122,6 +123,10 @@ def parse(raw: bytes) -> Parsed:
 
     extra = {k: v for k, v in body.items() if k not in KNOWN and v is not None}
     extra.pop("stream_options", None)  # how this client wants its stream is the surface's business
+    if "max_completion_tokens" in limits:
+        # The client's name for its limit, kept so that the limit goes upstream under it (see
+        # ChatRequest.output_limit); both sent: the lesser counts.
+        extra["max_completion_tokens"] = max_tokens
     request = ChatRequest(
         model=model,
         messages=messages,
@@ -236,7 +241,9 @@ def _number(
     return float(value)
 
 
-def _max_tokens(body: dict[str, Any]) -> int | None:
+def _max_tokens(body: dict[str, Any]) -> dict[str, int]:
+    """The output limits sent, by field (``max_completion_tokens``, ``max_tokens``), checked."""
+    limits = {}
     for field in ("max_completion_tokens", "max_tokens"):
         value = body.get(field)
         if value is None:
@@ -250,8 +257,8 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
                 field,
                 "integer_below_min_value",
             )
-        return int(value)
-    return None
+        limits[field] = int(value)
+    return limits
 
 
 def _stop(value: Any) -> tuple[str, ...] | None:

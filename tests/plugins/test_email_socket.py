@@ -7,6 +7,7 @@ import itertools
 import json
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -17,10 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
+from core.services.billing import Payer, Quota
 from core.services.context import SUMMARY_PREAMBLE
 from core.tokens import estimate_prompt_tokens
 from core.types import ChatMessage
-from plugins.email_socket import local_caller
+from plugins.email_socket import PROXY_HEADERS, local_caller
 from tests.conftest import Gateway, Servers, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
@@ -291,6 +293,33 @@ async def test_bad_input_is_400_naming_the_field_and_writes_nothing(
     assert await email.gateway.services.accounts.list_users() == []
 
 
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"email": ["x" * 1000] * 900, "inp": "hi"}, "field 'email' must be an email address, got ['xxxx"),
+        (
+            {"email": "a@x.io", "inp": "hi", "stream": "y" * 900_000},
+            "field 'stream' must be true or false, got 'yy",
+        ),
+    ],
+)
+async def test_a_huge_bad_value_is_echoed_cut_short(
+    email: Email, fake_deepseek: FakeDeepSeek, body: dict[str, Any], error: str
+) -> None:
+    raw = json.dumps(body).encode()
+    assert len(raw) > 800_000  # under the 1 MB limit on bodies
+    response = await email.http.post("/api/chat", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    answer = response.json()
+    assert (answer["status"], answer["code"]) == (False, 400)
+    assert answer["error"].startswith(error)
+    assert answer["error"].endswith("…")
+    assert len(answer["error"]) < 120
+    assert len(response.content) < 300
+    assert fake_deepseek.requests == []
+    assert await email.gateway.services.accounts.list_users() == []
+
+
 async def test_an_input_larger_than_the_context_is_400_and_interrupts_nothing(
     email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
 ) -> None:
@@ -337,8 +366,9 @@ def test_without_an_allow_list_only_a_loopback_client_without_proxy_headers_is_l
     assert not local(("10.0.0.5", 5000))  # whatever address the server listens on
     assert not local(("203.0.113.7", 5000))
     assert not local(("testclient", 5000))
-    for header in (b"forwarded", b"x-forwarded-for", b"x-real-ip"):
+    for header in PROXY_HEADERS:
         assert not local(("127.0.0.1", 5000), (header, b"127.0.0.1"))
+    assert local(("127.0.0.1", 5000), (b"user-agent", b"curl/8.5"), (b"accept", b"*/*"))
 
 
 # --- long memory ---
@@ -619,25 +649,82 @@ async def test_past_its_requests_per_minute_an_email_gets_429_and_nothing_is_sto
     email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
 ) -> None:
     email = Email(await gateway_factory(email_config("requests_per_minute = 2\n")))  # type: ignore[arg-type,misc]
-    fake_deepseek.scenario = Scenario(content="ok")
-    for text in ("one", "two"):
-        assert (await email.chat("busy@example.com", text)).json()["exit"] == 0
-    # A long reply runs for another email: a refused chat interrupts nothing.
-    fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(200)), token_delay=0.01)
-    running = asyncio.create_task(email.chat("other@example.com", "go"))
-    await wait_for_partial(email, "other@example.com")
+    long = " ".join(f"w{i}" for i in range(200))
+    fake_deepseek.script(Scenario(content="ok"), Scenario(content=long, token_delay=0.01))
+    assert (await email.chat("busy@example.com", "one")).json()["exit"] == 0
+    # The email's second chat is a long reply, still running when its third is refused:
+    # a chat the quota refuses interrupts nothing, not even its own email's reply.
+    running = asyncio.create_task(email.chat("busy@example.com", "two"))
+    await wait_for_partial(email, "busy@example.com", showing="w1")
     response = await email.chat("busy@example.com", "three")
     assert response.status_code == 429
     assert 1 <= int(response.headers["Retry-After"]) <= 60
     body = response.json()
     assert (body["status"], body["code"]) == (False, 429)
     assert body["error"].startswith("too many requests: this email may send 2 a minute; retry in ")
+    assert (await running).json() == {"status": True, "code": 200, "exit": 0}
     record = await email.record("busy@example.com")
-    assert [e["content"] for e in record["text"] if e["role"] == "user"] == ["one", "two"]
-    assert len(chat_requests(fake_deepseek)) == 3
+    assert record["code"] == 200
+    assert [(e["role"], e["content"], e.get("status")) for e in record["text"]] == [
+        ("user", "one", None),
+        ("ai", "ok", None),
+        ("user", "two", None),
+        ("ai", long, None),
+    ]
+    assert len(chat_requests(fake_deepseek)) == 2
+    assert fake_deepseek.disconnects == []
     # Each email has its own minute.
-    assert (await running).json()["exit"] == 0
+    fake_deepseek.scenario = Scenario(content="ok")
     assert (await email.chat("other@example.com", "again")).json()["exit"] == 0
+
+
+async def test_an_admitted_question_cancelled_again_while_giving_back_its_reservation_still_does(
+    email: Email, fake_deepseek: FakeDeepSeek
+) -> None:
+    # Only a stopping server cancels a handler, and not twice on cue: the conversations service
+    # is driven directly, in the gateway's own process and loop, with its real store.
+    services = email.gateway.services
+    store = services.billing.store
+    route = services.catalog.route("deepseek-reasoner")
+    user = await services.accounts.ensure_user("twice@example.com")
+    conversation = await services.conversations.create(user.id, "email")
+    payer = Payer(quota=Quota(requests_per_minute=5))
+    admitted = await services.conversations.admit(user.id, route, "hi", payer=payer)
+    assert admitted is not None
+    # Another connection's transaction holds the store's writes back, and one write waits
+    # taken up: whatever the question writes next stays queued, and a queued write whose
+    # caller is cancelled is skipped.
+    other = sqlite3.connect(store.path, isolation_level=None)  # type: ignore[attr-defined]
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        held = asyncio.ensure_future(services.billing.top_up(user.id, 1))
+        await asyncio.sleep(0)  # its write is queued
+        async with asyncio.timeout(5):
+            while True:
+                if store._worker._queue.empty():  # type: ignore[attr-defined]  # and taken up
+                    break
+                await asyncio.sleep(0.001)
+        asking = asyncio.ensure_future(
+            services.conversations.ask(conversation, route, "hi", payer=payer, admitted=admitted)
+        )
+        await asyncio.sleep(0)  # it runs until it waits
+        async with asyncio.timeout(10):
+            while not asking.done():  # cancelled, then again whatever it waits for next
+                asking.cancel()
+                await asyncio.sleep(0)
+        assert asking.cancelled()
+    finally:
+        other.rollback()
+        other.close()
+    await held
+    async with asyncio.timeout(10):
+        while True:
+            entry = await store.get_ledger_entry(admitted.entry.id)
+            if entry.kind != "reservation":
+                break
+            await asyncio.sleep(0.01)
+    assert (entry.amount, entry.outcome) == (0, "not_sent")
+    assert await services.conversations.messages(conversation) == []
 
 
 async def test_past_its_tokens_per_day_an_email_gets_429(
@@ -721,7 +808,20 @@ async def test_json_content_types_with_parameters_or_a_json_suffix_are_accepted(
 
 @pytest.mark.parametrize(
     ("header", "value"),
-    [("X-Forwarded-For", "127.0.0.1"), ("Forwarded", "for=127.0.0.1"), ("X-Real-IP", "127.0.0.1")],
+    [
+        ("X-Forwarded-For", "127.0.0.1"),
+        ("Forwarded", "for=127.0.0.1"),
+        ("X-Real-IP", "127.0.0.1"),
+        ("Via", "1.1 proxy"),
+        ("X-Forwarded-Host", "chat.example.com"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Port", "443"),
+        ("X-Client-IP", "127.0.0.1"),
+        ("CF-Connecting-IP", "127.0.0.1"),
+        ("True-Client-IP", "127.0.0.1"),
+        ("X-Cluster-Client-IP", "127.0.0.1"),
+        ("Forwarded-For", "127.0.0.1"),
+    ],
 )
 async def test_without_an_allow_list_a_request_with_a_proxy_header_is_403_and_writes_nothing(
     email: Email, fake_deepseek: FakeDeepSeek, header: str, value: str

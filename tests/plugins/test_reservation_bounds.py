@@ -82,12 +82,16 @@ class Holder:
 
 @pytest.fixture
 async def holder(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    request: pytest.FixtureRequest,
+    fake_deepseek: FakeDeepSeek,
+    write_config: Callable[..., Path],
+    gateway_factory: Callable[..., object],
 ) -> AsyncIterator[Holder]:
-    config = write_config(
-        deepseek_config(fake_deepseek.url, extra="max_retries = 0") + MODEL,
-        replace={"[surfaces.topic_chat]\n": TOPICS},
-    )
+    """A key holder; the upstream is a ``deepseek`` instance, or the plugin ``request.param`` names."""
+    provider = deepseek_config(fake_deepseek.url, extra="max_retries = 0")
+    plugin = getattr(request, "param", "deepseek")
+    provider = provider.replace('plugin = "deepseek"', f'plugin = "{plugin}"')
+    config = write_config(provider + MODEL, replace={"[surfaces.topic_chat]\n": TOPICS})
     gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     key, secret = await gateway.services.accounts.create_key("bound@example.com")
     holder = Holder(gateway, secret, key.user_id)
@@ -116,6 +120,45 @@ async def test_a_whole_reply_past_its_cap_is_cut_and_charged_no_more_than_reserv
     [charge] = await holder.charges()
     assert -charge.amount <= worst
     assert await holder.balance() == worst + charge.amount >= 0
+
+
+@pytest.mark.parametrize("holder", ["openai_compatible", "deepseek"], indirect=True)
+@pytest.mark.parametrize(
+    ("sent", "upstream"),
+    [
+        ({}, {"max_tokens": CAP}),
+        ({"max_tokens": 10}, {"max_tokens": 10}),
+        ({"max_tokens": 100_000}, {"max_tokens": CAP}),
+        ({"max_completion_tokens": 100_000}, {"max_completion_tokens": CAP}),
+        ({"max_completion_tokens": 10}, {"max_completion_tokens": 10}),
+        ({"max_completion_tokens": 20, "max_tokens": 10}, {"max_completion_tokens": 10}),
+        ({"max_completion_tokens": 10, "max_tokens": 100_000}, {"max_completion_tokens": 10}),
+    ],
+)
+async def test_the_cap_goes_upstream_under_the_name_the_client_used_and_is_what_is_reserved(
+    holder: Holder, fake_deepseek: FakeDeepSeek, sent: dict[str, int], upstream: dict[str, int]
+) -> None:
+    """An OpenAI-compatible server gets the cap under the client's name for it (OpenAI's
+    reasoning models refuse max_tokens); DeepSeek, whose API knows only max_tokens, gets that."""
+    if holder.gateway.services.catalog.route("deepseek-chat").provider.name == "deepseek":
+        upstream = {"max_tokens": next(iter(upstream.values()))}
+    body = {"model": "deepseek-chat", "messages": HI, **sent}
+    [cap] = upstream.values()
+    services = holder.gateway.services
+    request = wire.parse(json.dumps(body).encode()).request
+    assert services.catalog.route("deepseek-chat").output_tokens(request) == cap  # what is reserved
+    # Funds for exactly that worst case: a reservation for more output would be refused.
+    await holder.fund(holder.worst_case(body))
+    fake_deepseek.scenario = Scenario(content="Short.")
+    # The SDK's own fields (max_completion_tokens is its current one), as a client sends them.
+    answer = await holder.sdk.chat.completions.create(model="deepseek-chat", messages=HI, **sent)  # type: ignore[call-overload]
+    assert answer.choices[0].message.content == "Short."
+    sent_upstream = fake_deepseek.requests[-1].body
+    assert {
+        k: v for k, v in sent_upstream.items() if k in ("max_tokens", "max_completion_tokens")
+    } == upstream
+    [charge] = await holder.charges()
+    assert await holder.balance() == holder.worst_case(body) + charge.amount >= 0
 
 
 async def test_a_streamed_reply_past_its_cap_is_cut_and_the_upstream_closed(
