@@ -269,6 +269,7 @@ class Conversations:
             # Summaries of a conversation nobody pays for are unpriced too, bounded by the day's
             # tokens; the question was admitted already, so they take no request of the minute.
             quota=None if payer.quota is None else Quota(tokens_per_day=payer.quota.tokens_per_day),
+            key_id=payer.key_id,
         )
 
     async def _check_balance(self, conversation: Conversation, route: Route, question: str) -> None:

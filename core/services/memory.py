@@ -64,6 +64,7 @@ class Memory:
         summarize: bool = True,
         until: int | None = None,
         quota: Quota | None = None,
+        key_id: int | None = None,
     ) -> tuple[ChatMessage, ...]:
         """The prompt for the next reply: summary, then as many recent turns as fit, then the input.
 
@@ -71,7 +72,8 @@ class Memory:
         ``question`` is a user turn not stored yet; without it the newest
         message (up to message id ``until``, when given) is the input.
         With ``quota``, summaries are usage nobody pays for, admitted within it
-        (see :meth:`Billing.reserve`).
+        (see :meth:`Billing.reserve`); with ``key_id``, they are that key's usage
+        (counted in its limits, never refused by them: the question was admitted).
 
         Raises:
             ContextTooLong: the system prompt and the input alone exceed the budget; nothing was written.
@@ -97,7 +99,7 @@ class Memory:
         except ContextTooLong:
             fold = window
         try:
-            summary = await self._fold(conversation, route, summary, fold.dropped, budget, quota)
+            summary = await self._fold(conversation, route, summary, fold.dropped, budget, quota, key_id)
         except (ProviderError, InsufficientBalance, RateLimitExceeded) as exc:
             log.warning(
                 "conversation %d: could not summarize %d earlier message(s), leaving them out of this "
@@ -127,6 +129,7 @@ class Memory:
         turns: Sequence[Message],
         budget: int,
         quota: Quota | None = None,
+        key_id: int | None = None,
     ) -> str:
         """The summary rewritten to cover ``turns`` too, in as many provider calls as their length needs."""
         limit = max(64, min(1024, budget // 8))
@@ -144,11 +147,13 @@ class Memory:
             room = budget - estimate_prompt_tokens(_fold_request(route, instructions, summary, []).messages)
             line = _clip(line, room // 2)
             if batch and not fits([*batch, line]):
-                folded = await self._summarize(conversation, route, instructions, summary, batch, quota)
+                folded = await self._summarize(
+                    conversation, route, instructions, summary, batch, quota, key_id
+                )
                 summary, batch = _clip(folded, budget // 4), []
             batch.append(line)
         if batch:
-            summary = await self._summarize(conversation, route, instructions, summary, batch, quota)
+            summary = await self._summarize(conversation, route, instructions, summary, batch, quota, key_id)
         return summary
 
     async def _summarize(
@@ -159,10 +164,12 @@ class Memory:
         summary: str,
         lines: list[str],
         quota: Quota | None = None,
+        key_id: int | None = None,
     ) -> str:
         request = _fold_request(route, instructions, summary, lines)
+        # Under the key that asked (not keyless: keyless usage is what emails' quotas count).
         reservation = await self.billing.reserve(
-            conversation.user_id, route, request, key_id=None, quota=quota
+            conversation.user_id, route, request, key_id=None if quota else key_id, quota=quota
         )
         started = time.monotonic()
         text: list[str] = []

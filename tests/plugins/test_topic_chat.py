@@ -515,6 +515,36 @@ async def test_topic_messages_count_against_their_keys_requests_per_minute(
     assert len(fake_deepseek.requests) == 2
 
 
+async def test_the_summaries_of_a_key_holders_topic_are_that_keys_usage(
+    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    # Keyless usage is what an email's quota counts: a key holder's summaries must not be it.
+    small = PRICED_MODELS.replace(
+        "context_tokens = 65536\nmax_output_tokens = 4096", "context_tokens = 600\nmax_output_tokens = 100"
+    )
+    config = write_config(
+        deepseek_config(fake_deepseek.url, extra="max_retries = 0") + small,
+        replace={"[surfaces.topic_chat]\n": CATALOG},
+    )
+    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    user = await user_on(gateway, "long@example.com")
+    [key] = await gateway.services.accounts.list_keys(user.id)
+    created = await user.topic()
+    fake_deepseek.scenario = Scenario(content="word " * 60)
+    for turn in range(6):
+        await user.send(created["id"], f"question {turn} " + "x" * 80)
+    store = gateway.services.billing.store
+    async with asyncio.timeout(10):  # a summary settles right after it ends; charges under leases soon after
+        while True:
+            used = [e for e in await store.list_ledger(user.id) if e.kind != "topup"]
+            if used and all(e.kind in ("charge", "released") for e in used):
+                break
+            await asyncio.sleep(0.02)
+    summaries = [e for e in used if e.outcome == "summary"]
+    assert summaries, [e.outcome for e in used]
+    assert all(e.key_id == key.id for e in used)
+
+
 async def test_topic_and_v1_requests_of_a_key_share_one_count(
     gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
