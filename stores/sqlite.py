@@ -616,15 +616,21 @@ def _admit(
     oldest = now // 1000 if oldest is None else oldest
     reset = max(0.0, (oldest * 1000 + WINDOW_MS - now) / 1000)
     use = RateUse(requests, tokens, concurrent, reset, reset)
+    _refuse_past(limits, use)
+    return _post(db, draft, floor, now), use
+
+
+def _refuse_past(limits: RateLimits, use: RateUse) -> None:
+    """Raise :class:`RateLimitExceeded` for the first of ``limits`` that ``use`` (counting the
+    request being admitted) passes."""
     for limit, used, retry in (
-        ("requests_per_minute", requests, reset),
-        ("tokens_per_minute", tokens, reset),
-        ("concurrent_requests", concurrent, 1.0),
+        ("requests_per_minute", use.requests, use.requests_reset),
+        ("tokens_per_minute", use.tokens, use.tokens_reset),
+        ("concurrent_requests", use.concurrent, 1.0),
     ):
         allowed = getattr(limits, limit)
         if allowed is not None and used > allowed:
             raise RateLimitExceeded(limit, allowed, retry, use)
-    return _post(db, draft, floor, now), use
 
 
 def _admit_keyless(
@@ -649,14 +655,7 @@ def _admit_keyless(
     concurrent += draft.requests
     reset = max(0.0, ((now if oldest is None else oldest) + WINDOW_MS - now) / 1000)
     use = RateUse(requests, tokens, concurrent, reset, reset)
-    for limit, used, retry in (
-        ("requests_per_minute", requests, reset),
-        ("tokens_per_minute", tokens, reset),
-        ("concurrent_requests", concurrent, 1.0),
-    ):
-        allowed = getattr(limits, limit)
-        if allowed is not None and used > allowed:
-            raise RateLimitExceeded(limit, allowed, retry, use)
+    _refuse_past(limits, use)
     if tokens_per_day is not None and day >= tokens_per_day:
         retry = _day_frees(db, draft, now, tokens_per_day)
         raise RateLimitExceeded("tokens_per_day", tokens_per_day, retry, use)
