@@ -30,12 +30,13 @@ def rss_bytes(pid: int) -> int:
 
 
 async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
-    """Everything the server sends until it closes the connection (a reset counts as closing)."""
+    """Everything the server sends until it closes the connection (a reset counts as closing, and
+    so does a broken pipe: a close that lands while our own write is still going out)."""
     received = b""
     try:
         while chunk := await reader.read(65536):
             received += chunk
-    except ConnectionResetError:
+    except ConnectionError:
         pass
     return received
 
