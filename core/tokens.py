@@ -9,13 +9,25 @@ billing uses, up to what was reserved from these estimates.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any
 
 import msgspec
 
-from .types import ChatMessage, ChatRequest, ContentDelta, ProviderEvent, ReasoningDelta, ToolCallDelta
+from .types import (
+    ChatMessage,
+    ChatRequest,
+    ContentDelta,
+    Finish,
+    ProviderEvent,
+    ReasoningDelta,
+    ToolCallDelta,
+    Usage,
+)
+
+log = logging.getLogger("chatgate.tokens")
 
 MESSAGE_OVERHEAD = 4
 """Tokens a chat template spends per message on role markers."""
@@ -171,3 +183,14 @@ class OutputMeter:
         keep = int(len(text) * (self.limit - self.weight) / weight)
         self.weight = self.limit
         return msgspec.structs.replace(event, text=text[:keep]) if keep > 0 else None
+
+    def cut(self, prompt_tokens: int, provider: str, model: str) -> Finish:
+        """The end of a reply that passed its cap (logged: its upstream ignored ``max_tokens``):
+        ``length``, with the usage of a reply exactly as long as the cap."""
+        log.warning(
+            "provider %r sent more than the %d output tokens asked for %r; the reply was cut there",
+            provider,
+            self.cap,
+            model,
+        )
+        return Finish("length", Usage(prompt_tokens=prompt_tokens, completion_tokens=self.cap))

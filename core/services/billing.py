@@ -188,14 +188,19 @@ class Billing:
             )
         else:
             write = asyncio.ensure_future(self._post(draft))
+        entry, use = await self._landed(write)
+        return Reservation(entry, route, use, prompt, worst_case)
+
+    async def _landed(
+        self, write: asyncio.Future[tuple[LedgerEntry, RateUse | None]]
+    ) -> tuple[LedgerEntry, RateUse | None]:
+        """The reservation ``write`` posts. A store may finish the write after its caller is
+        gone; nothing will go upstream then, so the hold is given back once it lands."""
         try:
-            entry, use = await asyncio.shield(write)
+            return await asyncio.shield(write)
         except asyncio.CancelledError:
-            # A store may finish the write after its caller is gone; nothing will
-            # go upstream, so give the hold back once it lands.
             write.add_done_callback(self._give_back)
             raise
-        return Reservation(entry, route, use, prompt, worst_case)
 
     async def _reserve_unpriced(
         self, user_id: int, route: Route, request: ChatRequest, quota: Quota
@@ -214,11 +219,7 @@ class Billing:
         write: asyncio.Future[tuple[LedgerEntry, RateUse | None]] = asyncio.ensure_future(
             self.store.admit(draft, limits, tokens_per_day=quota.tokens_per_day)
         )
-        try:
-            entry, use = await asyncio.shield(write)
-        except asyncio.CancelledError:
-            write.add_done_callback(self._give_back)
-            raise
+        entry, use = await self._landed(write)
         # Settled at zero prices, whatever the model costs a key holder.
         return Reservation(entry, unpriced(route), use, prompt, 0)
 
@@ -302,9 +303,9 @@ class Billing:
             return None
         produced = estimate_tokens(reply.content) + estimate_tokens(reply.reasoning)
         model = self.models.get(entry.model or "")
-        # A reservation that held nothing was usage nobody pays for (an email's): it stays free.
-        cost = 0 if model is None or entry.amount == 0 else self.cost_at(model, entry.prompt_tokens, produced)
-        cost = min(cost, -entry.amount)  # never more than was reserved
+        cost = 0 if model is None else self.cost_at(model, entry.prompt_tokens, produced)
+        # Never more than was reserved: one that held nothing (an email's) stays free.
+        cost = min(cost, -entry.amount)
         settlement = LedgerSettlement(
             amount=-cost, prompt_tokens=entry.prompt_tokens, completion_tokens=produced, outcome="abandoned"
         )
@@ -321,8 +322,8 @@ class Billing:
         if entry.kind == "lease":  # its requests' charges that were posted are all it cost
             return await self.store.release_lease(entry.id, 0, 0)
         model = self.models.get(entry.model or "")
-        cost = 0 if model is None or entry.amount == 0 else self.cost_at(model, entry.prompt_tokens, 0)
-        cost = min(cost, -entry.amount)  # never more than was reserved
+        cost = 0 if model is None else self.cost_at(model, entry.prompt_tokens, 0)
+        cost = min(cost, -entry.amount)  # never more than was reserved (an email's held nothing)
         settlement = LedgerSettlement(amount=-cost, prompt_tokens=entry.prompt_tokens, outcome="abandoned")
         return await self.store.settle_ledger(entry.id, settlement)
 

@@ -142,14 +142,8 @@ class Completion:
                     if meter.over:
                         break
             if meter.over:  # the upstream is closed: what it would have sent past the cap is not read
-                log.warning(
-                    "provider %r sent more than the %d output tokens asked for %r; the reply was cut there",
-                    self.route.provider.instance,
-                    meter.cap,
-                    self.route.model,
-                )
-                usage = Usage(prompt_tokens=self._reservation.prompt_tokens, completion_tokens=meter.cap)
-                self.finish = Finish("length", usage)
+                prompt = self._reservation.prompt_tokens
+                self.finish = meter.cut(prompt, self.route.provider.instance, self.route.model)
                 self._ready.append(self.finish)
                 self._wake()
         except asyncio.CancelledError:

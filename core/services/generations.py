@@ -276,19 +276,13 @@ class Generations:
             finally:
                 await upstream.aclose()
             if meter.over:  # the upstream is closed: what it would have sent past the cap is not read
-                log.warning(
-                    "provider %r sent more than the %d output tokens asked for %r; the reply was cut there",
-                    provider.instance,
-                    meter.cap,
-                    generation.route.model,
-                )
                 reservation = generation.reservation
                 prompt = (
                     reservation.prompt_tokens
                     if reservation
                     else estimate_prompt_tokens(generation.request.messages)
                 )
-                finish = Finish("length", Usage(prompt_tokens=prompt, completion_tokens=meter.cap))
+                finish = meter.cut(prompt, provider.instance, generation.route.model)
                 generation._publish(finish)
             if finish is None:
                 raise Unavailable(f"provider {provider.instance!r} ended the reply without finishing it")
