@@ -17,12 +17,9 @@ import time
 from contextlib import aclosing
 from pathlib import Path
 
-from core.config import ModelConfig
+from core import ChatMessage, ChatRequest, LedgerDraft, MessageDraft, ModelConfig, Route
 from core.services.billing import Billing
-from core.services.catalog import Route
 from core.services.generations import Generations
-from core.store import LedgerDraft, MessageDraft
-from core.types import ChatMessage, ChatRequest
 from providers.mock import MockProvider
 from stores.sqlite import SqliteStore
 
@@ -125,7 +122,7 @@ async def bench_store(store: SqliteStore) -> None:
 
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        store = SqliteStore(SqliteStore.Options(path=str(Path(tmp) / "bench.db")))
+        store = SqliteStore("sqlite", SqliteStore.Options(path=str(Path(tmp) / "bench.db")))
         await store.open()
         try:
             await bench_stream(store)

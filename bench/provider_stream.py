@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from core.types import ChatMessage, ChatRequest, ContentDelta
+from core import ChatMessage, ChatRequest, ContentDelta
 from providers.deepseek import DeepSeekProvider
 
 ROOT = Path(__file__).resolve().parents[1]

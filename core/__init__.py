@@ -1,3 +1,188 @@
-"""chatgate core: the plugin host, configuration, domain types and shared services."""
+"""chatgate core: the one import a plugin author needs.
+
+Everything a provider, store, surface or web-search plugin uses is importable from
+here and listed in ``__all__``::
+
+    from core import ChatRequest, ContentDelta, Finish, Provider, Usage, hookimpl
+
+Modules below ``core`` are chatgate's own; their other names may change without
+notice. ``core.testing`` holds the conformance suites and the fake upstream.
+"""
 
 __version__ = "0.1.0"
+
+from .bodies import decode_body
+from .config import ModelConfig
+from .credentials import Redactor, bearer_matches, url_credentials, without_credentials
+from .errors import (
+    PROVIDER_ERRORS,
+    AuthenticationFailed,
+    BadRequest,
+    BalanceTooLarge,
+    ChatgateError,
+    ConfigError,
+    Conflict,
+    ContextTooLong,
+    InsufficientBalance,
+    InvalidBody,
+    InvalidEmail,
+    NotAllowed,
+    NotFound,
+    Problem,
+    ProviderError,
+    RateLimited,
+    RateLimitExceeded,
+    StoreError,
+    Superseded,
+    Timeout,
+    Unauthenticated,
+    Unavailable,
+    UnknownModel,
+    UnknownProvider,
+    UpstreamBalanceExhausted,
+)
+from .hookspecs import hookimpl
+from .locks import KeyedLock
+from .money import MAX_BALANCE, MICRO, format_amount, parse_amount
+from .pages import web_page
+from .plugin import NoOptions, Plugin
+from .provider import Provider, Reply, complete
+from .records import (
+    ApiKey,
+    Conversation,
+    ConversationPatch,
+    LedgerDraft,
+    LedgerEntry,
+    LedgerKind,
+    LedgerSettlement,
+    Message,
+    MessageDraft,
+    MessagePatch,
+    MessageRole,
+    MessageStatus,
+    RateLimits,
+    RateUse,
+    UsageDay,
+    User,
+    utcnow,
+)
+from .search import WebResult, WebSearch
+from .services import Services
+from .services.accounts import EMAIL, Caller, KeyLimits, email_allowed, normalize_email
+from .services.billing import Payer, Quota
+from .services.catalog import Route
+from .services.completions import Completion
+from .services.conversations import Transcript
+from .services.generations import Generation, Outcome
+from .store import Store
+from .streaming import PACE, ReplyStream
+from .surface import Surface
+from .tokens import estimate_prompt_tokens, estimate_tokens, is_cjk
+from .types import (
+    ChatMessage,
+    ChatRequest,
+    ContentDelta,
+    Finish,
+    FinishReason,
+    ProviderEvent,
+    ReasoningDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+
+__all__ = [
+    "EMAIL",
+    "MAX_BALANCE",
+    "MICRO",
+    "PACE",
+    "PROVIDER_ERRORS",
+    "ApiKey",
+    "AuthenticationFailed",
+    "BadRequest",
+    "BalanceTooLarge",
+    "Caller",
+    "ChatMessage",
+    "ChatRequest",
+    "ChatgateError",
+    "Completion",
+    "ConfigError",
+    "Conflict",
+    "ContentDelta",
+    "ContextTooLong",
+    "Conversation",
+    "ConversationPatch",
+    "Finish",
+    "FinishReason",
+    "Generation",
+    "InsufficientBalance",
+    "InvalidBody",
+    "InvalidEmail",
+    "KeyLimits",
+    "KeyedLock",
+    "LedgerDraft",
+    "LedgerEntry",
+    "LedgerKind",
+    "LedgerSettlement",
+    "Message",
+    "MessageDraft",
+    "MessagePatch",
+    "MessageRole",
+    "MessageStatus",
+    "ModelConfig",
+    "NoOptions",
+    "NotAllowed",
+    "NotFound",
+    "Outcome",
+    "Payer",
+    "Plugin",
+    "Problem",
+    "Provider",
+    "ProviderError",
+    "ProviderEvent",
+    "Quota",
+    "RateLimitExceeded",
+    "RateLimited",
+    "RateLimits",
+    "RateUse",
+    "ReasoningDelta",
+    "Redactor",
+    "Reply",
+    "ReplyStream",
+    "Route",
+    "Services",
+    "Store",
+    "StoreError",
+    "Superseded",
+    "Surface",
+    "Timeout",
+    "ToolCall",
+    "ToolCallDelta",
+    "Transcript",
+    "Unauthenticated",
+    "Unavailable",
+    "UnknownModel",
+    "UnknownProvider",
+    "UpstreamBalanceExhausted",
+    "Usage",
+    "UsageDay",
+    "User",
+    "WebResult",
+    "WebSearch",
+    "__version__",
+    "bearer_matches",
+    "complete",
+    "decode_body",
+    "email_allowed",
+    "estimate_prompt_tokens",
+    "estimate_tokens",
+    "format_amount",
+    "hookimpl",
+    "is_cjk",
+    "normalize_email",
+    "parse_amount",
+    "url_credentials",
+    "utcnow",
+    "web_page",
+    "without_credentials",
+]

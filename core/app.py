@@ -89,9 +89,13 @@ def create_app(
     """
     plugins = Plugins.load(extra_plugins, installed=installed)
     setup = plugins.configure(config)
-    store = setup.store.registered.cls(setup.store.options)
+    store = setup.store.registered.cls(setup.store.registered.cls.name, setup.store.options)
     providers = {name: c.registered.cls(name, c.options) for name, c in setup.providers.items()}
-    web_search = setup.web_search.registered.cls(setup.web_search.options) if setup.web_search else None
+    web_search = (
+        setup.web_search.registered.cls(setup.web_search.registered.cls.name, setup.web_search.options)
+        if setup.web_search
+        else None
+    )
     billing = Billing(store, config.models)
     generations = Generations(
         store,
@@ -111,13 +115,13 @@ def create_app(
         memory=memory,
         web_search=web_search,
     )
-    surfaces = [c.registered.cls(c.options, services) for c in setup.surfaces.values()]
+    surfaces = [c.registered.cls(name, c.options) for name, c in setup.surfaces.items()]
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             await store.open()
-            stack.push_async_callback(store.close)
+            stack.push_async_callback(store.aclose)
             for provider in providers.values():
                 await provider.open()
                 stack.push_async_callback(provider.aclose)
@@ -131,8 +135,8 @@ def create_app(
             stack.push_async_callback(billing.aclose)
             stack.push_async_callback(services.completions.aclose)
             for surface in surfaces:
-                await surface.startup()
-                stack.push_async_callback(surface.shutdown)
+                await surface.open()
+                stack.push_async_callback(surface.aclose)
             # What start-up built lives as long as the server: keep it out of every
             # garbage collection (their pauses were the slowest requests' latency).
             gc.collect()
@@ -178,8 +182,8 @@ def create_app(
     handlers: list[Any] = [healthz]
     direct: dict[str, ASGIApp] = {}
     for surface in surfaces:
-        handlers.extend(surface.route_handlers())
-        direct.update(surface.direct_routes())
+        handlers.extend(surface.route_handlers(services))
+        direct.update(surface.direct_routes(services))
     app = Gateway(
         route_handlers=handlers,
         lifespan=[lifespan],

@@ -235,14 +235,14 @@ def store_command(
 
     def run(args: argparse.Namespace) -> int:
         _, _, setup = configure(args.config)
-        store = setup.store.registered.cls(setup.store.options)
+        store = setup.store.registered.cls(setup.store.registered.cls.name, setup.store.options)
 
         async def session() -> int:
             await store.open()
             try:
                 return await action(store, args)
             finally:
-                await store.close()
+                await store.aclose()
 
         return asyncio.run(session())
 

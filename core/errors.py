@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 if TYPE_CHECKING:
-    from .store import RateUse
+    from .records import RateUse
 
 
 class ChatgateError(Exception):

@@ -5,41 +5,25 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
-from typing import Any, ClassVar
 
 import msgspec
 
 from .errors import Unavailable
+from .plugin import Plugin
 from .types import ChatRequest, ContentDelta, Finish, ProviderEvent, ReasoningDelta, ToolCallDelta
 
 
-class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
-    """Options of a plugin that takes none."""
-
-
-class Provider(abc.ABC):
+class Provider(Plugin, abc.ABC):
     """Base class of model providers.
 
     A provider plugin subclasses this, sets ``name`` (what ``plugin = "..."``
     names in plugins.toml) and ``Options`` (a ``msgspec.Struct`` its table is
     validated against), and returns the class from the
     ``register_providers`` hook. chatgate creates one instance per configured
-    provider instance, calls :meth:`open` at start-up and :meth:`aclose` at
+    provider instance (``instance`` is the table's name), calls :meth:`open`
+    (acquire HTTP connection pools there) at start-up and :meth:`aclose` at
     shutdown.
     """
-
-    name: ClassVar[str]
-    Options: ClassVar[type[msgspec.Struct]] = NoOptions
-
-    def __init__(self, instance: str, options: Any) -> None:
-        self.instance = instance
-        self.options = options
-
-    async def open(self) -> None:
-        """Acquire resources (HTTP connection pools); called once before the first request."""
-
-    async def aclose(self) -> None:
-        """Release every resource :meth:`open` acquired; called once at shutdown."""
 
     @abc.abstractmethod
     def stream(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
@@ -60,12 +44,8 @@ class Provider(abc.ABC):
         """Model names this instance serves without configuration (may be empty)."""
         return ()
 
-    def describe(self) -> dict[str, Any]:
-        """What ``/healthz`` shows about this instance. Never include secrets."""
-        return {"plugin": self.name}
 
-
-class Completion(msgspec.Struct, frozen=True):
+class Reply(msgspec.Struct, frozen=True):
     """A whole reply, gathered from a stream by :func:`complete`."""
 
     content: str
@@ -74,7 +54,7 @@ class Completion(msgspec.Struct, frozen=True):
     finish: Finish
 
 
-async def complete(provider: Provider, request: ChatRequest) -> Completion:
+async def complete(provider: Provider, request: ChatRequest) -> Reply:
     """Run ``request`` to the end and return the gathered reply."""
     content: list[str] = []
     reasoning: list[str] = []
@@ -89,7 +69,7 @@ async def complete(provider: Provider, request: ChatRequest) -> Completion:
                 case ToolCallDelta() as part:
                     calls[part.index] = merge_tool_call(calls.get(part.index), part)
                 case Finish() as finish:
-                    return Completion("".join(content), "".join(reasoning), tuple(calls.values()), finish)
+                    return Reply("".join(content), "".join(reasoning), tuple(calls.values()), finish)
     raise Unavailable(f"provider {provider.instance!r} ended its stream without a finish event")
 
 

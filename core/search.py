@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
 
 import msgspec
 
-from .provider import NoOptions
+from .plugin import Plugin
 
 
 class WebResult(msgspec.Struct, frozen=True):
@@ -18,7 +17,7 @@ class WebResult(msgspec.Struct, frozen=True):
     snippet: str = ""
 
 
-class WebSearch(abc.ABC):
+class WebSearch(Plugin, abc.ABC):
     """Base class of web search plugins.
 
     A plugin subclasses this, sets ``name`` and ``Options`` and returns the
@@ -27,18 +26,6 @@ class WebSearch(abc.ABC):
     options). The topic-chat surface calls :meth:`search` when a client sets
     ``enableGoogleResults``.
     """
-
-    name: ClassVar[str]
-    Options: ClassVar[type[msgspec.Struct]] = NoOptions
-
-    def __init__(self, options: Any) -> None:
-        self.options = options
-
-    async def open(self) -> None:
-        """Called once at start-up (open connection pools here)."""
-
-    async def aclose(self) -> None:
-        """Called once at shutdown."""
 
     @abc.abstractmethod
     async def search(self, query: str, limit: int) -> list[WebResult]:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING
 
-import msgspec
 from litestar.types import ASGIApp, ControllerRouterHandler
 
-from .provider import NoOptions
+from .plugin import Plugin
 
 if TYPE_CHECKING:
     from .services import Services
 
 
-class Surface(abc.ABC):
+class Surface(Plugin, abc.ABC):
     """Base class of API surfaces.
 
     A surface plugin subclasses this, sets ``name`` and ``Options`` and
@@ -23,21 +22,16 @@ class Surface(abc.ABC):
     it only when ``[surfaces.<name>]`` is enabled, then mounts what
     :meth:`route_handlers` returns. A surface is a thin adapter: it converts
     its wire format to calls on :class:`~core.services.Services` and never
-    talks to a provider or the store directly.
+    talks to a provider or the store directly. Its handlers receive the
+    services by Litestar's dependency injection (a parameter named
+    ``services``), or take them from the argument of :meth:`route_handlers`.
     """
 
-    name: ClassVar[str]
-    Options: ClassVar[type[msgspec.Struct]] = NoOptions
-
-    def __init__(self, options: Any, services: Services) -> None:
-        self.options = options
-        self.services = services
-
     @abc.abstractmethod
-    def route_handlers(self) -> Sequence[ControllerRouterHandler]:
+    def route_handlers(self, services: Services) -> Sequence[ControllerRouterHandler]:
         """The Litestar handlers, controllers or routers this surface mounts."""
 
-    def direct_routes(self) -> Mapping[str, ASGIApp]:
+    def direct_routes(self, services: Services) -> Mapping[str, ASGIApp]:
         """Exact paths answered by a raw ASGI app before Litestar routes the request.
 
         For a hot path only: such a request skips routing, middleware and exception
@@ -46,9 +40,3 @@ class Surface(abc.ABC):
         slash, say) gets the same answer through the router.
         """
         return {}
-
-    async def startup(self) -> None:
-        """Called once after the store and providers are open."""
-
-    async def shutdown(self) -> None:
-        """Called once at shutdown, before providers and the store close."""

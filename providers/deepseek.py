@@ -19,29 +19,28 @@ from typing import Any, ClassVar
 import aiohttp
 import msgspec
 
-from core.credentials import Redactor, url_credentials, without_credentials
-from core.errors import (
+from core import (
     AuthenticationFailed,
     BadRequest,
-    ProviderError,
-    RateLimited,
-    Timeout,
-    Unavailable,
-    UpstreamBalanceExhausted,
-)
-from core.hookspecs import hookimpl
-from core.provider import Provider
-from core.tokens import estimate_prompt_tokens, estimate_tokens
-from core.types import (
     ChatRequest,
     ContentDelta,
     Finish,
     FinishReason,
+    Provider,
+    ProviderError,
     ProviderEvent,
+    RateLimited,
     ReasoningDelta,
+    Timeout,
     ToolCallDelta,
+    Unavailable,
+    UpstreamBalanceExhausted,
     Usage,
+    estimate_prompt_tokens,
+    estimate_tokens,
+    hookimpl,
 )
+from core.credentials import Redactor, url_credentials, without_credentials
 
 from .deadline import DeadlineExceeded, ReadDeadline
 from .openai_wire import (

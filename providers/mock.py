@@ -17,19 +17,23 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
-from core.errors import PROVIDER_ERRORS, BadRequest, ProviderError, RateLimited
-from core.hookspecs import hookimpl
-from core.provider import Provider
-from core.tokens import estimate_prompt_tokens, is_cjk
-from core.types import (
+from core import (
+    PROVIDER_ERRORS,
+    BadRequest,
     ChatMessage,
     ChatRequest,
     ContentDelta,
     Finish,
     FinishReason,
+    Provider,
+    ProviderError,
     ProviderEvent,
+    RateLimited,
     ReasoningDelta,
     Usage,
+    estimate_prompt_tokens,
+    hookimpl,
+    is_cjk,
 )
 
 FailKind = Literal[

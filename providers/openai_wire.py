@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from core.types import ChatMessage, FinishReason, Usage
+from core import ChatMessage, FinishReason, Usage
 
 
 class FunctionPart(msgspec.Struct):

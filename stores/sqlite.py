@@ -27,24 +27,29 @@ from typing import Any, TypeVar
 import msgspec
 from msgspec import UNSET
 
-from core.errors import BalanceTooLarge, InsufficientBalance, NotFound, RateLimitExceeded, StoreError
-from core.hookspecs import hookimpl
-from core.money import MAX_BALANCE, MICRO
-from core.store import (
+from core import (
+    MAX_BALANCE,
+    MICRO,
     ApiKey,
+    BalanceTooLarge,
     Conversation,
     ConversationPatch,
+    InsufficientBalance,
     LedgerDraft,
     LedgerEntry,
     LedgerSettlement,
     Message,
     MessageDraft,
     MessagePatch,
+    NotFound,
+    RateLimitExceeded,
     RateLimits,
     RateUse,
     Store,
+    StoreError,
     UsageDay,
     User,
+    hookimpl,
     utcnow,
 )
 
@@ -255,8 +260,8 @@ class SqliteStore(Store):
     name = "sqlite"
     Options = SqliteOptions
 
-    def __init__(self, options: SqliteOptions) -> None:
-        super().__init__(options)
+    def __init__(self, instance: str, options: SqliteOptions) -> None:
+        super().__init__(instance, options)
         self.path = Path(options.path).absolute()
         self._worker: SqliteWorker | None = None
         self._reader: SqliteWorker | None = None
@@ -333,7 +338,7 @@ class SqliteStore(Store):
                     raise
                 time.sleep(0.01)  # on the store's own thread, never the event loop
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         async with self._opening:
             workers = [w for w in (self._reader, self._worker) if w is not None]
             self._worker = self._reader = None

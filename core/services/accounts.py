@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import msgspec
 
 from ..errors import InvalidEmail, NotAllowed, Unauthenticated
-from ..store import ApiKey, RateLimits, Store, User
+from ..records import ApiKey, RateLimits, User
+from ..store import Store
 
 KEY_PREFIX = "sk-cg-"
 PREFIX_LENGTH = len(KEY_PREFIX) + 6

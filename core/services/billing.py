@@ -20,16 +20,8 @@ import msgspec
 
 from ..config import ModelConfig
 from ..errors import ContextTooLong
-from ..store import (
-    LedgerDraft,
-    LedgerEntry,
-    LedgerSettlement,
-    Message,
-    RateLimits,
-    RateUse,
-    Store,
-    UsageDay,
-)
+from ..records import LedgerDraft, LedgerEntry, LedgerSettlement, Message, RateLimits, RateUse, UsageDay
+from ..store import Store
 from ..tokens import estimate_request_tokens, estimate_tokens
 from ..types import ChatRequest, Usage
 from .catalog import Route

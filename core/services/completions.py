@@ -21,7 +21,7 @@ from contextlib import aclosing
 
 from ..errors import ProviderError
 from ..provider import merge_tool_call
-from ..store import RateLimits
+from ..records import RateLimits
 from ..tokens import OutputMeter, estimate_tokens
 from ..types import (
     ChatRequest,

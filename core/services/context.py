@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ContextTooLong
-from ..store import Message
+from ..records import Message
 from ..tokens import estimate_message_tokens, estimate_prompt_tokens
 from ..types import ChatMessage
 

@@ -10,7 +10,8 @@ import msgspec
 
 from ..errors import Conflict, InsufficientBalance, NotFound, Superseded
 from ..locks import KeyedLock
-from ..store import Conversation, ConversationPatch, Message, MessageDraft, MessagePatch, Store
+from ..records import Conversation, ConversationPatch, Message, MessageDraft, MessagePatch
+from ..store import Store
 from ..tokens import estimate_tokens
 from ..types import ChatMessage, ChatRequest
 from .billing import Billing, Payer, Quota, Reservation

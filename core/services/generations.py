@@ -24,7 +24,8 @@ from datetime import timedelta
 from ..errors import ProviderError, Unavailable
 from ..locks import KeyedLock
 from ..provider import merge_tool_call
-from ..store import Message, MessagePatch, MessageStatus, Store, utcnow
+from ..records import Message, MessagePatch, MessageStatus, utcnow
+from ..store import Store
 from ..tokens import OutputMeter, estimate_prompt_tokens, estimate_tokens
 from ..types import ChatRequest, ContentDelta, Finish, ProviderEvent, ReasoningDelta, ToolCallDelta, Usage
 from .billing import Billing, Reservation

@@ -32,7 +32,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import InsufficientBalance, RateLimitExceeded
-from ..store import LedgerDraft, LedgerEntry, RateLimits, RateUse, Store
+from ..records import LedgerDraft, LedgerEntry, RateLimits, RateUse
+from ..store import Store
 
 log = logging.getLogger("chatgate.billing")
 

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from contextlib import aclosing
 
 from ..errors import ContextTooLong, InsufficientBalance, ProviderError, RateLimitExceeded, Unavailable
-from ..store import Conversation, ConversationPatch, Message, Store
+from ..records import Conversation, ConversationPatch, Message
+from ..store import Store
 from ..tokens import OutputMeter, estimate_prompt_tokens, estimate_tokens
 from ..types import ChatMessage, ChatRequest, ContentDelta, Finish, Usage
 from .billing import Billing, Quota

@@ -41,16 +41,18 @@ from typing import Any, ClassVar
 import msgspec
 import pytest
 
-from core.errors import PROVIDER_ERRORS, ProviderError
-from core.provider import Provider, complete
-from core.types import (
+from core import (
+    PROVIDER_ERRORS,
     ChatMessage,
     ChatRequest,
     ContentDelta,
     Finish,
+    Provider,
+    ProviderError,
     ProviderEvent,
     ReasoningDelta,
     ToolCallDelta,
+    complete,
 )
 
 EVENT_TYPES = (ContentDelta, ReasoningDelta, ToolCallDelta, Finish)

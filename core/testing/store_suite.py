@@ -10,7 +10,7 @@ instance on the test's fresh database::
         @pytest.fixture
         def open_store(self, tmp_path: Path) -> OpenStore:
             async def open_store() -> Store:
-                store = MyStore(MyStore.Options(path=str(tmp_path / "db")))
+                store = MyStore("my_store", MyStore.Options(path=str(tmp_path / "db")))
                 await store.open()
                 return store
 
@@ -30,18 +30,22 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import pytest_asyncio
 
-from core.errors import BalanceTooLarge, InsufficientBalance, NotFound, RateLimitExceeded, StoreError
-from core.money import MAX_BALANCE
-from core.store import (
+from core import (
+    MAX_BALANCE,
+    BalanceTooLarge,
     ConversationPatch,
+    InsufficientBalance,
     LedgerDraft,
     LedgerEntry,
     LedgerSettlement,
     MessageDraft,
     MessagePatch,
     MessageRole,
+    NotFound,
+    RateLimitExceeded,
     RateLimits,
     Store,
+    StoreError,
     User,
     utcnow,
 )
@@ -115,7 +119,7 @@ class StoreConformance:
 
         yield connect
         for store in opened:
-            await store.close()
+            await store.aclose()
 
     @pytest_asyncio.fixture
     async def store(self, connect_store: OpenStore) -> Store:
@@ -137,7 +141,7 @@ class StoreConformance:
         conversation = await store.get_conversation(conversation.id)
         ledger = await store.list_ledger(user.id)
 
-        await store.close()
+        await store.aclose()
         await store.open()
         other = await connect_store()
         for instance in (store, other):

@@ -18,11 +18,17 @@ from collections.abc import AsyncGenerator
 
 import msgspec
 
-from core.errors import BadRequest
-from core.hookspecs import hookimpl
-from core.provider import Provider
-from core.tokens import estimate_prompt_tokens
-from core.types import ChatRequest, ContentDelta, Finish, ProviderEvent, Usage
+from core import (
+    BadRequest,
+    ChatRequest,
+    ContentDelta,
+    Finish,
+    Provider,
+    ProviderEvent,
+    Usage,
+    estimate_prompt_tokens,
+    hookimpl,
+)
 
 
 class EchoOptions(msgspec.Struct, forbid_unknown_fields=True):

@@ -16,18 +16,32 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Response
 from litestar.types import ControllerRouterHandler
 
-from core.bodies import decode_body
-from core.errors import ConfigError, ContextTooLong, InvalidBody, Problem, RateLimitExceeded, Superseded
-from core.hookspecs import hookimpl
-from core.locks import KeyedLock
-from core.services.accounts import EMAIL, email_allowed, normalize_email
-from core.services.billing import Payer, Quota
-from core.services.conversations import Transcript
-from core.services.generations import Generation
-from core.store import Conversation, User
-from core.streaming import PACE, ReplyStream
-from core.surface import Surface
-from core.types import ContentDelta, ReasoningDelta
+from core import (
+    EMAIL,
+    PACE,
+    ConfigError,
+    ContentDelta,
+    ContextTooLong,
+    Conversation,
+    Generation,
+    InvalidBody,
+    KeyedLock,
+    Payer,
+    Problem,
+    Quota,
+    RateLimitExceeded,
+    ReasoningDelta,
+    ReplyStream,
+    Services,
+    Superseded,
+    Surface,
+    Transcript,
+    User,
+    decode_body,
+    email_allowed,
+    hookimpl,
+    normalize_email,
+)
 
 KIND = "email"
 log = logging.getLogger("chatgate.email_socket")
@@ -220,8 +234,8 @@ class EmailSocketSurface(Surface):
     name = "email_socket"
     Options = Options
 
-    def __init__(self, options: Options, services: Any) -> None:
-        super().__init__(options, services)
+    def route_handlers(self, services: Services) -> Sequence[ControllerRouterHandler]:
+        options: Options = self.options
         config = services.config
         if options.model not in config.models:
             known = ", ".join(sorted(config.models)) or "none configured"
@@ -235,10 +249,6 @@ class EmailSocketSurface(Surface):
                     )
                 ]
             )
-
-    def route_handlers(self) -> Sequence[ControllerRouterHandler]:
-        services = self.services
-        options: Options = self.options
         route = services.catalog.route(options.model)
         system = options.system_prompt or None
         starting = KeyedLock()

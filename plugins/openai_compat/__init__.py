@@ -11,12 +11,7 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Response
 from litestar.types import ASGIApp, ControllerRouterHandler, Receive, Scope, Send
 
-from core.errors import Unauthenticated
-from core.hookspecs import hookimpl
-from core.money import format_amount
-from core.services import Services
-from core.services.accounts import Caller, KeyLimits
-from core.surface import Surface
+from core import Caller, KeyLimits, Services, Surface, Unauthenticated, format_amount, hookimpl
 
 from .admin import admin_page, admin_router
 from .answers import Answer, duration, error
@@ -70,19 +65,21 @@ class OpenAICompatSurface(Surface):
 
     name = "openai_compat"
     Options = Options
+    completions: ChatCompletions | None = None
 
-    def __init__(self, options: Options, services: Services) -> None:
-        super().__init__(options, services)
+    def direct_routes(self, services: Services) -> Mapping[str, ASGIApp]:
+        return {"/v1/chat/completions": self._completions(services)}
+
+    def _completions(self, services: Services) -> ChatCompletions:
+        """The one raw ASGI app of ``/v1/chat/completions``, for the router and the front door."""
+        if self.completions is None:
+            self.completions = ChatCompletions(services, self.options)
+        return self.completions
+
+    def route_handlers(self, services: Services) -> Sequence[ControllerRouterHandler]:
+        options = self.options
         # The keys' default limits are configured here but hold on every surface (topic chat's).
         services.accounts.key_limits = options.key_limits()
-        self.completions = ChatCompletions(services, options)
-
-    def direct_routes(self) -> Mapping[str, ASGIApp]:
-        return {"/v1/chat/completions": self.completions}
-
-    def route_handlers(self) -> Sequence[ControllerRouterHandler]:
-        services = self.services
-        options = self.options
 
         async def authenticate(request: Request[Any, Any, Any]) -> Caller | Response[Any]:
             try:
@@ -113,7 +110,7 @@ class OpenAICompatSurface(Surface):
                 return respond(error(404, message, "invalid_request_error", "model_not_found", "model"))
             return Response(model_object(name))
 
-        endpoint = self.completions
+        endpoint = self._completions(services)
 
         @asgi("/v1/chat/completions", is_mount=False, copy_scope=False)
         async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:

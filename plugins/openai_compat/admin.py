@@ -19,13 +19,23 @@ from litestar import Request, Router, delete, get, patch, post
 from litestar.response import Response
 from litestar.types import ControllerRouterHandler
 
-from core.bodies import decode_body
-from core.credentials import bearer_matches
-from core.errors import BalanceTooLarge, InsufficientBalance, InvalidBody, InvalidEmail, NotFound
-from core.money import format_amount, parse_amount
-from core.pages import web_page
-from core.services import Services
-from core.store import ApiKey, RateLimits, UsageDay, User
+from core import (
+    ApiKey,
+    BalanceTooLarge,
+    InsufficientBalance,
+    InvalidBody,
+    InvalidEmail,
+    NotFound,
+    RateLimits,
+    Services,
+    UsageDay,
+    User,
+    bearer_matches,
+    decode_body,
+    format_amount,
+    parse_amount,
+    web_page,
+)
 
 from . import wire
 

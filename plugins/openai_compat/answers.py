@@ -10,8 +10,7 @@ import math
 
 import msgspec
 
-from core.errors import ProviderError, RateLimited, RateLimitExceeded
-from core.store import RateLimits, RateUse
+from core import ProviderError, RateLimited, RateLimitExceeded, RateLimits, RateUse
 
 from . import wire
 

@@ -18,18 +18,22 @@ from typing import TYPE_CHECKING, Any
 
 from litestar.types import Receive, Scope, Send
 
-from core.errors import (
+from core import (
+    Completion,
+    ContentDelta,
     ContextTooLong,
+    Finish,
     InsufficientBalance,
     ProviderError,
+    ProviderEvent,
     RateLimitExceeded,
+    ReasoningDelta,
+    Services,
+    ToolCallDelta,
     Unauthenticated,
     UnknownModel,
     UnknownProvider,
 )
-from core.services import Services
-from core.services.completions import Completion
-from core.types import ContentDelta, Finish, ProviderEvent, ReasoningDelta, ToolCallDelta
 
 from . import wire
 from .answers import Answer, error, json_answer, provider_error, rate_headers, rate_limited, stream_error

@@ -14,9 +14,7 @@ from typing import Any
 
 import msgspec
 
-from core.bodies import decode_body
-from core.errors import InvalidBody
-from core.types import ChatMessage, ChatRequest, Finish, ToolCall, ToolCallDelta, Usage
+from core import ChatMessage, ChatRequest, Finish, InvalidBody, ToolCall, ToolCallDelta, Usage, decode_body
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 KNOWN = frozenset(

@@ -18,30 +18,36 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Response
 from litestar.types import ControllerRouterHandler
 
-from core.bodies import decode_body
-from core.errors import (
+from core import (
+    PACE,
+    Caller,
     ConfigError,
     Conflict,
+    ContentDelta,
     ContextTooLong,
+    Conversation,
+    ConversationPatch,
+    Finish,
+    Generation,
     InsufficientBalance,
     InvalidBody,
+    Message,
     NotFound,
+    Payer,
     Problem,
     ProviderError,
+    ProviderEvent,
     RateLimitExceeded,
+    ReplyStream,
+    Route,
+    Services,
     Superseded,
+    Surface,
     Unauthenticated,
+    decode_body,
+    hookimpl,
+    web_page,
 )
-from core.hookspecs import hookimpl
-from core.pages import web_page
-from core.services.accounts import Caller
-from core.services.billing import Payer
-from core.services.catalog import Route
-from core.services.generations import Generation
-from core.store import Conversation, ConversationPatch, Message
-from core.streaming import PACE, ReplyStream
-from core.surface import Surface
-from core.types import ContentDelta, Finish, ProviderEvent
 
 KIND = "topic"
 SEPARATOR = "¦"
@@ -193,8 +199,9 @@ class TopicChatSurface(Surface):
     name = "topic_chat"
     Options = Options
 
-    def __init__(self, options: Options, services: Any) -> None:
-        super().__init__(options, services)
+    def _check(self, services: Services) -> None:
+        """Every catalog entry names a configured model and provider (ConfigError otherwise)."""
+        options: Options = self.options
         problems = []
         config = services.config
 
@@ -241,8 +248,9 @@ class TopicChatSurface(Surface):
             raise Invalid(f"field 'modelId': series {series_id} has no model {model_id} (known: {known})")
         return self.services.catalog.route(entry.model, entry.provider)
 
-    def route_handlers(self) -> Sequence[ControllerRouterHandler]:
-        services = self.services
+    def route_handlers(self, services: Services) -> Sequence[ControllerRouterHandler]:
+        self._check(services)
+        self.services = services
         options: Options = self.options
         surface = self
         conversations = services.conversations

@@ -47,7 +47,7 @@ async def test_a_key_changed_by_another_process_takes_effect_within_the_cache_ti
 async def test_only_the_hash_of_a_key_is_stored(gateway):
     accounts = gateway.services.accounts
     _, secret = await accounts.create_key("owner@example.com")
-    await accounts.store.close()  # flush everything to the file
+    await accounts.store.aclose()  # flush everything to the file
     raw = b"".join(p.read_bytes() for p in accounts.store.path.parent.glob("chatgate.db*"))
     await accounts.store.open()
     assert secret.encode() not in raw

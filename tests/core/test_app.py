@@ -92,7 +92,7 @@ async def test_healthz_tells_anyone_the_status_and_only_the_admin_token_the_deta
 
 async def test_healthz_answers_503_when_the_store_is_unreachable(write_config, gateway_factory):
     gateway = await gateway_factory(write_config(replace=WITH_ADMIN))
-    await gateway.services.accounts.store.close()
+    await gateway.services.accounts.store.aclose()
     response = await gateway.client.get("/healthz")
     assert response.status_code == 503
     assert response.json() == {"status": "unavailable", "version": __version__}
@@ -118,14 +118,14 @@ async def test_a_direct_route_is_answered_before_the_router_which_keeps_the_rest
     class Echo(Surface):
         name = "echo"
 
-        def route_handlers(self):
+        def route_handlers(self, services):
             @get("/echo", media_type=MediaType.TEXT)
             async def routed() -> str:
                 return "router"
 
             return [routed]
 
-        def direct_routes(self):
+        def direct_routes(self, services):
             return {"/echo": direct}
 
     echo = types.SimpleNamespace(__name__="echo", register_surfaces=hookimpl(lambda: [Echo]))

@@ -15,10 +15,10 @@ from litestar.exceptions import HTTPException
 from litestar.params import JSONBody
 from litestar.response import Response
 
+from core import RateLimits
 from core.bodies import decode_body
 from core.errors import InvalidBody
 from core.hookspecs import hookimpl
-from core.store import RateLimits
 from core.surface import Surface
 from tests.conftest import Gateway
 
@@ -79,7 +79,7 @@ class Parrot(Surface):
 
     name = "parrot"
 
-    def route_handlers(self) -> Any:
+    def route_handlers(self, services: Any) -> Any:
         @post("/parrot/dict", status_code=200)
         async def as_dict(data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
             return data

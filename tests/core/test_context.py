@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from core import Message
 from core.errors import ContextTooLong
 from core.services.context import SUMMARY_PREAMBLE, fit_context
-from core.store import Message
 from core.tokens import estimate_message_tokens, estimate_prompt_tokens, estimate_tokens
 from core.types import ChatMessage
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from core import MessageDraft, MessagePatch
 from core.errors import NotFound
-from core.store import MessageDraft, MessagePatch
 
 
 async def test_get_brings_kept_messages_up_to_date_with_writes_from_elsewhere(gateway):

@@ -8,10 +8,10 @@ from datetime import timedelta
 
 import pytest
 
+from core import MessageDraft
 from core.errors import InsufficientBalance, NotFound, Unavailable
 from core.services import Services
 from core.services.generations import Generation, Upstream
-from core.store import MessageDraft
 from core.tokens import estimate_prompt_tokens, estimate_tokens
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish
 from stores.sqlite import SqliteStore
@@ -210,12 +210,12 @@ async def test_a_reply_the_balance_cannot_cover_writes_nothing(gateway):
 
 async def test_replies_a_crash_left_generating_are_marked_interrupted_at_start(write_config, gateway_factory):
     config = write_config()
-    store = SqliteStore(SqliteStore.Options(path=str(config.parent / "chatgate.db")))
+    store = SqliteStore("sqlite", SqliteStore.Options(path=str(config.parent / "chatgate.db")))
     await store.open()
     user = await store.ensure_user("crash@example.com")
     conversation = await store.create_conversation(user.id, "test")
     orphan = await store.append_message(conversation.id, MessageDraft(role="assistant", status="generating"))
-    await store.close()
+    await store.aclose()
     await asyncio.sleep(1.1)  # stale_after = 1 in the test configuration
     gateway = await gateway_factory(config)
     message = await gateway.services.conversations.store.get_message(orphan.id)
@@ -241,12 +241,12 @@ async def test_shutdown_interrupts_and_persists_running_replies(write_config):
         await asyncio.sleep(0.1)
     outcome = await generation.wait()
     assert outcome.status == "interrupted"
-    store = SqliteStore(SqliteStore.Options(path=app.state.services.config.store.options["path"]))
+    store = SqliteStore("sqlite", SqliteStore.Options(path=app.state.services.config.store.options["path"]))
     await store.open()
     try:
         assert (await store.get_message(generation.message_id)).status == "interrupted"
     finally:
-        await store.close()
+        await store.aclose()
 
 
 async def test_cancelling_a_waiter_does_not_cancel_the_reply(write_config, gateway_factory):

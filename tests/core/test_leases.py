@@ -9,17 +9,17 @@ from typing import Any
 
 import pytest
 
+from core import LedgerDraft, LedgerEntry, RateLimits, User
 from core.services.leases import Leases
-from core.store import LedgerDraft, LedgerEntry, RateLimits, User
 from stores.sqlite import SqliteStore
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(SqliteStore.Options(path=str(tmp_path / "leases.db")))
+    store = SqliteStore("sqlite", SqliteStore.Options(path=str(tmp_path / "leases.db")))
     await store.open()
     yield store
-    await store.close()
+    await store.aclose()
 
 
 async def keyed(store: SqliteStore) -> tuple[User, int]:

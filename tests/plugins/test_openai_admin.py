@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
+from core import LedgerDraft
 from core.money import MAX_BALANCE, format_amount
-from core.store import LedgerDraft
 from tests.conftest import Gateway
 
 TOKEN = "admin-test-token-0123456789"

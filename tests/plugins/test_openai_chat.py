@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from core.store import LedgerEntry
+from core import LedgerEntry
 from plugins.openai_compat import wire
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario, ToolCallSpec

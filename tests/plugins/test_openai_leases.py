@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from core.store import LedgerEntry, RateLimits
+from core import LedgerEntry, RateLimits
 from plugins.openai_compat import wire
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario

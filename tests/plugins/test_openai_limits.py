@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from core.store import RateLimits
+from core import RateLimits
 from plugins.openai_compat import Options, duration
 from tests.conftest import Gateway, chatgate, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario

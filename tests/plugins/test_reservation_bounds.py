@@ -18,7 +18,7 @@ from typing import Any
 import openai
 import pytest
 
-from core.store import LedgerDraft, LedgerEntry
+from core import LedgerDraft, LedgerEntry
 from core.tokens import estimate_tokens
 from core.types import ChatMessage, ChatRequest
 from plugins.openai_compat import wire

@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from core import RateLimits
 from core.hookspecs import hookimpl
 from core.search import WebResult, WebSearch
-from core.store import RateLimits
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
@@ -322,7 +322,7 @@ async def test_regenerating_a_user_message_redoes_the_reply_after_it_or_creates_
     assert fake_deepseek.requests[-1].body["model"] == "deepseek-v4-flash"  # the reasoner alias, as picked
     # A question left without a reply (stored by another client) gets one.
     store = alice.gateway.services.conversations.store
-    from core.store import MessageDraft
+    from core import MessageDraft
 
     lone = await store.append_message(created["id"], MessageDraft(role="user", content="Q2"))
     response = await alice.call("POST", f"/chat/topic/{created['id']}/message/{lone.id}/regenerate", body)

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 import pytest_asyncio
 
+from core import Provider, complete
 from core.config import load_config, validate_options
 from core.errors import (
     AuthenticationFailed,
@@ -25,7 +26,6 @@ from core.errors import (
     Unavailable,
     UpstreamBalanceExhausted,
 )
-from core.provider import Provider, complete
 from core.testing.provider_suite import ProviderConformance
 from core.types import (
     ChatMessage,

@@ -18,9 +18,9 @@ import msgspec
 import pytest
 import pytest_asyncio
 
+from core import Provider, complete
 from core.config import load_config, validate_options
 from core.errors import AuthenticationFailed
-from core.provider import Provider, complete
 from core.testing.provider_suite import ProviderConformance
 from core.types import ChatMessage, ChatRequest
 from providers.deepseek import DeepSeekOptions, DeepSeekProvider

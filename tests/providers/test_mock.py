@@ -13,8 +13,8 @@ import msgspec
 import pytest
 import pytest_asyncio
 
+from core import Provider
 from core.errors import PROVIDER_ERRORS, BadRequest, ProviderError, RateLimited
-from core.provider import Provider
 from core.testing.provider_suite import ProviderConformance
 from core.tokens import estimate_prompt_tokens, is_cjk
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish, ProviderEvent, ReasoningDelta

@@ -15,14 +15,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from core import LedgerDraft, MessageDraft, RateLimits, Store, utcnow
 from core.errors import StoreError
-from core.store import LedgerDraft, MessageDraft, RateLimits, Store, utcnow
 from core.testing.store_suite import OpenStore, StoreConformance
 from stores.sqlite import LATEST_VERSION, MIGRATIONS, SqliteStore, migrate, register_stores
 
 
 def sqlite_store(path: Path) -> SqliteStore:
-    return SqliteStore(SqliteStore.Options(path=str(path)))
+    return SqliteStore("sqlite", SqliteStore.Options(path=str(path)))
 
 
 class TestSqliteConformance(StoreConformance):
@@ -41,7 +41,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     store = sqlite_store(tmp_path / "chatgate.db")
     await store.open()
     yield store
-    await store.close()
+    await store.aclose()
 
 
 def connect(path: Path) -> contextlib.closing[sqlite3.Connection]:
@@ -68,7 +68,7 @@ def test_options_forbid_unknown_fields() -> None:
 @pytest.mark.parametrize("path", [":memory:", ""])
 def test_in_memory_database_is_rejected(path: str) -> None:
     with pytest.raises(ValueError, match="path to name a file"):
-        SqliteStore(SqliteStore.Options(path=path))
+        SqliteStore("sqlite", SqliteStore.Options(path=path))
 
 
 async def test_pragmas(store: SqliteStore) -> None:
@@ -91,10 +91,10 @@ async def test_creates_parent_directory_and_resolves_relative_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    store = SqliteStore(SqliteStore.Options(path="data/nested/chat.db"))
+    store = SqliteStore("sqlite", SqliteStore.Options(path="data/nested/chat.db"))
     monkeypatch.chdir("/")  # the path was fixed when the store was configured
     await store.open()
-    await store.close()
+    await store.aclose()
     assert (tmp_path / "data" / "nested" / "chat.db").is_file()
     assert store.path == tmp_path / "data/nested/chat.db"
     assert store.describe() == {"plugin": "sqlite"}  # /healthz is anonymous: no filesystem paths
@@ -117,7 +117,7 @@ async def test_version_1_database_upgrades_keeping_data(tmp_path: Path) -> None:
         conversation = await store.get_conversation(7)
         user = await store.get_user(1)
     finally:
-        await store.close()
+        await store.aclose()
     assert await user_version(path) == LATEST_VERSION
     assert (conversation.name, conversation.favorite, conversation.user_id) == ("old talk", True, 1)
     assert (conversation.summary, conversation.summary_until) == ("", None)
@@ -152,7 +152,7 @@ async def test_workers_opening_a_fresh_file_together_migrate_once(tmp_path: Path
         assert len({user.id for user in users}) == 1
     finally:
         for store in stores:
-            await store.close()
+            await store.aclose()
     assert await user_version(tmp_path / "shared.db") == LATEST_VERSION
 
 
@@ -194,17 +194,17 @@ async def test_interrupt_cutoff_below_a_millisecond(store: SqliteStore) -> None:
 WORKER = textwrap.dedent(
     """
     import asyncio, sys
-    from core.store import LedgerDraft
+    from core import LedgerDraft
     from stores.sqlite import SqliteStore
 
     async def main(path, user_id):
-        store = SqliteStore(SqliteStore.Options(path=path))
+        store = SqliteStore("sqlite", SqliteStore.Options(path=path))
         await store.open()
         try:
             charge = LedgerDraft(user_id=user_id, amount=-7, kind="charge")
             await asyncio.gather(*(store.post_ledger(charge) for _ in range(25)))
         finally:
-            await store.close()
+            await store.aclose()
 
     asyncio.run(main(sys.argv[1], int(sys.argv[2])))
     """
@@ -285,12 +285,12 @@ async def test_seconds_that_left_the_minute_neither_count_nor_stay(store: Sqlite
 async def test_a_closed_store_refuses_calls(tmp_path: Path) -> None:
     store = sqlite_store(tmp_path / "chatgate.db")
     await store.open()
-    await store.close()
+    await store.aclose()
     with pytest.raises(StoreError, match="not open"):
         await store.list_users()
     await store.open()  # and opens again
     assert await store.list_users() == []
-    await store.close()
+    await store.aclose()
 
 
 async def test_every_message_column_but_revision_moves_the_revision(store: SqliteStore) -> None:
