@@ -112,7 +112,6 @@ def create_app(
         completions=Completions(billing),
         generations=generations,
         conversations=Conversations(store, generations, billing, memory),
-        memory=memory,
         web_search=web_search,
     )
     surfaces = [c.registered.cls(name, c.options) for name, c in setup.surfaces.items()]
@@ -137,13 +136,6 @@ def create_app(
             for surface in surfaces:
                 await surface.open()
                 stack.push_async_callback(surface.aclose)
-            # What start-up built lives as long as the server: keep it out of every
-            # garbage collection (their pauses were the slowest requests' latency).
-            gc.collect()
-            gc.freeze()
-            # Store calls hop to a thread and back; while the event loop is busy, such a thread
-            # waited out the whole 5 ms GIL switch interval before its turn. 1 ms bounds the wait.
-            sys.setswitchinterval(0.001)
             log.info(
                 "chatgate %s ready: store %s, providers %s, surfaces %s",
                 __version__,
@@ -208,7 +200,25 @@ def create_app(
 
 def app_from_environment() -> Gateway:
     """The app for ``$CHATGATE_CONFIG`` (default ``./plugins.toml``) served on ``$CHATGATE_HOST``
-    (default its ``[server] host``); what ``chatgate serve`` runs, having set both."""
-    return create_app(
+    (default its ``[server] host``); what ``chatgate serve`` runs in each worker, having set both.
+
+    The worker is a server process and nothing else, so once the app has started this also
+    tunes the process (:func:`tune_server_process`); an app embedded elsewhere
+    (:func:`create_app`) leaves its host process's settings alone.
+    """
+    app = create_app(
         load_config(os.environ.get("CHATGATE_CONFIG", "plugins.toml")), host=os.environ.get("CHATGATE_HOST")
     )
+    app.on_startup.append(tune_server_process)  # runs after the lifespan has opened everything
+    return app
+
+
+def tune_server_process() -> None:
+    """Process-wide settings for a process that only serves chatgate (measured in bench/README.md)."""
+    # What start-up built lives as long as the server: keep it out of every
+    # garbage collection (their pauses were the slowest requests' latency).
+    gc.collect()
+    gc.freeze()
+    # Store calls hop to a thread and back; while the event loop is busy, such a thread
+    # waited out the whole 5 ms GIL switch interval before its turn. 1 ms bounds the wait.
+    sys.setswitchinterval(0.001)

@@ -289,8 +289,8 @@ async def keys_list(store: Store, args: argparse.Namespace) -> int:
 
 async def keys_revoke(store: Store, args: argparse.Namespace) -> int:
     key = await store.revoke_api_key(args.id)
-    # Running servers remember a key they saw for Accounts.key_cache_seconds.
-    print(f"revoked key {key.id} ({key.prefix}...); running servers refuse it within 2 seconds")
+    within = f"{Accounts.key_cache_seconds:g} second{'' if Accounts.key_cache_seconds == 1 else 's'}"
+    print(f"revoked key {key.id} ({key.prefix}...); running servers refuse it within {within}")
     return 0
 
 

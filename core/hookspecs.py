@@ -8,7 +8,7 @@ through the entry-point group ``chatgate``::
     my_provider = "my_package.plugin"
 
     # my_package/plugin.py
-    from core.hookspecs import hookimpl
+    from core import Provider, hookimpl
 
     @hookimpl
     def register_providers():
@@ -42,7 +42,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def register_providers() -> Sequence[type[Provider]]:
     """Return the provider classes this plugin offers.
 
-    Each class subclasses :class:`core.provider.Provider` and carries a unique
+    Each class subclasses :class:`core.Provider` and carries a unique
     ``name`` and an ``Options`` struct. Results of all plugins are collected;
     two classes with the same ``name`` fail start-up naming both plugins.
     """
@@ -52,7 +52,7 @@ def register_providers() -> Sequence[type[Provider]]:
 def register_stores() -> Sequence[type[Store]]:
     """Return the store classes this plugin offers.
 
-    Each class subclasses :class:`core.store.Store` and carries a unique
+    Each class subclasses :class:`core.Store` and carries a unique
     ``name`` and an ``Options`` struct. Results of all plugins are collected;
     duplicate names fail start-up naming both plugins.
     """
@@ -62,7 +62,7 @@ def register_stores() -> Sequence[type[Store]]:
 def register_surfaces() -> Sequence[type[Surface]]:
     """Return the API surface classes this plugin offers.
 
-    Each class subclasses :class:`core.surface.Surface` and carries a unique
+    Each class subclasses :class:`core.Surface` and carries a unique
     ``name`` and an ``Options`` struct. Results of all plugins are collected;
     duplicate names fail start-up naming both plugins. A surface mounts routes
     only when ``plugins.toml`` enables it.
@@ -73,7 +73,7 @@ def register_surfaces() -> Sequence[type[Surface]]:
 def register_web_search() -> Sequence[type[WebSearch]]:
     """Return the web search classes this plugin offers.
 
-    Each class subclasses :class:`core.search.WebSearch` and carries a unique
+    Each class subclasses :class:`core.WebSearch` and carries a unique
     ``name`` and an ``Options`` struct. Results of all plugins are collected;
     duplicate names fail start-up naming both plugins. At most one is used: the one a
     ``[web_search]`` table in ``plugins.toml`` names. Without that table the

@@ -12,7 +12,6 @@ from .catalog import Catalog
 from .completions import Completions
 from .conversations import Conversations
 from .generations import Generations
-from .memory import Memory
 
 
 @dataclass(frozen=True)
@@ -26,6 +25,5 @@ class Services:
     completions: Completions
     generations: Generations
     conversations: Conversations
-    memory: Memory
     web_search: WebSearch | None = None
     """The configured web search plugin, if any."""
