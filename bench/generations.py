@@ -128,7 +128,7 @@ async def main() -> None:
             await bench_stream(store)
             await bench_store(store)
         finally:
-            await store.close()
+            await store.aclose()
 
 
 if __name__ == "__main__":

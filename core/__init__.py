@@ -74,7 +74,7 @@ from .services.catalog import Route
 from .services.completions import Completion
 from .services.conversations import Transcript
 from .services.generations import Generation, Outcome
-from .store import Store
+from .store import LeaseStore, Store
 from .streaming import PACE, ReplyStream
 from .surface import Surface
 from .tokens import estimate_prompt_tokens, estimate_tokens, is_cjk
@@ -120,6 +120,7 @@ __all__ = [
     "InvalidEmail",
     "KeyLimits",
     "KeyedLock",
+    "LeaseStore",
     "LedgerDraft",
     "LedgerEntry",
     "LedgerKind",

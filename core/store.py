@@ -1,5 +1,7 @@
 """The store interface: what a storage backend promises.
 
+:class:`Store` is what every backend writes; :class:`LeaseStore` adds leases, an
+optional capability that takes the store off the path of a busy key's requests.
 The records it keeps are in :mod:`core.records`.
 """
 
@@ -34,15 +36,14 @@ class Store(Plugin, abc.ABC):
     concurrently from many tasks (and, for stores that allow it, from many
     processes). Multi-row writes are atomic. Lookups of a missing id raise
     :class:`~core.errors.NotFound`. Every store passes
-    :class:`core.testing.store_suite.StoreConformance`.
+    :class:`core.testing.store_suite.StoreConformance`; one that also offers
+    leases subclasses :class:`LeaseStore` instead.
     """
 
-    # lifecycle
-    @abc.abstractmethod
+    # lifecycle: no-ops by default, for a store that holds no connection
     async def open(self) -> None:
         """Connect and bring the schema to the current version (forward migrations)."""
 
-    @abc.abstractmethod
     async def aclose(self) -> None:
         """Release every connection; the store may be opened again afterwards."""
 
@@ -120,18 +121,18 @@ class Store(Plugin, abc.ABC):
     async def admit(
         self, draft: LedgerDraft, limits: RateLimits, *, floor: int = 0, tokens_per_day: int | None = None
     ) -> tuple[LedgerEntry, RateUse]:
-        """Post a reservation or lease for ``draft.key_id`` if its key is within ``limits``, atomically.
+        """Post a reservation for ``draft.key_id`` if its key is within ``limits``, atomically.
 
         In one transaction, across every process sharing the store: counts the
         key's requests and tokens (``prompt_tokens + completion_tokens``) of
         entries created in the last 60 seconds (a store may count whole
         seconds, letting an entry go up to a second early), and its reservations
-        and leases not yet settled or released (created in the last 15 minutes:
-        older ones belong to a crashed process). An entry counts as
-        ``requests`` requests, and while unsettled as that many concurrent
-        ones: a lease stands for several. Refuses with :class:`~core.errors.RateLimitExceeded`
-        when admitting would pass a limit, then with
-        :class:`~core.errors.InsufficientBalance` like :meth:`post_ledger`.
+        not yet settled (created in the last 15 minutes: older ones belong to a
+        crashed process). An entry counts as ``requests`` requests (a
+        reservation's is 1), and while unsettled as that many concurrent ones.
+        Refuses with :class:`~core.errors.RateLimitExceeded` when admitting
+        would pass a limit, then with :class:`~core.errors.InsufficientBalance`
+        like :meth:`post_ledger`.
         A refusal writes nothing. Returns the entry and the use including it.
 
         A draft without a key (``key_id`` None: usage no key pays for, the email
@@ -152,39 +153,6 @@ class Store(Plugin, abc.ABC):
         entry's ``balance_after`` becomes the balance right after the
         settlement; settling an entry again moves the balance by the new
         difference.
-        """
-
-    @abc.abstractmethod
-    async def charge_lease(self, lease_id: int, charges: list[LedgerDraft], counted_tokens: int) -> int:
-        """Post ``charges``, requests admitted under lease ``lease_id``, drawing on it, atomically.
-
-        Each charge becomes an entry of its own. The lease holds that much less;
-        the balance moves only by what the charges exceed the lease by (the
-        tokens were spent: no floor). The key's rate window, which counted
-        ``counted_tokens`` for these requests when the lease was posted, counts
-        their real tokens instead (the requests themselves were counted then).
-        Returns the balance after. Raises :class:`~core.errors.StoreError` once
-        the lease was released.
-        """
-
-    @abc.abstractmethod
-    async def shrink_lease(
-        self, lease_id: int, requests: int, unused_requests: int, unused_tokens: int, unused_amount: int
-    ) -> None:
-        """Make an open lease that admits no more stand for the ``requests`` still running, atomically.
-
-        ``unused_amount`` (of what it holds) goes back to the balance, and the requests and
-        tokens it counted but never used leave the key's rate window; it keeps counting
-        ``requests`` concurrent ones until it is released. A released lease is left as it is.
-        """
-
-    @abc.abstractmethod
-    async def release_lease(self, lease_id: int, unused_requests: int, unused_tokens: int) -> LedgerEntry:
-        """End a lease: what it still holds goes back to the balance, atomically.
-
-        The entry becomes kind (and outcome) ``released`` with amount 0; the requests and
-        tokens it counted but never used leave the key's rate window. Releasing
-        a released lease changes nothing and returns it.
         """
 
     @abc.abstractmethod
@@ -290,4 +258,64 @@ class Store(Plugin, abc.ABC):
         Returns the messages it marked, as they are now, so their reservations
         can be settled. Runs at start-up and periodically, so a crash never
         leaves a reply "generating" forever.
+        """
+
+
+class LeaseStore(Store):
+    """A store that also offers leases: one reservation standing for several requests of a key.
+
+    Leases are optional. chatgate admits a key's requests under leases
+    (:mod:`core.services.leases`) only when its store subclasses this; with any
+    other store each request is admitted by :meth:`Store.admit` alone, with the
+    same money and limit guarantees, one store round trip more per request.
+
+    Promises beyond :class:`Store`:
+
+    - :meth:`~Store.admit` also takes a draft of kind ``lease`` for a key: it
+      counts as its ``requests`` requests and its ``prompt_tokens`` tokens in
+      the minute, and as that many concurrent requests until it is released,
+      checked against the limits and the balance floor like a reservation of
+      its ``amount``;
+    - what an open lease holds and did not spend is still the user's:
+      ``User.balance`` adds it back;
+    - :meth:`~Store.stale_reservations` lists open leases too (a lease a dead
+      process left is released by whoever finds it);
+    - the methods below draw on a lease, shrink it and release it.
+
+    Every lease store passes :class:`core.testing.store_suite.LeaseConformance`
+    (which includes :class:`~core.testing.store_suite.StoreConformance`).
+    """
+
+    @abc.abstractmethod
+    async def charge_lease(self, lease_id: int, charges: list[LedgerDraft], counted_tokens: int) -> int:
+        """Post ``charges``, requests admitted under lease ``lease_id``, drawing on it, atomically.
+
+        Each charge becomes an entry of its own. The lease holds that much less;
+        the balance moves only by what the charges exceed the lease by (the
+        tokens were spent: no floor). The key's rate window, which counted
+        ``counted_tokens`` for these requests when the lease was posted, counts
+        their real tokens instead (the requests themselves were counted then).
+        Returns the balance after. Raises :class:`~core.errors.StoreError` once
+        the lease was released.
+        """
+
+    @abc.abstractmethod
+    async def shrink_lease(
+        self, lease_id: int, requests: int, unused_requests: int, unused_tokens: int, unused_amount: int
+    ) -> None:
+        """Make an open lease that admits no more stand for the ``requests`` still running, atomically.
+
+        ``unused_amount`` (of what it holds) goes back to the balance, and the requests and
+        tokens it counted but never used leave the key's rate window; it keeps counting
+        ``requests`` concurrent ones until it is released. A released lease is left as it is.
+        """
+
+    @abc.abstractmethod
+    async def release_lease(self, lease_id: int, unused_requests: int, unused_tokens: int) -> LedgerEntry:
+        """End a lease: what it still holds goes back to the balance, atomically.
+
+        The entry becomes kind (and outcome) ``released`` with amount 0; the requests and
+        tokens it counted but never used leave the key's rate window. Releasing
+        a released lease changes nothing and returns it; an entry that is no lease
+        raises :class:`~core.errors.StoreError`.
         """

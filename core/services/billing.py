@@ -21,7 +21,7 @@ import msgspec
 from ..config import ModelConfig
 from ..errors import ContextTooLong
 from ..records import LedgerDraft, LedgerEntry, LedgerSettlement, Message, RateLimits, RateUse, UsageDay
-from ..store import Store
+from ..store import LeaseStore, Store
 from ..tokens import estimate_request_tokens, estimate_tokens
 from ..types import ChatRequest, Usage
 from .catalog import Route
@@ -88,17 +88,23 @@ def _exact(price: float) -> tuple[int, int]:
 
 
 class Billing:
-    """Prices, reservations and settlements."""
+    """Prices, reservations and settlements.
+
+    A key's requests are admitted under leases (``leases``) when the store offers
+    them (:class:`~core.store.LeaseStore`); otherwise ``leases`` is None and each
+    request is admitted by the store alone, within the same limits and floor.
+    """
 
     def __init__(self, store: Store, models: dict[str, ModelConfig]) -> None:
         self.store = store
         self.models = models
         self._giving_back: set[asyncio.Future[LedgerEntry]] = set()
-        self.leases = Leases(store)
+        self.leases = Leases(store) if isinstance(store, LeaseStore) else None
 
     async def aclose(self) -> None:
         """Post the charges of requests admitted under leases and release the leases."""
-        await self.leases.aclose()
+        if self.leases is not None:
+            await self.leases.aclose()
 
     @staticmethod
     def cost(route: Route, prompt_tokens: int, completion_tokens: int) -> int:
@@ -144,8 +150,9 @@ class Billing:
     ) -> Reservation:
         """Hold the worst-case cost; with ``limits``, only if the key is within them.
 
-        With ``limits``, the request may be admitted under a lease of its key, sized to at
-        most an eighth of ``balance`` (the owner's, as last seen) when it is given.
+        With ``limits``, the request may be admitted under a lease of its key (when the
+        store offers leases), sized to at most an eighth of ``balance`` (the owner's, as
+        last seen) when it is given.
 
         With ``quota`` (and no key), nobody pays: the reservation holds nothing and settles
         at amount 0 with the real tokens, and it is admitted only within the quota of the
@@ -171,10 +178,11 @@ class Billing:
             outcome="pending",
         )
         if limits is not None and key_id is not None:
-            leased = await self.leases.admit(draft, limits, worst_case, balance)
-            if leased is not None:
-                lease, leased_use = leased
-                return Reservation(lease.entry, route, leased_use, prompt, worst_case, lease)
+            if self.leases is not None:
+                leased = await self.leases.admit(draft, limits, worst_case, balance)
+                if leased is not None:
+                    lease, leased_use = leased
+                    return Reservation(lease.entry, route, leased_use, prompt, worst_case, lease)
             write: asyncio.Future[tuple[LedgerEntry, RateUse | None]] = asyncio.ensure_future(
                 self.store.admit(draft, limits)
             )
@@ -266,7 +274,9 @@ class Billing:
     def _charge_lease(
         self, reservation: Reservation, cost: int, usage: Usage, outcome: str, latency_ms: int | None
     ) -> None:
+        # Only a reservation admitted under a lease comes here, and only Leases make those.
         assert reservation.lease is not None
+        assert self.leases is not None
         lease = reservation.lease.entry
         route = reservation.route  # a key's lease serves all its models
         charge = LedgerDraft(
@@ -311,7 +321,8 @@ class Billing:
         requests that ended before the process died were posted; the rest died
         with it.
         """
-        if entry.kind == "lease":  # its requests' charges that were posted are all it cost
+        if entry.kind == "lease" and isinstance(self.store, LeaseStore):
+            # Its requests' charges that were posted are all it cost.
             return await self.store.release_lease(entry.id, 0, 0)
         model = self.models.get(entry.model or "")
         cost = 0 if model is None else self.cost_at(model, entry.prompt_tokens, 0)

@@ -22,6 +22,10 @@ admits for ``max_age`` (one second): its requests count in the minute from
 the second it was posted. A key whose limits or balance are
 too small for a lease of two requests is admitted one request at a time, as
 before; so is a key whose last lease was refused, for a second.
+
+Leases are an optional capability of a store (:class:`~core.store.LeaseStore`):
+with a store that does not offer them, :class:`~core.services.billing.Billing`
+has no :class:`Leases` and admits every request through the store alone.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InsufficientBalance, RateLimitExceeded
 from ..records import LedgerDraft, LedgerEntry, RateLimits, RateUse
-from ..store import Store
+from ..store import LeaseStore
 
 log = logging.getLogger("chatgate.billing")
 
@@ -95,7 +99,7 @@ class Leases:
     """
 
     def __init__(
-        self, store: Store, *, idle: float = 1.0, max_age: float = 1.0, batch_delay: float = 0.05
+        self, store: LeaseStore, *, idle: float = 1.0, max_age: float = 1.0, batch_delay: float = 0.05
     ) -> None:
         self.store = store
         self.batch_delay = batch_delay

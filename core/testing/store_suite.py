@@ -18,6 +18,9 @@ instance on the test's fresh database::
 
 Calling it twice gives two instances sharing data, like two server workers.
 The suite closes every instance it opened. It needs pytest-asyncio.
+
+A store that offers leases (a :class:`~core.store.LeaseStore`) subclasses
+:class:`LeaseConformance` instead, which runs these tests and the lease tests.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from core import (
     User,
     utcnow,
 )
+from core.store import LeaseStore
 
 OpenStore = Callable[[], Awaitable[Store]]
 """What ``open_store`` returns: opens a new store instance on the test's database."""
@@ -931,115 +935,6 @@ class StoreConformance:
             await store.admit(reservation(user2, key_id), RateLimits(), tokens_per_day=50)
 
     @pytest.mark.asyncio
-    async def test_a_lease_counts_as_its_requests_tokens_and_slots(self, store: Store) -> None:
-        user, key_id = await self.keyed_user(store)
-        entry, use = await store.admit(lease(user, key_id, 4, tokens=40), RateLimits(requests_per_minute=6))
-        assert (entry.kind, entry.requests, entry.amount) == ("lease", 4, -100)
-        assert (use.requests, use.tokens, use.concurrent) == (4, 40, 4)
-        with pytest.raises(RateLimitExceeded) as caught:
-            await store.admit(lease(user, key_id, 3), RateLimits(requests_per_minute=6))
-        assert caught.value.limit == "requests_per_minute"
-        with pytest.raises(RateLimitExceeded) as caught:
-            await store.admit(reservation(user, key_id), RateLimits(concurrent_requests=4))
-        assert caught.value.limit == "concurrent_requests"
-        _, use = await store.admit(reservation(user, key_id), RateLimits(requests_per_minute=6))
-        assert (use.requests, use.tokens, use.concurrent) == (5, 45, 5)
-        # What the lease holds is not spent: the user still has it.
-        assert (await store.get_user(user.id)).balance == 1_000_000 - 10
-
-    @pytest.mark.asyncio
-    async def test_charges_draw_on_their_lease_and_count_their_real_tokens(self, store: Store) -> None:
-        user, key_id = await self.keyed_user(store)
-        entry, _ = await store.admit(lease(user, key_id, 4, amount=100, tokens=40), RateLimits())
-        charges = [
-            LedgerDraft(user_id=user.id, amount=-30, kind="charge", key_id=key_id, model="m",
-                        prompt_tokens=9, completion_tokens=21, latency_ms=5, outcome="complete"),
-            LedgerDraft(user_id=user.id, amount=0, kind="charge", key_id=key_id, outcome="not_sent"),
-        ]  # fmt: skip
-        assert await store.charge_lease(entry.id, charges, counted_tokens=20) == 1_000_000 - 100
-        entries = await store.list_ledger(user.id)
-        posted = [e for e in entries if e.kind == "charge"]
-        assert [(e.amount, e.prompt_tokens, e.completion_tokens, e.outcome, e.key_id) for e in posted] == [
-            (0, 0, 0, "not_sent", key_id),
-            (-30, 9, 21, "complete", key_id),
-        ]
-        assert all(e.balance_after == 1_000_000 - 100 and e.requests == 1 for e in posted)
-        held = await store.get_ledger_entry(entry.id)
-        assert (held.kind, held.amount) == ("lease", -70)
-        assert (await store.get_user(user.id)).balance == 1_000_000 - 30
-        assert ledger_total(entries) == 1_000_000 - 100  # the stored balance, lease included
-        # The window counted 40 tokens for the lease; these two used 30 where 20 were counted.
-        _, use = await store.admit(reservation(user, key_id, prompt_tokens=0), RateLimits())
-        assert (use.requests, use.tokens) == (5, 50)
-        # Usage beyond what the lease holds was spent all the same: it comes from the balance.
-        over = [LedgerDraft(user_id=user.id, amount=-90, kind="charge", key_id=key_id)]
-        assert await store.charge_lease(entry.id, over, counted_tokens=0) == 1_000_000 - 100 - 10 - 20
-        assert (await store.get_ledger_entry(entry.id)).amount == 0
-        assert (await store.get_user(user.id)).balance == 1_000_000 - 120 - 10  # and the reservation
-
-    @pytest.mark.asyncio
-    async def test_releasing_a_lease_gives_back_what_it_did_not_use(self, store: Store) -> None:
-        user, key_id = await self.keyed_user(store)
-        limits = RateLimits(requests_per_minute=5, tokens_per_minute=100, concurrent_requests=4)
-        entry, _ = await store.admit(lease(user, key_id, 4, amount=100, tokens=80), limits)
-        charges = [LedgerDraft(user_id=user.id, amount=-25, kind="charge", key_id=key_id, prompt_tokens=10)]
-        await store.charge_lease(entry.id, charges, counted_tokens=20)
-        with pytest.raises(RateLimitExceeded):
-            await store.admit(reservation(user, key_id, prompt_tokens=50), limits)
-        released = await store.release_lease(entry.id, unused_requests=3, unused_tokens=60)
-        assert (released.kind, released.amount, released.balance_after) == ("released", 0, 1_000_000 - 25)
-        assert released.outcome == "released"  # no longer "open"
-        assert (await store.get_user(user.id)).balance == 1_000_000 - 25
-        entries = await store.list_ledger(user.id)
-        assert ledger_total(entries) == 1_000_000 - 25
-        # One request and its 10 tokens were used; the rest left the minute, and its slots are free.
-        _, use = await store.admit(reservation(user, key_id, prompt_tokens=50), limits)
-        assert (use.requests, use.tokens, use.concurrent) == (2, 60, 1)
-        assert await store.release_lease(entry.id, 3, 60) == released  # again: nothing changes
-        assert (await store.get_user(user.id)).balance == 1_000_000 - 25 - 10
-        with pytest.raises(StoreError, match=str(entry.id)):
-            await store.charge_lease(entry.id, charges, counted_tokens=0)
-        with pytest.raises(StoreError, match="not a lease"):
-            await store.release_lease(entries[-1].id, 0, 0)  # the top-up
-
-    @pytest.mark.asyncio
-    async def test_shrinking_a_lease_keeps_only_the_requests_still_running(self, store: Store) -> None:
-        user, key_id = await self.keyed_user(store)
-        entry, _ = await store.admit(lease(user, key_id, 4, amount=100, tokens=80), RateLimits())
-        await store.shrink_lease(entry.id, 1, unused_requests=2, unused_tokens=40, unused_amount=50)
-        shrunk = await store.get_ledger_entry(entry.id)
-        assert (shrunk.kind, shrunk.amount, shrunk.requests) == ("lease", -50, 1)
-        assert ledger_total(await store.list_ledger(user.id)) == 1_000_000 - 50
-        _, use = await store.admit(reservation(user, key_id, prompt_tokens=0), RateLimits())
-        assert (use.requests, use.tokens, use.concurrent) == (3, 40, 2)
-        await store.shrink_lease(entry.id, 1, 0, 0, unused_amount=80)  # never more than it holds
-        assert (await store.get_ledger_entry(entry.id)).amount == 0
-        await store.release_lease(entry.id, 0, 0)
-        await store.shrink_lease(entry.id, 1, 1, 1, 1)  # released: left as it is
-        assert (await store.get_ledger_entry(entry.id)).kind == "released"
-        assert ledger_total(await store.list_ledger(user.id)) == (await store.get_user(user.id)).balance + 0
-
-    @pytest.mark.asyncio
-    async def test_a_lease_checks_the_balance_like_a_reservation(self, store: Store) -> None:
-        user, key_id = await self.keyed_user(store, balance=150)
-        with pytest.raises(InsufficientBalance):
-            await store.admit(lease(user, key_id, 4, amount=200), RateLimits())
-        await store.admit(lease(user, key_id, 4, amount=150), RateLimits())
-        assert (await store.get_user(user.id)).balance == 150
-        with pytest.raises(InsufficientBalance):
-            await store.admit(reservation(user, key_id, amount=1), RateLimits())
-
-    @pytest.mark.asyncio
-    async def test_an_open_lease_left_long_enough_is_stale(self, store: Store) -> None:
-        user, key_id = await self.keyed_user(store)
-        open_, _ = await store.admit(lease(user, key_id, 4), RateLimits())
-        done, _ = await store.admit(lease(user, key_id, 4), RateLimits())
-        await store.release_lease(done.id, 4, 50)
-        await tick()
-        later = datetime.now(UTC) + timedelta(seconds=1)
-        assert [e.id for e in await store.stale_reservations(later)] == [open_.id]
-
-    @pytest.mark.asyncio
     async def test_usage_by_day_sums_settled_charges_per_key(self, store: Store) -> None:
         user, key_id = await self.keyed_user(store)
         other = await store.create_api_key(user.id, "other", "sk-cg-other", "hash-other")
@@ -1075,3 +970,126 @@ class StoreConformance:
         later = datetime.now(UTC) + timedelta(seconds=1)
         assert [e.id for e in await store.stale_reservations(later)] == [free.id]
         assert await store.stale_reservations(free.created_at) == []
+
+
+class LeaseConformance(StoreConformance):
+    """Tests a store that offers leases passes: everything :class:`StoreConformance` asks,
+    and what :class:`~core.store.LeaseStore` promises beyond it.
+
+    A store without leases subclasses :class:`StoreConformance` alone.
+    """
+
+    @pytest_asyncio.fixture
+    async def store(self, connect_store: OpenStore) -> LeaseStore:
+        store = await connect_store()
+        assert isinstance(store, LeaseStore), f"{type(store).__name__} offers no leases: use StoreConformance"
+        return store
+
+    @pytest.mark.asyncio
+    async def test_a_lease_counts_as_its_requests_tokens_and_slots(self, store: LeaseStore) -> None:
+        user, key_id = await self.keyed_user(store)
+        entry, use = await store.admit(lease(user, key_id, 4, tokens=40), RateLimits(requests_per_minute=6))
+        assert (entry.kind, entry.requests, entry.amount) == ("lease", 4, -100)
+        assert (use.requests, use.tokens, use.concurrent) == (4, 40, 4)
+        with pytest.raises(RateLimitExceeded) as caught:
+            await store.admit(lease(user, key_id, 3), RateLimits(requests_per_minute=6))
+        assert caught.value.limit == "requests_per_minute"
+        with pytest.raises(RateLimitExceeded) as caught:
+            await store.admit(reservation(user, key_id), RateLimits(concurrent_requests=4))
+        assert caught.value.limit == "concurrent_requests"
+        _, use = await store.admit(reservation(user, key_id), RateLimits(requests_per_minute=6))
+        assert (use.requests, use.tokens, use.concurrent) == (5, 45, 5)
+        # What the lease holds is not spent: the user still has it.
+        assert (await store.get_user(user.id)).balance == 1_000_000 - 10
+
+    @pytest.mark.asyncio
+    async def test_charges_draw_on_their_lease_and_count_their_real_tokens(self, store: LeaseStore) -> None:
+        user, key_id = await self.keyed_user(store)
+        entry, _ = await store.admit(lease(user, key_id, 4, amount=100, tokens=40), RateLimits())
+        charges = [
+            LedgerDraft(user_id=user.id, amount=-30, kind="charge", key_id=key_id, model="m",
+                        prompt_tokens=9, completion_tokens=21, latency_ms=5, outcome="complete"),
+            LedgerDraft(user_id=user.id, amount=0, kind="charge", key_id=key_id, outcome="not_sent"),
+        ]  # fmt: skip
+        assert await store.charge_lease(entry.id, charges, counted_tokens=20) == 1_000_000 - 100
+        entries = await store.list_ledger(user.id)
+        posted = [e for e in entries if e.kind == "charge"]
+        assert [(e.amount, e.prompt_tokens, e.completion_tokens, e.outcome, e.key_id) for e in posted] == [
+            (0, 0, 0, "not_sent", key_id),
+            (-30, 9, 21, "complete", key_id),
+        ]
+        assert all(e.balance_after == 1_000_000 - 100 and e.requests == 1 for e in posted)
+        held = await store.get_ledger_entry(entry.id)
+        assert (held.kind, held.amount) == ("lease", -70)
+        assert (await store.get_user(user.id)).balance == 1_000_000 - 30
+        assert ledger_total(entries) == 1_000_000 - 100  # the stored balance, lease included
+        # The window counted 40 tokens for the lease; these two used 30 where 20 were counted.
+        _, use = await store.admit(reservation(user, key_id, prompt_tokens=0), RateLimits())
+        assert (use.requests, use.tokens) == (5, 50)
+        # Usage beyond what the lease holds was spent all the same: it comes from the balance.
+        over = [LedgerDraft(user_id=user.id, amount=-90, kind="charge", key_id=key_id)]
+        assert await store.charge_lease(entry.id, over, counted_tokens=0) == 1_000_000 - 100 - 10 - 20
+        assert (await store.get_ledger_entry(entry.id)).amount == 0
+        assert (await store.get_user(user.id)).balance == 1_000_000 - 120 - 10  # and the reservation
+
+    @pytest.mark.asyncio
+    async def test_releasing_a_lease_gives_back_what_it_did_not_use(self, store: LeaseStore) -> None:
+        user, key_id = await self.keyed_user(store)
+        limits = RateLimits(requests_per_minute=5, tokens_per_minute=100, concurrent_requests=4)
+        entry, _ = await store.admit(lease(user, key_id, 4, amount=100, tokens=80), limits)
+        charges = [LedgerDraft(user_id=user.id, amount=-25, kind="charge", key_id=key_id, prompt_tokens=10)]
+        await store.charge_lease(entry.id, charges, counted_tokens=20)
+        with pytest.raises(RateLimitExceeded):
+            await store.admit(reservation(user, key_id, prompt_tokens=50), limits)
+        released = await store.release_lease(entry.id, unused_requests=3, unused_tokens=60)
+        assert (released.kind, released.amount, released.balance_after) == ("released", 0, 1_000_000 - 25)
+        assert released.outcome == "released"  # no longer "open"
+        assert (await store.get_user(user.id)).balance == 1_000_000 - 25
+        entries = await store.list_ledger(user.id)
+        assert ledger_total(entries) == 1_000_000 - 25
+        # One request and its 10 tokens were used; the rest left the minute, and its slots are free.
+        _, use = await store.admit(reservation(user, key_id, prompt_tokens=50), limits)
+        assert (use.requests, use.tokens, use.concurrent) == (2, 60, 1)
+        assert await store.release_lease(entry.id, 3, 60) == released  # again: nothing changes
+        assert (await store.get_user(user.id)).balance == 1_000_000 - 25 - 10
+        with pytest.raises(StoreError, match=str(entry.id)):
+            await store.charge_lease(entry.id, charges, counted_tokens=0)
+        with pytest.raises(StoreError, match="not a lease"):
+            await store.release_lease(entries[-1].id, 0, 0)  # the top-up
+
+    @pytest.mark.asyncio
+    async def test_shrinking_a_lease_keeps_only_the_requests_still_running(self, store: LeaseStore) -> None:
+        user, key_id = await self.keyed_user(store)
+        entry, _ = await store.admit(lease(user, key_id, 4, amount=100, tokens=80), RateLimits())
+        await store.shrink_lease(entry.id, 1, unused_requests=2, unused_tokens=40, unused_amount=50)
+        shrunk = await store.get_ledger_entry(entry.id)
+        assert (shrunk.kind, shrunk.amount, shrunk.requests) == ("lease", -50, 1)
+        assert ledger_total(await store.list_ledger(user.id)) == 1_000_000 - 50
+        _, use = await store.admit(reservation(user, key_id, prompt_tokens=0), RateLimits())
+        assert (use.requests, use.tokens, use.concurrent) == (3, 40, 2)
+        await store.shrink_lease(entry.id, 1, 0, 0, unused_amount=80)  # never more than it holds
+        assert (await store.get_ledger_entry(entry.id)).amount == 0
+        await store.release_lease(entry.id, 0, 0)
+        await store.shrink_lease(entry.id, 1, 1, 1, 1)  # released: left as it is
+        assert (await store.get_ledger_entry(entry.id)).kind == "released"
+        assert ledger_total(await store.list_ledger(user.id)) == (await store.get_user(user.id)).balance + 0
+
+    @pytest.mark.asyncio
+    async def test_a_lease_checks_the_balance_like_a_reservation(self, store: LeaseStore) -> None:
+        user, key_id = await self.keyed_user(store, balance=150)
+        with pytest.raises(InsufficientBalance):
+            await store.admit(lease(user, key_id, 4, amount=200), RateLimits())
+        await store.admit(lease(user, key_id, 4, amount=150), RateLimits())
+        assert (await store.get_user(user.id)).balance == 150
+        with pytest.raises(InsufficientBalance):
+            await store.admit(reservation(user, key_id, amount=1), RateLimits())
+
+    @pytest.mark.asyncio
+    async def test_an_open_lease_left_long_enough_is_stale(self, store: LeaseStore) -> None:
+        user, key_id = await self.keyed_user(store)
+        open_, _ = await store.admit(lease(user, key_id, 4), RateLimits())
+        done, _ = await store.admit(lease(user, key_id, 4), RateLimits())
+        await store.release_lease(done.id, 4, 50)
+        await tick()
+        later = datetime.now(UTC) + timedelta(seconds=1)
+        assert [e.id for e in await store.stale_reservations(later)] == [open_.id]

@@ -61,7 +61,7 @@ async def test_callers_arriving_as_a_lease_lands_never_spin(store: SqliteStore) 
             )
         return admitted
 
-    store.admit = admit_then_arrive  # type: ignore[method-assign]
+    store.admit = admit_then_arrive  # type: ignore[method-assign,assignment]
     async with asyncio.timeout(5):
         first = await leases.admit(request(user, key_id, 10), limits, 10)
         assert first is not None
@@ -79,7 +79,7 @@ async def test_a_failed_write_of_charges_is_tried_again(
     assert leased is not None
     lease, _ = leased
     charge_lease = store.charge_lease
-    failures = []
+    failures: list[int] = []
 
     async def fails_once(lease_id: int, charges: list[LedgerDraft], counted: int) -> int:
         if not failures:
@@ -87,7 +87,7 @@ async def test_a_failed_write_of_charges_is_tried_again(
             raise OSError("disk I/O error")  # what a full disk looks like
         return await charge_lease(lease_id, charges, counted)
 
-    store.charge_lease = fails_once  # type: ignore[method-assign]
+    store.charge_lease = fails_once  # type: ignore[method-assign,assignment]
     leases.settle(lease, charge(user, key_id, 7), counted_tokens=5, worst_case=10)
     async with asyncio.timeout(5):
         while [e.kind for e in await ledger(store, user) if e.kind != "topup"] != ["charge", "released"]:  # noqa: ASYNC110

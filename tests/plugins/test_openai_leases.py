@@ -12,9 +12,9 @@ import openai
 import pytest
 
 from core import LedgerEntry, RateLimits
+from core.testing.fake_upstream import FakeDeepSeek, Scenario
 from plugins.openai_compat import wire
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
-from tests.fakes.deepseek import FakeDeepSeek, Scenario
 from tests.plugins.test_openai_limits import through_two_workers
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -54,6 +54,7 @@ async def ledger_until(
 async def test_a_busy_key_runs_on_one_lease_and_every_request_is_charged_exactly(
     gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
+    assert gateway.services.billing.leases is not None  # the SQLite store offers leases
     gateway.services.billing.leases.idle = 0.2
     user_id, secret = await funded_key(gateway, 10**12, requests_per_minute=1000, concurrent_requests=400)
     fake_deepseek.scenario = Scenario(tokens=8, token_delay=0.01)
@@ -65,8 +66,9 @@ async def test_a_busy_key_runs_on_one_lease_and_every_request_is_charged_exactly
         remaining = []
         for _ in range(3):
             raw = await sdk.chat.completions.with_raw_response.create(
-                model="deepseek-chat", messages=MESSAGES
-            )  # type: ignore[arg-type]
+                model="deepseek-chat",
+                messages=MESSAGES,  # type: ignore[arg-type]
+            )
             remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
     assert remaining == [969, 968, 967]
     entries = await ledger_until(gateway, user_id, lambda es: not any(e.kind == "lease" for e in es))
@@ -173,6 +175,7 @@ async def test_a_lease_nobody_takes_from_is_released_when_idle(
     gateway: Gateway, fake_deepseek: FakeDeepSeek
 ) -> None:
     billing = gateway.services.billing
+    assert billing.leases is not None
     billing.leases.idle = 0.1
     user_id, _ = await funded_key(gateway, 10**12)
     key = (await billing.store.list_api_keys(user_id))[0]

@@ -1,4 +1,4 @@
-"""The SQLite store: the conformance suite plus what only SQLite has (pragmas, migrations)."""
+"""The SQLite store: the conformance suite with leases, plus what only SQLite has (pragmas, migrations)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,16 @@ import pytest
 
 from core import LedgerDraft, MessageDraft, RateLimits, Store, utcnow
 from core.errors import StoreError
-from core.testing.store_suite import OpenStore, StoreConformance
-from stores.sqlite import LATEST_VERSION, MIGRATIONS, SqliteStore, migrate, register_stores
+from core.testing.store_suite import LeaseConformance, OpenStore
+from stores.sqlite import SqliteStore, register_stores
+from stores.sqlite.schema import LATEST_VERSION, MIGRATIONS, migrate
 
 
 def sqlite_store(path: Path) -> SqliteStore:
     return SqliteStore("sqlite", SqliteStore.Options(path=str(path)))
 
 
-class TestSqliteConformance(StoreConformance):
+class TestSqliteConformance(LeaseConformance):
     @pytest.fixture
     def open_store(self, tmp_path: Path) -> OpenStore:
         async def open_store() -> Store:
