@@ -10,7 +10,8 @@ import msgspec
 
 from .errors import Unavailable
 from .plugin import Plugin
-from .types import ChatRequest, ContentDelta, Finish, ProviderEvent, ReasoningDelta, ToolCallDelta
+from .reply import Gathered
+from .types import ChatRequest, Finish, ProviderEvent, ToolCallDelta
 
 
 class Provider(Plugin, abc.ABC):
@@ -56,30 +57,10 @@ class Reply(msgspec.Struct, frozen=True):
 
 async def complete(provider: Provider, request: ChatRequest) -> Reply:
     """Run ``request`` to the end and return the gathered reply."""
-    content: list[str] = []
-    reasoning: list[str] = []
-    calls: dict[int, ToolCallDelta] = {}
+    gathered = Gathered()
     async with aclosing(provider.stream(request)) as events:
         async for event in events:
-            match event:
-                case ContentDelta(text=text):
-                    content.append(text)
-                case ReasoningDelta(text=text):
-                    reasoning.append(text)
-                case ToolCallDelta() as part:
-                    calls[part.index] = merge_tool_call(calls.get(part.index), part)
-                case Finish() as finish:
-                    return Reply("".join(content), "".join(reasoning), tuple(calls.values()), finish)
+            gathered.add(event)
+            if isinstance(event, Finish):
+                return Reply(gathered.content, gathered.reasoning, gathered.tool_calls, event)
     raise Unavailable(f"provider {provider.instance!r} ended its stream without a finish event")
-
-
-def merge_tool_call(into: ToolCallDelta | None, part: ToolCallDelta) -> ToolCallDelta:
-    """Fold one streamed tool-call fragment into the call gathered so far."""
-    if into is None:
-        return part
-    return ToolCallDelta(
-        index=into.index,
-        id=into.id or part.id,
-        name=into.name or part.name,
-        arguments=into.arguments + part.arguments,
-    )

@@ -8,7 +8,9 @@ cancels the HTTP handler, cannot interrupt the bookkeeping), and settles the
 reservation to the tokens actually produced: the upstream's usage when the
 reply finished, an estimate of what was streamed when it did not. A reply is
 cut where it passes the output tokens reserved for it (an upstream that
-ignores ``max_tokens``), so the reservation is an upper bound.
+ignores ``max_tokens``), so the reservation is an upper bound. That sequence is
+:class:`~core.reply.ReplyRun`'s, shared with stored replies; a completion adds the
+queue its reader takes the events from.
 """
 
 from __future__ import annotations
@@ -17,21 +19,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from contextlib import aclosing
 
-from ..errors import ProviderError
-from ..provider import merge_tool_call
 from ..records import RateLimits
-from ..tokens import OutputMeter, estimate_tokens
-from ..types import (
-    ChatRequest,
-    ContentDelta,
-    Finish,
-    ProviderEvent,
-    ReasoningDelta,
-    ToolCallDelta,
-    Usage,
-)
+from ..reply import ReplyRun
+from ..types import ChatRequest, ProviderEvent
 from .accounts import Caller
 from .billing import Billing, Reservation
 from .catalog import Route
@@ -39,7 +30,7 @@ from .catalog import Route
 log = logging.getLogger("chatgate.completions")
 
 
-class Completion:
+class Completion(ReplyRun):
     """One completion in flight.
 
     Promises: :meth:`next_event` returns the provider's events in order and raises
@@ -49,28 +40,25 @@ class Completion:
     ``error`` or ``cancelled``, charging the tokens produced and nothing for
     a request that failed before producing any; a reply that passes the
     output tokens reserved for it stops there, the upstream closed, and
-    finishes as ``length``, charged the reservation.
+    finishes as ``length``, charged the reservation. The reply so far is
+    :attr:`content`, :attr:`reasoning`, :attr:`tool_calls` and :attr:`finish`.
     """
+
+    log = log
+    # A stream that ends unfinished has always ended a completion as it stood (no finish).
+    require_finish = False
 
     def __init__(
         self, billing: Billing, route: Route, request: ChatRequest, reservation: Reservation
     ) -> None:
-        self.route = route
-        self.request = request
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.tool_calls: dict[int, ToolCallDelta] = {}
-        self.finish: Finish | None = None
-        self.error: ProviderError | None = None
-        self._billing = billing
-        self._reservation = reservation
+        super().__init__(billing, route, request, reservation, time.monotonic())
         self.use = reservation.use
+        self._entry_id = reservation.entry.id
         self._ready: deque[ProviderEvent] = deque()  # produced, not yet taken by next_event
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
         self._end = asyncio.Event()
-        self._started = time.monotonic()
-        self._task = asyncio.create_task(self._pump(), name=f"completion {route.model}")
+        self._task = asyncio.create_task(self._run(), name=f"completion {route.model}")
 
     async def next_event(self, timeout: float | None = None) -> ProviderEvent | None:  # noqa: ASYNC109
         """The next event, or None at the end; ``TimeoutError`` when none came within ``timeout``."""
@@ -91,6 +79,11 @@ class Completion:
         ready = list(self._ready)
         self._ready.clear()
         return ready
+
+    def _publish(self, event: ProviderEvent) -> None:
+        self._ready.append(event)
+        if self._waiter is not None:
+            self._wake()
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -113,74 +106,18 @@ class Completion:
         if not self._ended:  # once the reply has ended, only its settlement is left: let it finish
             self._task.cancel()
 
-    @property
-    def text(self) -> str:
-        return "".join(self.content)
-
-    async def _pump(self) -> None:
-        outcome = "complete"
-        meter = OutputMeter(self.route.output_tokens(self.request))
+    async def _run(self) -> None:
         try:
-            async with aclosing(self.route.stream(self.request)) as stream:
-                async for event in stream:
-                    if (admitted := meter.admit(event)) is None:
-                        break
-                    event = admitted
-                    match event:
-                        case ContentDelta(text=text):
-                            self.content.append(text)
-                        case ReasoningDelta(text=text):
-                            self.reasoning.append(text)
-                        case ToolCallDelta() as part:
-                            self.tool_calls[part.index] = merge_tool_call(
-                                self.tool_calls.get(part.index), part
-                            )
-                        case Finish():
-                            self.finish = event
-                    self._ready.append(event)
-                    self._wake()
-                    if meter.over:
-                        break
-            if meter.over:  # the upstream is closed: what it would have sent past the cap is not read
-                prompt = self._reservation.prompt_tokens
-                self.finish = meter.cut(prompt, self.route.provider.instance, self.route.model)
-                self._ready.append(self.finish)
-                self._wake()
-        except asyncio.CancelledError:
-            outcome = "cancelled"  # not re-raised: this task owns the bookkeeping, and ends with it
-        except ProviderError as exc:
-            outcome = "error"
-            self.error = exc
-        except Exception as exc:  # a provider breaking its contract must not lose the money
-            log.exception("provider %r failed unexpectedly", self.route.provider.instance)
-            outcome = "error"
-            self.error = ProviderError(
-                f"provider {self.route.provider.instance!r} failed unexpectedly: {exc!r}"
-            )
+            await self.pump()
         finally:
             self._ended = True
             self._wake()
             self._end.set()
-        await self._settle(outcome)
-
-    async def _settle(self, outcome: str) -> None:
-        if self.finish is not None:
-            usage = self.finish.usage
-        else:
-            produced = "".join(self.content) + "".join(self.reasoning)
-            produced += "".join(c.arguments for c in self.tool_calls.values())
-            completion_tokens = estimate_tokens(produced) if produced else 0
-            # Nothing produced: the upstream answered with an error, and nothing is charged.
-            prompt_tokens = self._reservation.prompt_tokens if completion_tokens else 0
-            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-        latency_ms = round((time.monotonic() - self._started) * 1000)
         try:
-            self.ledger_entry = await self._billing.settle(
-                self._reservation, usage, outcome=outcome, latency_ms=latency_ms
-            )
+            await self.settle(self.usage())
         except Exception:
             # The reservation stays held (the balance errs on the safe side); the log says which.
-            log.exception("could not settle ledger entry %d", self._reservation.entry.id)
+            log.exception("could not settle ledger entry %d", self._entry_id)
 
 
 class Completions:

@@ -8,7 +8,10 @@ the store by the runner's ticker at most every ``flush_interval`` seconds
 other processes it is alive), then once more when it ends: ``complete``,
 ``interrupted`` (cancelled) or ``error`` (the provider failed). A reply that
 passes the output tokens reserved for it (an upstream that ignores
-``max_tokens``) is cut there and completes as ``length``.
+``max_tokens``) is cut there and completes as ``length``. Reading, cutting,
+classifying and settling are :class:`~core.reply.ReplyRun`'s, shared with the
+stateless completions; a generation adds its followers, its store writes and its
+stored message.
 """
 
 from __future__ import annotations
@@ -17,17 +20,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import ClassVar
 
-from ..errors import ProviderError, Unavailable
+from ..errors import ProviderError
 from ..locks import KeyedLock
-from ..provider import merge_tool_call
 from ..records import Message, MessagePatch, MessageStatus, utcnow
+from ..reply import End, ReplyRun
 from ..store import Store
-from ..tokens import OutputMeter, estimate_prompt_tokens, estimate_tokens
-from ..types import ChatRequest, ContentDelta, Finish, ProviderEvent, ReasoningDelta, ToolCallDelta, Usage
+from ..types import ChatRequest, ProviderEvent, ToolCallDelta, Usage
 from .billing import Billing, Reservation
 from .catalog import Route
 
@@ -49,31 +52,46 @@ class Outcome:
     tool_calls: tuple[ToolCallDelta, ...]
 
 
-@dataclass(eq=False)
-class Generation:
-    """A reply being produced for one conversation. Read it; do not mutate it."""
+STATUS: dict[End, MessageStatus] = {"complete": "complete", "cancelled": "interrupted", "error": "error"}
+"""The stored status of a reply that ended so."""
 
-    conversation_id: int
-    message_id: int
-    route: Route
-    request: ChatRequest
-    reservation: Reservation | None
-    question_id: int | None = None
-    """The user message this reply answers, when the caller said."""
-    content: str = ""
-    reasoning: str = ""
-    tool_calls: dict[int, ToolCallDelta] = field(default_factory=dict)
-    events: list[ProviderEvent] = field(default_factory=list)
-    done: bool = False
-    task: asyncio.Task[None] | None = None
-    _started: asyncio.Event = field(default_factory=asyncio.Event)
-    _waiting: list[asyncio.Future[None]] = field(default_factory=list)
-    _outcome: asyncio.Future[Outcome] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _dirty: bool = False
-    _written_at: float = field(default_factory=time.monotonic)
+
+class Generation(ReplyRun):
+    """A reply being produced for one conversation. Read it; do not mutate it.
+
+    The reply so far is :attr:`content`, :attr:`reasoning`, :attr:`tool_calls` and
+    :attr:`finish`; :attr:`events` every event from the start.
+    """
+
+    outcomes: ClassVar[Mapping[End, str]] = {"complete": "ok", "cancelled": "interrupted", "error": "error"}
+    log = log
+
+    def __init__(
+        self,
+        conversation_id: int,
+        message_id: int,
+        route: Route,
+        request: ChatRequest,
+        reservation: Reservation | None,
+        question_id: int | None = None,
+        *,
+        billing: Billing,
+        started: float,
+    ) -> None:
+        super().__init__(billing, route, request, reservation, started)
+        self.conversation_id = conversation_id
+        self.message_id = message_id
+        self.question_id = question_id
+        """The user message this reply answers, when the caller said."""
+        self.events: list[ProviderEvent] = []
+        self.done = False
+        self.task: asyncio.Task[None] | None = None
+        self._begun = asyncio.Event()  # set once the task began: an interrupt waits for it
+        self._waiting: list[asyncio.Future[None]] = []
+        self._outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._write_lock = asyncio.Lock()
+        self._dirty = False
+        self._written_at = time.monotonic()
 
     async def follow(self, pace: float = 0.0) -> AsyncIterator[ProviderEvent]:
         """Every event of this generation from its start, then live until it ends (``pace``: as
@@ -110,24 +128,17 @@ class Generation:
         return await asyncio.shield(self._outcome)
 
     def _publish(self, event: ProviderEvent) -> None:
-        match event:
-            case ContentDelta(text=text):
-                self.content += text
-            case ReasoningDelta(text=text):
-                self.reasoning += text
-            case ToolCallDelta() as part:
-                self.tool_calls[part.index] = merge_tool_call(self.tool_calls.get(part.index), part)
         self.events.append(event)
         self._dirty = True
-        self._wake()
+        if self._waiting:
+            self._wake()
 
     def _wake(self) -> None:
-        # Per token: nothing to do unless someone follows (an Event per token cost more).
-        if self._waiting:
-            waiting, self._waiting = self._waiting, []
-            for waiter in waiting:
-                if not waiter.done():  # a follower cancelled meanwhile
-                    waiter.set_result(None)
+        # Per token, only when someone follows (an Event per token cost more).
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.done():  # a follower cancelled meanwhile
+                waiter.set_result(None)
 
 
 class Upstream:
@@ -217,9 +228,19 @@ class Generations:
         """
         async with self._exclusive.hold(conversation_id):
             await self._interrupt_locked(conversation_id)
-            generation = Generation(conversation_id, message_id, route, request, reservation, question_id)
+            upstream = upstream or Upstream(route, request)
+            generation = Generation(
+                conversation_id,
+                message_id,
+                route,
+                request,
+                reservation,
+                question_id,
+                billing=self.billing,
+                started=upstream.started,
+            )
             self._running[conversation_id] = generation
-            producing = self._produce(generation, upstream or Upstream(route, request))
+            producing = self._produce(generation, upstream)
             generation.task = asyncio.create_task(producing, name=f"chatgate-gen-{message_id}")
             return generation
 
@@ -251,61 +272,21 @@ class Generations:
             return False
         # A task cancelled before its first step never enters _produce, so it
         # would never persist its end: let it start first.
-        await generation._started.wait()
+        await generation._begun.wait()
         generation.task.cancel()
         await generation.wait()
         return True
 
     async def _produce(self, generation: Generation, upstream: Upstream) -> None:
-        generation._started.set()
-        started = upstream.started
-        finish: Finish | None = None
-        error: ProviderError | None = None
-        status: MessageStatus = "complete"
-        provider = generation.route.provider
-        meter = OutputMeter(generation.route.output_tokens(generation.request))
-        try:
-            try:
-                async for event in upstream.events():
-                    if (admitted := meter.admit(event)) is None:
-                        break
-                    if isinstance(admitted, Finish):
-                        finish = admitted
-                    generation._publish(admitted)
-                    if meter.over:
-                        break
-            finally:
-                await upstream.aclose()
-            if meter.over:  # the upstream is closed: what it would have sent past the cap is not read
-                reservation = generation.reservation
-                prompt = (
-                    reservation.prompt_tokens
-                    if reservation
-                    else estimate_prompt_tokens(generation.request.messages)
-                )
-                finish = meter.cut(prompt, provider.instance, generation.route.model)
-                generation._publish(finish)
-            if finish is None:
-                raise Unavailable(f"provider {provider.instance!r} ended the reply without finishing it")
-        except asyncio.CancelledError:
-            status = "interrupted"
-        except ProviderError as exc:
-            status, error = "error", exc
-        except Exception as exc:  # a provider bug must not lose the conversation
-            log.exception("provider %r failed unexpectedly", generation.route.provider.instance)
-            status, error = "error", Unavailable(f"internal error in provider: {type(exc).__name__}")
+        generation._begun.set()
+        await generation.pump(upstream)
         # Finalising must complete even when shutdown cancels us again.
-        await asyncio.shield(self._finish(generation, status, finish, error, started))
+        await asyncio.shield(self._finish(generation))
 
-    async def _finish(
-        self,
-        generation: Generation,
-        status: MessageStatus,
-        finish: Finish | None,
-        error: ProviderError | None,
-        started: float,
-    ) -> None:
-        usage = finish.usage if finish else self._estimate_usage(generation)
+    async def _finish(self, generation: Generation) -> None:
+        assert generation.end is not None
+        status, error = STATUS[generation.end], generation.error
+        usage = generation.usage()
         patch = MessagePatch(
             content=generation.content,
             reasoning=generation.reasoning,
@@ -321,7 +302,7 @@ class Generations:
             generation.done = True
             written, settled = await asyncio.gather(
                 self.store.update_message(generation.message_id, patch),
-                self._settle(generation, status, usage, started),
+                generation.settle(usage),
                 return_exceptions=True,
             )
         message: Message | None = None
@@ -338,25 +319,9 @@ class Generations:
         if self._running.get(generation.conversation_id) is generation:
             del self._running[generation.conversation_id]
         if message is not None and not generation._outcome.done():
-            reason = finish.reason if finish else None
-            calls = tuple(generation.tool_calls.values())
-            generation._outcome.set_result(Outcome(status, message, usage, reason, error, calls))
-
-    async def _settle(
-        self, generation: Generation, status: MessageStatus, usage: Usage, started: float
-    ) -> None:
-        if generation.reservation is not None:
-            latency_ms = round((time.monotonic() - started) * 1000)
-            outcome = "ok" if status == "complete" else status
-            await self.billing.settle(generation.reservation, usage, outcome=outcome, latency_ms=latency_ms)
-
-    @staticmethod
-    def _estimate_usage(generation: Generation) -> Usage:
-        """Usage of a reply that ended without the provider's count: only what was produced."""
-        reasoning = estimate_tokens(generation.reasoning)
-        produced = estimate_tokens(generation.content) + reasoning
-        sent = estimate_prompt_tokens(generation.request.messages) if generation.events else 0
-        return Usage(prompt_tokens=sent, completion_tokens=produced, reasoning_tokens=reasoning)
+            reason = generation.finish.reason if generation.finish else None
+            outcome = Outcome(status, message, usage, reason, error, generation.tool_calls)
+            generation._outcome.set_result(outcome)
 
     async def _tick(self) -> None:
         heartbeat = self.stale_after / 3

@@ -12,11 +12,11 @@ from core import MessageDraft
 from core.errors import InsufficientBalance, NotFound, Unavailable
 from core.services import Services
 from core.services.generations import Generation, Upstream
+from core.testing.fake_upstream import FakeDeepSeek, Scenario
 from core.tokens import estimate_prompt_tokens, estimate_tokens
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish
 from stores.sqlite import SqliteStore
 from tests.conftest import deepseek_config, serving
-from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
 SLOW = {"\ntoken_delay = 0\n": "\ntoken_delay = 0.02\n"}
 
