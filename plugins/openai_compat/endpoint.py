@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
-from litestar.types import Receive, Scope, Send
+from litestar.types import HTTPRequestEvent, HTTPResponseStartEvent, HTTPScope, Receive, Scope, Send
 
 from core import (
     Completion,
@@ -39,7 +39,7 @@ from . import wire
 from .answers import Answer, error, json_answer, provider_error, rate_headers, rate_limited, stream_error
 
 if TYPE_CHECKING:
-    from . import Options
+    from .options import Options
 
 log = logging.getLogger("chatgate.openai_compat")
 
@@ -78,12 +78,13 @@ async def read_body(receive: Receive, limit: int, declared: str | None) -> bytes
         message = await receive()
         if message["type"] == "http.disconnect":
             raise Gone
-        chunk = message.get("body", b"")
+        request = cast("HTTPRequestEvent", message)  # an HTTP request receives nothing else
+        chunk = request.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise TooLarge
         chunks.append(chunk)
-        if not message.get("more_body", False):
+        if not request.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -110,7 +111,8 @@ def render(reply: wire.Reply, event: ProviderEvent, usage: bool) -> bytes:
         case Finish(reason=reason, usage=counted):
             end = wire.chunk(reply, {}, reason, usage=usage)
             return end + wire.usage_chunk(reply, counted) if usage else end
-    return b""
+    # Unreachable by the types; an event of another kind from a third-party provider is skipped.
+    return b""  # type: ignore[unreachable]
 
 
 def not_post(method: str) -> Answer:
@@ -138,8 +140,9 @@ class ChatCompletions:
         self.limit = services.config.server.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] != "POST":
-            return await send_answer(send, not_post(scope["method"]))
+        method = cast("HTTPScope", scope)["method"]  # mounted for HTTP only
+        if method != "POST":
+            return await send_answer(send, not_post(method))
         try:
             started = await self.start(scope, receive)
         except Gone:
@@ -215,9 +218,9 @@ class ChatCompletions:
             return None  # the client left; there is nobody to answer
         body = wire.completion_body(
             wire.Reply(completion.request.model),
-            completion.text,
-            "".join(completion.reasoning),
-            list(completion.tool_calls.values()),
+            completion.content,
+            completion.reasoning,
+            list(completion.tool_calls),
             completion.finish,
         )
         await send_answer(send, json_answer(body, headers=headers))
@@ -235,7 +238,7 @@ class ChatCompletions:
             event, pending = None, True
         except ProviderError as exc:
             return await send_answer(send, provider_error(exc))
-        start: dict[str, Any] = {
+        start: HTTPResponseStartEvent = {
             "type": "http.response.start",
             "status": 200,
             "headers": [*_SSE, *encode_headers(headers)],

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from core.testing.fake_upstream import FakeDeepSeek, Scenario
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
-from tests.fakes.deepseek import FakeDeepSeek, Scenario
 from tests.plugins.browser import (  # skips without a browser
     By,
     WebDriverWait,

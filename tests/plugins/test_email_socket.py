@@ -20,11 +20,11 @@ import pytest
 
 from core.services.billing import Payer, Quota
 from core.services.context import SUMMARY_PREAMBLE
+from core.testing.fake_upstream import FakeDeepSeek, Scenario
 from core.tokens import estimate_prompt_tokens
 from core.types import ChatMessage
 from plugins.email_socket import PROXY_HEADERS, local_caller
 from tests.conftest import Gateway, Servers, deepseek_config
-from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
 MODELS = """
 [models.deepseek-chat]

@@ -18,9 +18,9 @@ import openai
 import pytest
 
 from core import LedgerEntry
+from core.testing.fake_upstream import FakeDeepSeek, Scenario, ToolCallSpec
 from plugins.openai_compat import wire
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
-from tests.fakes.deepseek import FakeDeepSeek, Scenario, ToolCallSpec
 
 
 class Client:

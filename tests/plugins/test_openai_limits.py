@@ -12,9 +12,9 @@ import openai
 import pytest
 
 from core import RateLimits
+from core.testing.fake_upstream import FakeDeepSeek, Scenario
 from plugins.openai_compat import Options, duration
 from tests.conftest import Gateway, chatgate, deepseek_config
-from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
 MODELS = """
 [models.deepseek-chat]

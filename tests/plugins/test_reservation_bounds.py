@@ -19,11 +19,11 @@ import openai
 import pytest
 
 from core import LedgerDraft, LedgerEntry
+from core.testing.fake_upstream import FakeDeepSeek, Scenario
 from core.tokens import estimate_tokens
 from core.types import ChatMessage, ChatRequest
 from plugins.openai_compat import wire
 from tests.conftest import Gateway, deepseek_config
-from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
 CAP = 64
 MODEL = f"""

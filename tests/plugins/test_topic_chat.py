@@ -16,8 +16,8 @@ import pytest
 from core import RateLimits
 from core.hookspecs import hookimpl
 from core.search import WebResult, WebSearch
+from core.testing.fake_upstream import FakeDeepSeek, Scenario
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
-from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
 CATALOG = """[surfaces.topic_chat]
 max_message_chars = 100

@@ -1,0 +1,96 @@
+"""A key holder's routes besides the chat: ``/v1/models`` and DeepSeek's ``/user/balance``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get
+from litestar.di import NamedDependency
+from litestar.handlers import ASGIRouteHandler, asgi
+from litestar.response import Response
+from litestar.types import Receive, Scope, Send
+
+from core import Caller, Services, Unauthenticated, format_amount
+
+from .endpoint import ChatCompletions
+from .options import Options
+from .responses import Refused
+
+CREATED = 1_735_689_600  # 2025-01-01: a fixed, honest "created" for configured models
+
+
+async def key_holder(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Caller:
+    """The caller of a request with a key (``Authorization: Bearer`` or ``X-API-Key``); 401 otherwise."""
+    try:
+        return await services.accounts.authenticate_headers(request.headers)
+    except Unauthenticated as exc:
+        code = "missing_api_key" if exc.missing else "invalid_api_key"
+        raise Refused(401, str(exc), code) from None
+
+
+class OpenAIController(Controller):
+    """The models a key may name, and its owner's balance.
+
+    Promises: every route answers 401 in OpenAI's shape without a valid key
+    (``caller``, provided by :func:`key_holder`, is its owner); a model that is
+    not configured is 404.
+    """
+
+    path = "/"
+    tags = ("openai",)
+
+    @get("/v1/models", summary="List models")
+    async def list_models(
+        self,
+        services: NamedDependency[Services],
+        options: NamedDependency[Options],
+        caller: NamedDependency[Caller],
+    ) -> Response[Any]:
+        data = [model_object(name, options) for name in services.catalog.models]
+        return Response({"object": "list", "data": data})
+
+    @get("/v1/models/{model_id:path}", summary="Retrieve a model")
+    async def retrieve_model(
+        self,
+        services: NamedDependency[Services],
+        options: NamedDependency[Options],
+        caller: NamedDependency[Caller],
+        model_id: str,
+    ) -> Response[Any]:
+        name = model_id.lstrip("/")
+        if name not in services.catalog.models:
+            raise Refused(404, f"The model '{name}' does not exist", "model_not_found", "model")
+        return Response(model_object(name, options))
+
+    @get("/user/balance", summary="The caller's balance, in DeepSeek's shape")
+    async def user_balance(
+        self,
+        services: NamedDependency[Services],
+        options: NamedDependency[Options],
+        caller: NamedDependency[Caller],
+    ) -> Response[Any]:
+        user = await services.accounts.get_user(caller.user.id)  # the caller may be remembered
+        total = format_amount(user.balance)  # what is stored, negative included: never hidden
+        info = {
+            "currency": options.currency,
+            "total_balance": total,
+            "granted_balance": format_amount(0),
+            "topped_up_balance": total,
+        }
+        return Response({"is_available": user.balance > 0, "balance_infos": [info]})
+
+
+def model_object(name: str, options: Options) -> dict[str, object]:
+    """A configured model in OpenAI's shape."""
+    return {"id": name, "object": "model", "created": CREATED, "owned_by": options.owned_by}
+
+
+def completions_route(endpoint: ChatCompletions) -> ASGIRouteHandler:
+    """``/v1/chat/completions`` through the router, for the spellings the front door does not
+    take (a trailing slash); the same raw ASGI app answers both."""
+
+    @asgi("/v1/chat/completions", is_mount=False, copy_scope=False)
+    async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+        await endpoint(scope, receive, send)
+
+    return chat_completions
