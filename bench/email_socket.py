@@ -2,7 +2,7 @@
 
 Run: ``python bench/email_socket.py [--interrupts N] [--requests N]``.
 
-It runs the fake DeepSeek server (tests/fakes/deepseek.py) in this process,
+It runs the fake DeepSeek server (core/testing/fake_upstream.py) in this process,
 so its clock is the one the client reads, and ``chatgate serve`` (one
 worker, SQLite) as a child process, then prints:
 
@@ -40,7 +40,7 @@ from openai_overhead import (
 )
 
 sys.path.insert(0, str(ROOT))
-from tests.fakes.deepseek import FakeDeepSeek, Scenario
+from core.testing.fake_upstream import FakeDeepSeek, Scenario
 
 CONFIG = (
     GATEWAY

@@ -2,7 +2,7 @@
 
 Run: ``python bench/openai_overhead.py [--requests N] [--compare-litellm]``.
 
-It starts the fake DeepSeek server (tests/fakes/deepseek.py) and ``chatgate
+It starts the fake DeepSeek server (core/testing/fake_upstream.py) and ``chatgate
 serve`` (one worker, an API key, billing and rate limits on) as child
 processes, then sends the same chat requests straight to the upstream and
 through chatgate, non-streaming and streaming, at concurrency 1, 16 and 64,
@@ -457,7 +457,7 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="chatgate-bench-"))
     upstream_port, gateway_port, litellm_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
-    fake = spawn("-m", "tests.fakes.deepseek", "--port", str(upstream_port), "--api-key", UPSTREAM_KEY,
+    fake = spawn("-m", "core.testing.fake_upstream", "--port", str(upstream_port), "--api-key", UPSTREAM_KEY,
                  "--tokens", str(REPLY_TOKENS))  # fmt: skip
     direct = Target(
         "direct",

@@ -1,7 +1,7 @@
 """What parsing costs: the DeepSeek provider against a bare httpx read of the same stream.
 
 Run: ``python bench/provider_stream.py``. It starts the fake DeepSeek server
-(tests/fakes/deepseek.py) in a child process, so only the client's work is
+(core/testing/fake_upstream.py) in a child process, so only the client's work is
 counted, and streams long replies from it:
 
 * baseline: a bare ``httpx`` read of the response (``aiter_raw``), nothing parsed;
@@ -53,7 +53,7 @@ REQUEST = ChatRequest(
 
 def start_fake(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.deepseek", "--port", str(port), "--api-key", KEY],
+        [sys.executable, "-m", "core.testing.fake_upstream", "--port", str(port), "--api-key", KEY],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

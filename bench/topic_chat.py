@@ -2,7 +2,7 @@
 
 Run: ``python bench/topic_chat.py [--replies N] [--requests N]``.
 
-It starts the fake DeepSeek server (tests/fakes/deepseek.py, replies streamed
+It starts the fake DeepSeek server (core/testing/fake_upstream.py, replies streamed
 with a few milliseconds between tokens) and ``chatgate serve`` (one worker,
 SQLite, an API key, billing on) as child processes, then prints:
 
@@ -199,7 +199,7 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="chatgate-bench-topic-"))
     upstream_port, port = free_port(), free_port()
     upstream, url = f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{port}"
-    fake = spawn("-m", "tests.fakes.deepseek", "--port", str(upstream_port), "--api-key", UPSTREAM_KEY,
+    fake = spawn("-m", "core.testing.fake_upstream", "--port", str(upstream_port), "--api-key", UPSTREAM_KEY,
                  "--token-delay", str(TOKEN_DELAY), "--tokens", str(TOKENS))  # fmt: skip
     config = tmp / "plugins.toml"
     config.write_text(CONFIG.format(port=port, db=tmp / "bench.db", upstream=upstream, key=UPSTREAM_KEY))

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from litestar import Litestar, Request, get
 from litestar.datastructures import State
+from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
@@ -180,6 +181,8 @@ def create_app(
         route_handlers=handlers,
         lifespan=[lifespan],
         state=State({"services": services}),
+        # Any handler of any surface receives the services by declaring a ``services`` parameter.
+        dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         # The schema as JSON only, at /schema and /schema/openapi.json: Litestar's documentation
         # pages (Scalar, Swagger, Redoc...) load their scripts from CDNs, which no page on the
         # gateway's origin may do (a compromised CDN would run code next to the admin page).

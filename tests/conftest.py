@@ -23,7 +23,7 @@ from core.app import create_app
 from core.config import ServerConfig, load_config
 from core.http_server import uvicorn_options
 from core.services import Services
-from tests.fakes.deepseek import FakeDeepSeek
+from core.testing.fake_upstream import FakeDeepSeek
 
 BASE_CONFIG = """\
 [server]
@@ -219,7 +219,7 @@ FAKE_DEEPSEEK_KEY = "sk-fake-0123456789abcdef"
 
 @pytest.fixture
 async def fake_deepseek() -> AsyncIterator[FakeDeepSeek]:
-    """A fake DeepSeek API on loopback (tests/fakes/deepseek.py), accepting ``FAKE_DEEPSEEK_KEY``."""
+    """A fake DeepSeek API on loopback (core/testing/fake_upstream.py), accepting ``FAKE_DEEPSEEK_KEY``."""
     async with FakeDeepSeek(api_key=FAKE_DEEPSEEK_KEY) as fake:
         yield fake
 

@@ -24,3 +24,12 @@ def test_readme_install_command_installs_dev_extras_and_serves():
     command = readme_block_after("Install and run")
     assert "pip install -e '.[dev]'" in command
     assert command.endswith("chatgate serve")
+
+
+def test_ci_runs_the_example_plugins_test_command_before_the_suite():
+    readme = (ROOT / "examples" / "chatgate-echo" / "README.md").read_text()
+    command = re.search(r"## Test it.*?```sh\n(.*?)\n```", readme, re.S).group(1).strip()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    [line] = [n for n, text in enumerate(ci) if text.startswith(command)]
+    assert ci[line] in (command, command + " || exit")  # set -e needs the `|| exit` after a && list
+    assert line < len(ci) - 1

@@ -25,16 +25,23 @@ an opened provider, and a way to make it fail::
         async def upstream_streams(self, provider):
             return ...                  # upstream requests open now (optional)
 
+A provider that cannot fail in some of those ways (one with no upstream, say)
+names them in ``cannot_fail`` with the reason, and their tests are skipped
+with it; one that cannot fail at all needs no ``failing`` fixture::
+
+        cannot_fail = dict.fromkeys(PROVIDER_ERRORS, "echo has no upstream to fail")
+
 The tests only rely on :class:`core.provider.Provider`'s documented promises,
-so a provider backed by a fake or recorded upstream passes them offline:
-run them against a local fake of your upstream, the way
-``tests/providers/test_deepseek.py`` runs them against ``tests/fakes/deepseek.py``.
+so a provider backed by a fake or recorded upstream passes them offline: an
+HTTP provider can run them against :mod:`core.testing.fake_upstream`, the way
+``tests/providers/test_deepseek.py`` does, and ``examples/chatgate-echo``
+shows a provider package running them in its own tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, aclosing
 from typing import Any, ClassVar
 
@@ -82,12 +89,17 @@ class ProviderConformance:
 
     A subclass provides a fixture ``provider`` (an opened instance, closed
     after the test), ``model``, a model it serves, as a class attribute or
-    a fixture, and a fixture ``failing``. The class attributes below tune
-    the suite for slow upstreams.
+    a fixture, and a fixture ``failing`` for the failure kinds it does not
+    name in ``cannot_fail``. The other class attributes tune the suite for
+    slow upstreams.
     """
 
     secret: ClassVar[str | None] = None
     """The credential the provider under test is configured with (None: it has none)."""
+
+    cannot_fail: ClassVar[Mapping[str, str]] = {}
+    """Failure kinds (keys of :data:`core.errors.PROVIDER_ERRORS`) the provider cannot produce,
+    each with the reason; their tests are skipped, giving it."""
 
     prompt: ClassVar[str] = "Explain in three sentences why the sky is blue."
     """A prompt whose honest answer is much longer than ``max_tokens_bound`` tokens."""
@@ -120,8 +132,18 @@ class ProviderConformance:
     @pytest.fixture
     def failing(self) -> Callable[[str], AbstractAsyncContextManager[Provider]]:
         """A factory: ``async with failing(kind) as provider`` gives an opened provider whose
-        upstream fails with ``kind``, a key of :data:`core.errors.PROVIDER_ERRORS`."""
-        raise NotImplementedError("override the `failing` fixture to make the provider fail")
+        upstream fails with ``kind``, a key of :data:`core.errors.PROVIDER_ERRORS`.
+
+        Called only for the kinds not in ``cannot_fail``.
+        """
+
+        def undeclared(kind: str) -> AbstractAsyncContextManager[Provider]:
+            raise NotImplementedError(
+                f"override the `failing` fixture to make the provider fail with {kind!r}, "
+                f"or name {kind!r} in `cannot_fail` with the reason it cannot"
+            )
+
+        return undeclared
 
     async def upstream_streams(self, provider: Provider) -> int | None:
         """Upstream requests open right now, when the test can see them (None: it cannot)."""
@@ -263,6 +285,8 @@ class ProviderConformance:
         served_model: str,
         kind: str,
     ) -> None:
+        if kind in self.cannot_fail:
+            pytest.skip(self.cannot_fail[kind])
         async with failing(kind) as provider:
             with pytest.raises(ProviderError) as caught:
                 await self.collect(provider, self.chat_request(served_model))
@@ -271,6 +295,12 @@ class ProviderConformance:
         assert str(error), "the error has no message"
         self.assert_no_secret(str(error))
         self.assert_no_secret(repr(error.args))
+
+    def test_cannot_fail_names_failure_kinds_with_reasons(self) -> None:
+        unknown = sorted(set(self.cannot_fail) - set(PROVIDER_ERRORS))
+        assert not unknown, f"cannot_fail names {unknown}; the failure kinds are {sorted(PROVIDER_ERRORS)}"
+        unexplained = sorted(kind for kind, reason in self.cannot_fail.items() if not reason.strip())
+        assert not unexplained, f"cannot_fail gives no reason for {unexplained}"
 
     @pytest.mark.asyncio
     async def test_describe_keeps_the_secret_out(self, provider: Provider) -> None:

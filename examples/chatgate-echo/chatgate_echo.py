@@ -50,12 +50,17 @@ class EchoProvider(Provider):
         if not isinstance(said, str):
             raise BadRequest("the echo provider needs a user message with text content")
         words = re.findall(r"\s*\S+", self.options.prefix + said)
+        # One word is one token here; the caller reserved credit for at most this many.
+        limit = request.output_limit
+        cut = limit is not None and len(words) > limit
+        if cut:
+            words = words[:limit]
         for word in words:
             if self.options.delay:
                 await asyncio.sleep(self.options.delay)
             yield ContentDelta(word)
         usage = Usage(prompt_tokens=estimate_prompt_tokens(request.messages), completion_tokens=len(words))
-        yield Finish("stop", usage)
+        yield Finish("length" if cut else "stop", usage)
 
 
 @hookimpl

@@ -10,9 +10,9 @@ import pytest
 
 from core.errors import BadRequest, Unavailable
 from core.fallbacks import Fallbacks
+from core.testing.fake_upstream import FakeDeepSeek, Scenario
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish, ProviderEvent
 from tests.conftest import ADMIN_HEADERS, FAKE_DEEPSEEK_KEY, WITH_ADMIN, Gateway, chatgate, deepseek_config
-from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
 MODELS = """
 [models.deepseek-chat]

@@ -26,7 +26,7 @@ def test_built_in_plugins_come_from_the_entry_point_group():
     plugins = Plugins.load()
     assert plugins.providers["mock"].package == "chatgate"
     assert plugins.providers["mock"].plugin == "mock"
-    assert plugins.stores["sqlite"].cls.__module__ == "stores.sqlite"
+    assert plugins.stores["sqlite"].cls.__module__ == "stores.sqlite.store"
     assert set(plugins.surfaces) >= {"openai_compat", "email_socket", "topic_chat"}
 
 

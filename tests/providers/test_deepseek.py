@@ -26,6 +26,8 @@ from core.errors import (
     Unavailable,
     UpstreamBalanceExhausted,
 )
+from core.plugins import Plugins
+from core.testing.fake_upstream import FakeDeepSeek, Scenario, ToolCallSpec
 from core.testing.provider_suite import ProviderConformance
 from core.types import (
     ChatMessage,
@@ -37,13 +39,11 @@ from core.types import (
     ToolCall,
     ToolCallDelta,
 )
-from providers.deepseek import (
-    DeepSeekProvider,
-    OpenAICompatibleProvider,
-    register_providers,
-)
+from providers.deepseek import DeepSeekProvider
+from providers.deepseek import register_providers as register_deepseek
+from providers.openai_compatible import OpenAICompatibleProvider
+from providers.openai_compatible import register_providers as register_openai_compatible
 from tests.conftest import free_port
-from tests.fakes.deepseek import FakeDeepSeek, Scenario, ToolCallSpec
 
 KEY = "sk-fake-0123456789abcdef"
 ALIASES = {
@@ -166,7 +166,15 @@ class TestOpenAIStyleUsageConformance(FakeBacked, ProviderConformance):
 
 
 def test_registers_deepseek_and_openai_compatible() -> None:
-    assert register_providers() == [DeepSeekProvider, OpenAICompatibleProvider]
+    # One class per module, each module its own entry point: no class is registered twice.
+    assert register_deepseek() == [DeepSeekProvider]
+    assert register_openai_compatible() == [OpenAICompatibleProvider]
+    registered = Plugins.load().providers
+    assert (registered["deepseek"].cls, registered["deepseek"].plugin) == (DeepSeekProvider, "deepseek")
+    assert (registered["openai_compatible"].cls, registered["openai_compatible"].plugin) == (
+        OpenAICompatibleProvider,
+        "openai_compatible",
+    )
     assert DeepSeekProvider.name == "deepseek"
     assert OpenAICompatibleProvider.name == "openai_compatible"
     assert issubclass(DeepSeekProvider, OpenAICompatibleProvider)
@@ -545,6 +553,17 @@ async def test_deepseek_without_a_key_says_which_variable_to_set(fake: FakeDeepS
             await collect(provider, ask())
     assert fake.requests == []
     assert provider.describe()["api_key"] == "not set"
+
+
+async def test_a_needed_key_without_a_known_variable_says_to_set_api_key(fake: FakeDeepSeek) -> None:
+    class KeyedServer(OpenAICompatibleProvider):
+        needs_key = True
+
+    async with opened(make(fake, KeyedServer, api_key="")) as provider:
+        with pytest.raises(AuthenticationFailed, match=r"set api_key in \[providers\.deepseek\]") as caught:
+            await collect(provider, ask())
+    assert "DEEPSEEK_API_KEY" not in str(caught.value)  # the generic class knows no vendor's variable
+    assert fake.requests == []
 
 
 async def test_retryable_failures_are_retried_honouring_retry_after(fake: FakeDeepSeek) -> None:

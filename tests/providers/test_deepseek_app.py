@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from core.testing.fake_upstream import FakeDeepSeek, Scenario
 from core.types import ContentDelta
 from tests.conftest import ADMIN_HEADERS, FAKE_DEEPSEEK_KEY, WITH_ADMIN, Gateway, deepseek_config
 from tests.core.test_generations import start_reply
-from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
 MODELS = """
 [models.deepseek-chat]

@@ -20,10 +20,11 @@ import msgspec
 import pytest
 
 from core.errors import BadRequest, Timeout, Unavailable
+from core.testing.fake_upstream import FakeDeepSeek
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish, ProviderEvent, ToolCall
-from providers.deepseek import DeepSeekProvider, OpenAICompatibleProvider
+from providers.deepseek import DeepSeekProvider
+from providers.openai_compatible import OpenAICompatibleProvider
 from tests.conftest import FAKE_DEEPSEEK_KEY
-from tests.fakes.deepseek import FakeDeepSeek
 
 Step = tuple[float, bytes]  # seconds to wait, then bytes to write
 

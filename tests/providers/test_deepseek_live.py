@@ -10,15 +10,16 @@ that DeepSeek's answers still parse.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import msgspec
 import pytest
 import pytest_asyncio
 
-from core import Provider, complete
+from core import PROVIDER_ERRORS, Provider, complete
 from core.config import load_config, validate_options
 from core.errors import AuthenticationFailed
 from core.testing.provider_suite import ProviderConformance
@@ -54,6 +55,11 @@ class TestLiveDeepSeekConformance(ProviderConformance):
     model = "deepseek-chat"
     secret = KEY
     prompt_timeout = 120.0
+    cannot_fail: ClassVar[Mapping[str, str]] = {
+        kind: f"the real API cannot be made to fail with {kind} on demand"
+        for kind in PROVIDER_ERRORS
+        if kind != "authentication"
+    }
 
     @pytest_asyncio.fixture
     async def provider(self) -> AsyncIterator[Provider]:
@@ -64,8 +70,6 @@ class TestLiveDeepSeekConformance(ProviderConformance):
     def failing(self) -> Callable[[str], AbstractAsyncContextManager[Provider]]:
         @asynccontextmanager
         async def failing(kind: str) -> AsyncIterator[Provider]:
-            if kind != "authentication":
-                pytest.skip(f"the real API cannot be made to fail with {kind} on demand")
             async with live(api_key="sk-chatgate-live-test-wrong-key") as provider:
                 yield provider
 

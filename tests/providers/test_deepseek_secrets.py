@@ -16,8 +16,8 @@ from typing import Any
 import openai
 import pytest
 
+from core.testing.fake_upstream import FakeDeepSeek, Scenario
 from tests.conftest import ADMIN_HEADERS, PRICED_MODELS, WITH_ADMIN, Gateway, chatgate, free_port
-from tests.fakes.deepseek import FakeDeepSeek, Scenario
 
 KEY = "sk-Qz7vLw2RkX9mTb4Np8Hc"
 PASSWORD = "hunter2-Xq9Lp7Zr"

@@ -23,8 +23,8 @@ import httpx
 import openai
 import pytest
 
+from core.testing.fake_upstream import DEFAULT_API_KEY, FakeDeepSeek, Scenario, ToolCallSpec, split_pieces
 from tests.conftest import free_port
-from tests.fakes.deepseek import DEFAULT_API_KEY, FakeDeepSeek, Scenario, ToolCallSpec, split_pieces
 
 KEY = DEFAULT_API_KEY
 CHUNK_KEYS = ["id", "object", "created", "model", "system_fingerprint", "choices"]
@@ -849,9 +849,9 @@ async def test_history_keeps_the_latest_requests_only() -> None:
 
 
 def test_runs_by_hand() -> None:
-    """``python -m tests.fakes.deepseek`` serves until Ctrl-C."""
+    """``python -m core.testing.fake_upstream`` serves until Ctrl-C."""
     port = free_port()
-    command = [sys.executable, "-m", "tests.fakes.deepseek", "--port", str(port), "--tokens", "3"]
+    command = [sys.executable, "-m", "core.testing.fake_upstream", "--port", str(port), "--tokens", "3"]
     command += ["--api-key", "sk-by-hand", "--token-delay", "0"]
     root = Path(__file__).resolve().parents[2]
     process = subprocess.Popen(

@@ -1,20 +1,35 @@
-"""A faithful fake of DeepSeek's chat API, served over real HTTP/1.1 on loopback.
+"""A fake OpenAI-compatible upstream (DeepSeek's dialect), served over real HTTP/1.1 on loopback.
 
-The fake is written on raw :func:`asyncio.start_server` rather than a web framework so that the tests
+Point a provider plugin at it to test the plugin offline, the way chatgate's own
+``openai_compatible`` and ``deepseek`` providers are tested. Start it in a test,
+give the provider ``fake.url`` as its base URL and ``fake.api_key`` as its key,
+and choose how the next answers go with :class:`Scenario`::
+
+    from core.testing.fake_upstream import FakeDeepSeek, Scenario
+
+    async def test_my_provider_retries_a_429() -> None:
+        async with FakeDeepSeek() as fake:
+            fake.script(Scenario(status=429, retry_after="1"), Scenario(token_delay=0.01))
+            provider = MyProvider("mine", MyProvider.Options(base_url=fake.url, api_key=fake.api_key))
+            ...  # open it, stream a reply; fake.requests holds what it received
+
+It serves ``POST /chat/completions`` (also under ``/v1``) and ``GET /models``.
+A :class:`Scenario` scripts errors (any HTTP status, with ``Retry-After``),
+delays, keep-alive comments, stalls, cut or malformed streams, tool calls and
+reasoning; ``fake.requests``, ``fake.active_streams`` and ``fake.disconnects``
+show what the provider did. :class:`~core.testing.provider_suite.ProviderConformance`
+run against it proves a plugin's failure handling: see
+``tests/providers/test_deepseek.py``.
+
+The fake is written on raw :func:`asyncio.start_server` rather than a web framework so that tests
 control every byte on the wire: chunk framing, keep-alive comments, empty bodies, a stream cut without
-its terminator, a stream that stalls. The shapes it sends are the ones captured from DeepSeek in
-``/work/shared/research/wire-formats.md`` (§1): key order, delta shapes in and out of thinking mode,
+its terminator, a stream that stalls. The shapes it sends are the ones captured from DeepSeek
+(``shared/research/wire-formats.md``, §1): key order, delta shapes in and out of thinking mode,
 usage riding on the ``finish_reason`` chunk, the error bodies and the ``x-ds-trace-id`` header.
 
-Use it in a test::
+Run it by hand (benchmarks, demos) and drive it through the ``/_fake/...`` control endpoints::
 
-    async with FakeDeepSeek() as fake:
-        fake.script(Scenario(token_delay=0.01), Scenario(status=429, retry_after="1"))
-        ...  # point a client at fake.url with api_key=fake.api_key
-
-or run it by hand (benchmarks, demos) and drive it through the ``/_fake/...`` control endpoints::
-
-    python -m tests.fakes.deepseek --port 8600 --token-delay 0.02
+    python -m core.testing.fake_upstream --port 8600 --token-delay 0.02
 """
 
 from __future__ import annotations
@@ -1106,7 +1121,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.fakes.deepseek", description="A fake DeepSeek API."
+        prog="python -m core.testing.fake_upstream", description="A fake DeepSeek API."
     )
     parser.add_argument("--port", type=int, default=8600)
     parser.add_argument("--api-key", default=DEFAULT_API_KEY)
