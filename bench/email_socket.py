@@ -40,7 +40,7 @@ from openai_overhead import (
 )
 
 sys.path.insert(0, str(ROOT))
-from core.testing.fake_upstream import FakeDeepSeek, Scenario
+from core.testing.fake_upstream import FakeUpstream, Scenario
 
 CONFIG = (
     GATEWAY
@@ -71,7 +71,7 @@ async def wait_until(predicate: object, what: str, timeout: float = 10.0) -> Non
         await asyncio.sleep(0.001)
 
 
-async def interrupts(fake: FakeDeepSeek, url: str, count: int) -> list[float]:
+async def interrupts(fake: FakeUpstream, url: str, count: int) -> list[float]:
     """Seconds from each newer request's send to the upstream seeing the older reply's connection close."""
     host, port = url.removeprefix("http://").split(":")
     headers = {"Content-Type": "application/json"}
@@ -96,7 +96,7 @@ async def interrupts(fake: FakeDeepSeek, url: str, count: int) -> list[float]:
     return latencies
 
 
-async def build_record(fake: FakeDeepSeek, url: str, email: str) -> None:
+async def build_record(fake: FakeUpstream, url: str, email: str) -> None:
     host, port = url.removeprefix("http://").split(":")
     connection = Connection(host, int(port), "/api/chat", {"Content-Type": "application/json"})
     fake.scenario = Scenario(tokens=24)
@@ -125,7 +125,7 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="chatgate-bench-email-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    async with FakeDeepSeek(api_key=UPSTREAM_KEY) as fake:
+    async with FakeUpstream(api_key=UPSTREAM_KEY) as fake:
         config = tmp / "plugins.toml"
         config.write_text(CONFIG.format(port=port, db=tmp / "bench.db", upstream=fake.url, key=UPSTREAM_KEY))
         server = spawn("-m", "core.cli", "serve", env={**os.environ, "CHATGATE_CONFIG": str(config)})

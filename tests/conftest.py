@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import subprocess
@@ -10,20 +9,16 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from litestar import Litestar
 
 from core.app import create_app
-from core.config import ServerConfig, load_config
-from core.http_server import uvicorn_options
-from core.services import Services
-from core.testing.fake_upstream import FakeDeepSeek
+from core.config import load_config
+from core.testing.fake_upstream import FakeUpstream
+from core.testing.gateway import Gateway, serving
 
 BASE_CONFIG = """\
 [server]
@@ -79,40 +74,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@asynccontextmanager
-async def serving(app: Litestar, server_config: ServerConfig | None = None) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a loopback port in this event loop; yield its base URL.
-
-    The server runs ``chatgate serve``'s settings (:func:`core.http_server.uvicorn_options`) for
-    ``server_config``, by default the app's own ``[server]`` table."""
-    if server_config is None:
-        services = app.state.get("services")
-        server_config = services.config.server if services is not None else ServerConfig()
-    options = uvicorn_options(server_config, host="127.0.0.1", port=0)
-    server = uvicorn.Server(uvicorn.Config(app, **options, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()  # start-up failed: raise its error here
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
-class Gateway:
-    """A gateway served on loopback: its URL, an HTTP client and (for white-box checks) its services."""
-
-    def __init__(self, url: str, app: Litestar, client: httpx.AsyncClient) -> None:
-        self.url = url
-        self.app = app
-        self.client = client
-        self.services: Services = app.state.services
 
 
 @pytest.fixture
@@ -218,9 +179,9 @@ FAKE_DEEPSEEK_KEY = "sk-fake-0123456789abcdef"
 
 
 @pytest.fixture
-async def fake_deepseek() -> AsyncIterator[FakeDeepSeek]:
+async def fake_deepseek() -> AsyncIterator[FakeUpstream]:
     """A fake DeepSeek API on loopback (core/testing/fake_upstream.py), accepting ``FAKE_DEEPSEEK_KEY``."""
-    async with FakeDeepSeek(api_key=FAKE_DEEPSEEK_KEY) as fake:
+    async with FakeUpstream(api_key=FAKE_DEEPSEEK_KEY) as fake:
         yield fake
 
 

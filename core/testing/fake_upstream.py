@@ -5,10 +5,10 @@ Point a provider plugin at it to test the plugin offline, the way chatgate's own
 give the provider ``fake.url`` as its base URL and ``fake.api_key`` as its key,
 and choose how the next answers go with :class:`Scenario`::
 
-    from core.testing.fake_upstream import FakeDeepSeek, Scenario
+    from core.testing.fake_upstream import FakeUpstream, Scenario
 
     async def test_my_provider_retries_a_429() -> None:
-        async with FakeDeepSeek() as fake:
+        async with FakeUpstream() as fake:
             fake.script(Scenario(status=429, retry_after="1"), Scenario(token_delay=0.01))
             provider = MyProvider("mine", MyProvider.Options(base_url=fake.url, api_key=fake.api_key))
             ...  # open it, stream a reply; fake.requests holds what it received
@@ -257,8 +257,8 @@ class _Plan:
         return 2 + len(self.reasoning) + body  # the role event and the finish event around the text
 
 
-class FakeDeepSeek:
-    """A DeepSeek API server on loopback that answers exactly as the real one does on the wire.
+class FakeUpstream:
+    """An OpenAI-compatible server on loopback that answers exactly as DeepSeek's does on the wire.
 
     It serves ``POST /chat/completions`` and ``/v1/chat/completions``, ``GET /models`` and ``/v1/models``,
     and the control endpoints ``POST /_fake/scenario``, ``POST /_fake/script`` and ``GET /_fake/requests``.
@@ -352,7 +352,7 @@ class FakeDeepSeek:
         if self._crashes:
             raise RuntimeError("the fake DeepSeek server failed while answering") from self._crashes[0]
 
-    async def __aenter__(self) -> FakeDeepSeek:
+    async def __aenter__(self) -> FakeUpstream:
         await self.start()
         return self
 
@@ -1113,7 +1113,7 @@ def _model_entry(model: str) -> dict[str, str]:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    async with FakeDeepSeek(api_key=args.api_key, port=args.port, history=args.history) as fake:
+    async with FakeUpstream(api_key=args.api_key, port=args.port, history=args.history) as fake:
         fake.scenario = Scenario(tokens=args.tokens, token_delay=args.token_delay)
         print(f"fake DeepSeek listening on {fake.url}", flush=True)
         await asyncio.Event().wait()  # until Ctrl-C cancels this task

@@ -10,7 +10,7 @@ import pytest
 
 from core.errors import BadRequest, Unavailable
 from core.fallbacks import Fallbacks
-from core.testing.fake_upstream import FakeDeepSeek, Scenario
+from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish, ProviderEvent
 from tests.conftest import ADMIN_HEADERS, FAKE_DEEPSEEK_KEY, WITH_ADMIN, Gateway, chatgate, deepseek_config
 
@@ -21,16 +21,16 @@ provider = "deepseek"
 
 
 @pytest.fixture
-async def backup() -> AsyncIterator[FakeDeepSeek]:
+async def backup() -> AsyncIterator[FakeUpstream]:
     """A second upstream, with a key of its own."""
-    async with FakeDeepSeek(api_key="sk-backup-key-5678") as fake:
+    async with FakeUpstream(api_key="sk-backup-key-5678") as fake:
         yield fake
 
 
 @pytest.fixture
 async def chained(
-    fake_deepseek: FakeDeepSeek,
-    backup: FakeDeepSeek,
+    fake_deepseek: FakeUpstream,
+    backup: FakeUpstream,
     write_config: Callable[..., Path],
     gateway_factory: Callable[..., object],
 ) -> Gateway:
@@ -64,7 +64,7 @@ async def reply(gateway: Gateway, into: list[ProviderEvent] | None = None) -> li
 
 
 async def test_a_retryable_failure_before_the_reply_falls_back(
-    chained: Gateway, fake_deepseek: FakeDeepSeek, backup: FakeDeepSeek
+    chained: Gateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(status=503)
     backup.scenario = Scenario(content="From the backup.")
@@ -78,7 +78,7 @@ async def test_a_retryable_failure_before_the_reply_falls_back(
 
 
 async def test_a_failure_after_the_reply_began_does_not_fall_back(
-    chained: Gateway, fake_deepseek: FakeDeepSeek, backup: FakeDeepSeek
+    chained: Gateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(disconnect_after=3)
     events: list[ProviderEvent] = []
@@ -89,7 +89,7 @@ async def test_a_failure_after_the_reply_began_does_not_fall_back(
 
 
 async def test_a_non_retryable_failure_does_not_fall_back(
-    chained: Gateway, fake_deepseek: FakeDeepSeek, backup: FakeDeepSeek
+    chained: Gateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(status=400)
     with pytest.raises(BadRequest):
@@ -98,7 +98,7 @@ async def test_a_non_retryable_failure_does_not_fall_back(
 
 
 async def test_when_every_instance_fails_the_last_error_is_raised(
-    chained: Gateway, fake_deepseek: FakeDeepSeek, backup: FakeDeepSeek
+    chained: Gateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(status=503)
     backup.scenario = Scenario(status=500)

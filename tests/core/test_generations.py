@@ -12,7 +12,7 @@ from core import MessageDraft
 from core.errors import InsufficientBalance, NotFound, Unavailable
 from core.services import Services
 from core.services.generations import Generation, Upstream
-from core.testing.fake_upstream import FakeDeepSeek, Scenario
+from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.tokens import estimate_prompt_tokens, estimate_tokens
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish
 from stores.sqlite import SqliteStore
@@ -422,7 +422,7 @@ async def deepseek_route(fake_deepseek, write_config, gateway_factory):
 
 
 async def test_an_upstream_request_is_sent_before_anyone_reads_it_and_closed_with_it(
-    fake_deepseek: FakeDeepSeek, write_config, gateway_factory
+    fake_deepseek: FakeUpstream, write_config, gateway_factory
 ):
     fake_deepseek.scenario = Scenario(first_token_delay=5)
     route, request = await deepseek_route(fake_deepseek, write_config, gateway_factory)
@@ -436,7 +436,7 @@ async def test_an_upstream_request_is_sent_before_anyone_reads_it_and_closed_wit
 
 
 async def test_an_upstream_yields_the_same_events_as_the_provider(
-    fake_deepseek: FakeDeepSeek, write_config, gateway_factory
+    fake_deepseek: FakeUpstream, write_config, gateway_factory
 ):
     fake_deepseek.scenario = Scenario(tokens=12)
     route, request = await deepseek_route(fake_deepseek, write_config, gateway_factory)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from core.testing.fake_upstream import FakeDeepSeek, Scenario
+from core.testing.fake_upstream import FakeUpstream, Scenario
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 from tests.plugins.browser import (  # skips without a browser
     By,
@@ -59,7 +59,7 @@ def use_the_page(url: str, key: str) -> list[str]:
 
 
 async def test_create_a_topic_send_a_message_watch_it_stream_and_regenerate_it(
-    write_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    write_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     config = write_config(
         deepseek_config(fake_deepseek.url) + PRICED_MODELS, replace={"[surfaces.topic_chat]\n": CATALOG}

@@ -20,7 +20,7 @@ import pytest
 
 from core.services.billing import Payer, Quota
 from core.services.context import SUMMARY_PREAMBLE
-from core.testing.fake_upstream import FakeDeepSeek, Scenario
+from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.tokens import estimate_prompt_tokens
 from core.types import ChatMessage
 from plugins.email_socket import PROXY_HEADERS, local_caller
@@ -58,7 +58,7 @@ class Email:
 
 
 @pytest.fixture
-def email_config(fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path]) -> Callable[..., Path]:
+def email_config(fake_deepseek: FakeUpstream, write_config: Callable[..., Path]) -> Callable[..., Path]:
     """A config whose email surface answers with ``model`` (the fake's reasoner by default)."""
 
     def write(surface: str = "", *, model: str = "deepseek-reasoner", models: str = MODELS) -> Path:
@@ -76,7 +76,7 @@ async def email(email_config: Callable[..., Path], gateway_factory: Callable[...
     return Email(await gateway_factory(email_config()))  # type: ignore[arg-type,misc]
 
 
-def chat_requests(fake: FakeDeepSeek) -> list[dict[str, Any]]:
+def chat_requests(fake: FakeUpstream) -> list[dict[str, Any]]:
     """The bodies of the replies' upstream requests (summaries left out)."""
     return [r.body for r in fake.requests if not is_summary(r.body)]
 
@@ -102,7 +102,7 @@ def seed(name: str, url: str, tmp_path: Path, old: str = "http://aisocket.zeromi
     return path
 
 
-async def test_the_seed_python_example(email: Email, fake_deepseek: FakeDeepSeek, tmp_path: Path) -> None:
+async def test_the_seed_python_example(email: Email, fake_deepseek: FakeUpstream, tmp_path: Path) -> None:
     fake_deepseek.scenario = Scenario(content="量子计算利用叠加和纠缠。", reasoning="用户想要入门解释。")
     out = await run(sys.executable, str(seed("000_polling.py", email.url, tmp_path)))
     assert out.splitlines() == ["AI回复: 量子计算利用叠加和纠缠。", "思考过程: 用户想要入门解释。"]
@@ -111,7 +111,7 @@ async def test_the_seed_python_example(email: Email, fake_deepseek: FakeDeepSeek
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-async def test_the_seed_javascript_example(email: Email, fake_deepseek: FakeDeepSeek, tmp_path: Path) -> None:
+async def test_the_seed_javascript_example(email: Email, fake_deepseek: FakeUpstream, tmp_path: Path) -> None:
     fake_deepseek.scenario = Scenario(content="你好!有什么可以帮你?", reasoning="打招呼。")
     out = await run("node", str(seed("000_chat.js", email.url, tmp_path)))
     assert "最新回复: {" in out
@@ -122,7 +122,7 @@ async def test_the_seed_javascript_example(email: Email, fake_deepseek: FakeDeep
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-async def test_the_seed_curl_calls(email: Email, fake_deepseek: FakeDeepSeek) -> None:
+async def test_the_seed_curl_calls(email: Email, fake_deepseek: FakeUpstream) -> None:
     fake_deepseek.scenario = Scenario(content="今天晴。", reasoning="天气问题。")
     chat = await run(
         "curl", "-s", "-X", "POST", f"{email.url}/api/chat",
@@ -144,7 +144,7 @@ async def test_the_seed_curl_calls(email: Email, fake_deepseek: FakeDeepSeek) ->
     }
 
 
-async def test_the_seed_httpie_calls(email: Email, fake_deepseek: FakeDeepSeek) -> None:
+async def test_the_seed_httpie_calls(email: Email, fake_deepseek: FakeUpstream) -> None:
     fake_deepseek.scenario = Scenario(content="今天晴。")
     http = [sys.executable, "-m", "httpie", "--ignore-stdin"]
     host = email.url.removeprefix("http://")
@@ -172,7 +172,7 @@ async def wait_for_partial(email: Email, address: str, showing: str = "") -> dic
 
 
 async def test_a_newer_chat_interrupts_and_answers_with_the_partial_exchange_in_context(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.script(
         Scenario(content=" ".join(f"word{i}" for i in range(400)), token_delay=0.01, reasoning="r"),
@@ -203,7 +203,7 @@ async def test_a_newer_chat_interrupts_and_answers_with_the_partial_exchange_in_
 
 
 async def test_twenty_emails_chat_at_once_each_in_their_own_conversation(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(token_delay=0.005, tokens=20, reasoning_tokens=2)
     addresses = [f"user{i}@example.com" for i in range(20)]
@@ -223,7 +223,7 @@ async def test_twenty_emails_chat_at_once_each_in_their_own_conversation(
 
 
 async def test_the_record_grows_while_generating_then_is_complete(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(100)), token_delay=0.02)
     chat = asyncio.create_task(email.chat("live@example.com", "count slowly"))
@@ -245,7 +245,7 @@ async def test_the_record_grows_while_generating_then_is_complete(
 
 
 async def test_the_allow_list_matches_exact_addresses_and_domains_case_insensitively(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     config = email_config('allow = ["Boss@Example.com", "*@Team.example"]\n')
     email = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
@@ -284,7 +284,7 @@ NO_INP = "field 'inp' is missing or empty; send the message as a string"
     ],
 )  # fmt: skip
 async def test_bad_input_is_400_naming_the_field_and_writes_nothing(
-    email: Email, fake_deepseek: FakeDeepSeek, body: bytes, error: str
+    email: Email, fake_deepseek: FakeUpstream, body: bytes, error: str
 ) -> None:
     response = await email.http.post("/api/chat", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 400
@@ -304,7 +304,7 @@ async def test_bad_input_is_400_naming_the_field_and_writes_nothing(
     ],
 )
 async def test_a_huge_bad_value_is_echoed_cut_short(
-    email: Email, fake_deepseek: FakeDeepSeek, body: dict[str, Any], error: str
+    email: Email, fake_deepseek: FakeUpstream, body: dict[str, Any], error: str
 ) -> None:
     raw = json.dumps(body).encode()
     assert len(raw) > 800_000  # under the 1 MB limit on bodies
@@ -321,7 +321,7 @@ async def test_a_huge_bad_value_is_echoed_cut_short(
 
 
 async def test_an_input_larger_than_the_context_is_400_and_interrupts_nothing(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     small = MODELS.replace(
         "context_tokens = 65536\nmax_output_tokens = 4096", "context_tokens = 600\nmax_output_tokens = 100"
@@ -395,7 +395,7 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 
 
 async def test_a_long_conversation_fits_the_budget_and_remembers_its_start(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     config = email_config(
         'system_prompt = "You are terse."\n' + UNLIMITED, model="deepseek-chat", models=SMALL
@@ -428,7 +428,7 @@ async def test_a_long_conversation_fits_the_budget_and_remembers_its_start(
 
 
 async def test_without_summaries_the_oldest_turns_are_dropped(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     config = email_config("summarize = false\n" + UNLIMITED, model="deepseek-chat", models=SMALL)
     email = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
@@ -446,7 +446,7 @@ async def test_without_summaries_the_oldest_turns_are_dropped(
 
 
 async def test_a_failed_summary_drops_turns_for_now_and_folds_them_later(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     config = email_config(UNLIMITED, model="deepseek-chat", models=SMALL)
     email = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
@@ -477,7 +477,7 @@ async def test_a_failed_summary_drops_turns_for_now_and_folds_them_later(
 
 
 async def test_an_upstream_failure_is_500_and_keeps_the_record_consistent(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.script(Scenario(content="First answer."), Scenario(status=503, message="Server overloaded"))
     assert (await email.chat("f@example.com", "one")).json()["exit"] == 0
@@ -506,7 +506,7 @@ async def test_an_upstream_failure_is_500_and_keeps_the_record_consistent(
 
 
 async def test_a_stream_broken_midway_keeps_its_partial_reply_marked_error(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(
         content="one two three four five six", disconnect_after=4, thinking=False
@@ -519,7 +519,7 @@ async def test_a_stream_broken_midway_keeps_its_partial_reply_marked_error(
 
 
 async def test_the_record_survives_a_restart(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     config = email_config()
     first = Email(await gateway_factory(config))  # type: ignore[arg-type,misc]
@@ -533,7 +533,7 @@ async def test_the_record_survives_a_restart(
 # --- beyond the seed ---
 
 
-async def test_clear_starts_a_fresh_context(email: Email, fake_deepseek: FakeDeepSeek) -> None:
+async def test_clear_starts_a_fresh_context(email: Email, fake_deepseek: FakeUpstream) -> None:
     fake_deepseek.scenario = Scenario(content="Noted.")
     assert (await email.chat("c@example.com", "my name is Ada")).json()["exit"] == 0
     response = await email.http.post("/api/clear", json={"email": "C@example.com"})
@@ -554,7 +554,7 @@ def events(text: str) -> list[dict[str, Any]]:
 
 
 async def test_a_streamed_chat_sends_think_and_content_deltas_then_the_end(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(content="Hello there friend", reasoning="Greet back.")
     async with email.http.stream(
@@ -570,7 +570,7 @@ async def test_a_streamed_chat_sends_think_and_content_deltas_then_the_end(
 
 
 async def test_a_streamed_chat_is_interrupted_like_any_other(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.script(
         Scenario(content=" ".join(f"w{i}" for i in range(300)), token_delay=0.01), Scenario(content="ok")
@@ -605,7 +605,7 @@ async def settled_ledger(services: Any, user_id: int) -> list[Any]:
 
 
 async def test_an_email_never_spends_the_balance_of_the_key_holder_with_its_address(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     email = Email(await gateway_factory(email_config(model="deepseek-chat", models=PRICED)))  # type: ignore[arg-type,misc]
     services = email.gateway.services
@@ -630,7 +630,7 @@ async def test_an_email_never_spends_the_balance_of_the_key_holder_with_its_addr
 
 
 async def test_a_new_email_chats_on_a_priced_model_with_nothing_in_its_balance(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     email = Email(await gateway_factory(email_config(model="deepseek-chat", models=PRICED)))  # type: ignore[arg-type,misc]
     fake_deepseek.scenario = Scenario(content="Welcome.")
@@ -646,7 +646,7 @@ async def test_a_new_email_chats_on_a_priced_model_with_nothing_in_its_balance(
 
 
 async def test_past_its_requests_per_minute_an_email_gets_429_and_nothing_is_stored(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     email = Email(await gateway_factory(email_config("requests_per_minute = 2\n")))  # type: ignore[arg-type,misc]
     long = " ".join(f"w{i}" for i in range(200))
@@ -679,7 +679,7 @@ async def test_past_its_requests_per_minute_an_email_gets_429_and_nothing_is_sto
 
 
 async def test_an_admitted_question_cancelled_again_while_giving_back_its_reservation_still_does(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     # Only a stopping server cancels a handler, and not twice on cue: the conversations service
     # is driven directly, in the gateway's own process and loop, with its real store.
@@ -728,7 +728,7 @@ async def test_an_admitted_question_cancelled_again_while_giving_back_its_reserv
 
 
 async def test_past_its_tokens_per_day_an_email_gets_429(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     email = Email(await gateway_factory(email_config("tokens_per_day = 50\n")))  # type: ignore[arg-type,misc]
     fake_deepseek.scenario = Scenario(content=" ".join(f"word{i}" for i in range(60)), thinking=False)
@@ -746,7 +746,7 @@ async def test_past_its_tokens_per_day_an_email_gets_429(
 
 
 async def test_an_address_over_254_characters_is_400_short_and_creates_nothing(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     address = "a" * 288 + "@example.com"
     for path in ("/api/chat", "/api/record", "/api/clear"):
@@ -763,7 +763,7 @@ async def test_an_address_over_254_characters_is_400_short_and_creates_nothing(
 
 
 async def test_a_new_email_refused_for_a_too_long_input_is_not_created(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     email = Email(await gateway_factory(email_config(model="deepseek-chat", models=SMALL)))  # type: ignore[arg-type,misc]
     response = await email.chat("verbose@example.com", "word " * 3000)
@@ -778,7 +778,7 @@ async def test_a_new_email_refused_for_a_too_long_input_is_not_created(
     [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/json"],
 )
 async def test_a_body_not_declared_json_is_415_and_writes_nothing(
-    email: Email, fake_deepseek: FakeDeepSeek, content_type: str | None
+    email: Email, fake_deepseek: FakeUpstream, content_type: str | None
 ) -> None:
     headers = {} if content_type is None else {"Content-Type": content_type}
     body = json.dumps({"email": "a@example.com", "inp": "hi"})
@@ -824,7 +824,7 @@ async def test_json_content_types_with_parameters_or_a_json_suffix_are_accepted(
     ],
 )
 async def test_without_an_allow_list_a_request_with_a_proxy_header_is_403_and_writes_nothing(
-    email: Email, fake_deepseek: FakeDeepSeek, header: str, value: str
+    email: Email, fake_deepseek: FakeUpstream, header: str, value: str
 ) -> None:
     for path in ("/api/chat", "/api/record", "/api/clear"):
         response = await email.http.post(
@@ -871,7 +871,7 @@ async def proxy(target: str, header: bytes) -> AsyncIterator[str]:
 
 
 async def test_behind_a_proxy_without_an_allow_list_everyone_is_refused(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     async with (
         proxy(email.url, b"X-Forwarded-For: 203.0.113.7") as url,
@@ -886,7 +886,7 @@ async def test_behind_a_proxy_without_an_allow_list_everyone_is_refused(
 
 
 async def test_behind_a_proxy_the_allow_list_decides(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     email = Email(await gateway_factory(email_config('allow = ["*@example.com"]\n')))  # type: ignore[arg-type,misc]
     fake_deepseek.scenario = Scenario(content="Through the proxy.", thinking=False)
@@ -904,7 +904,7 @@ async def test_behind_a_proxy_the_allow_list_decides(
 
 
 async def test_a_server_stopped_mid_reply_keeps_the_partial_reply_interrupted(
-    email_config: Callable[..., Path], server_process: Servers, fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], server_process: Servers, fake_deepseek: FakeUpstream
 ) -> None:
     config = email_config()
     config.write_text(config.read_text().replace("[server]\n", "[server]\nshutdown_grace = 1\n"))
@@ -936,7 +936,7 @@ async def test_a_server_stopped_mid_reply_keeps_the_partial_reply_interrupted(
 
 
 async def test_two_first_messages_at_once_make_one_conversation(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(30)), token_delay=0.01)
     answers = await asyncio.gather(*(email.chat("twin@example.com", f"question {i}") for i in range(2)))
@@ -949,7 +949,7 @@ async def test_two_first_messages_at_once_make_one_conversation(
 
 
 async def test_clear_during_a_reply_interrupts_it_and_keeps_it_in_the_old_conversation(
-    email: Email, fake_deepseek: FakeDeepSeek
+    email: Email, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(300)), token_delay=0.01)
     chat = asyncio.create_task(email.chat("busy@example.com", "talk a while"))
@@ -967,7 +967,7 @@ async def test_clear_during_a_reply_interrupts_it_and_keeps_it_in_the_old_conver
 
 
 async def test_a_newer_question_does_not_wait_for_an_older_ones_summary(
-    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    email_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     email = Email(await gateway_factory(email_config(UNLIMITED, model="deepseek-chat", models=SMALL)))  # type: ignore[arg-type,misc]
     slow = {"left": 1}

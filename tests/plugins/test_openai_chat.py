@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from core import LedgerEntry
-from core.testing.fake_upstream import FakeDeepSeek, Scenario, ToolCallSpec
+from core.testing.fake_upstream import FakeUpstream, Scenario, ToolCallSpec
 from plugins.openai_compat import wire
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 
@@ -51,7 +51,7 @@ class Client:
 
 @pytest.fixture
 async def client(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    fake_deepseek: FakeUpstream, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> AsyncIterator[Client]:
     config = write_config(deepseek_config(fake_deepseek.url, extra="max_retries = 0") + PRICED_MODELS)
     gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
@@ -77,7 +77,7 @@ async def settled(client: Client, count: int) -> list[LedgerEntry]:
 # --- the official SDK ---
 
 
-async def test_sdk_non_streaming_answer(client: Client, fake_deepseek: FakeDeepSeek) -> None:
+async def test_sdk_non_streaming_answer(client: Client, fake_deepseek: FakeUpstream) -> None:
     fake_deepseek.scenario = Scenario(content="Hello from DeepSeek.")
     answer = await client.sdk.chat.completions.create(
         model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}], temperature=0.7
@@ -94,7 +94,7 @@ async def test_sdk_non_streaming_answer(client: Client, fake_deepseek: FakeDeepS
 
 
 async def test_sdk_non_streaming_reasoning_is_on_the_message(
-    client: Client, fake_deepseek: FakeDeepSeek
+    client: Client, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(reasoning="Count them.", content="Three.")
     answer = await client.sdk.chat.completions.create(
@@ -108,7 +108,7 @@ async def test_sdk_non_streaming_reasoning_is_on_the_message(
     assert answer.usage.completion_tokens_details.reasoning_tokens > 0
 
 
-async def test_sdk_streaming_with_usage(client: Client, fake_deepseek: FakeDeepSeek) -> None:
+async def test_sdk_streaming_with_usage(client: Client, fake_deepseek: FakeUpstream) -> None:
     fake_deepseek.scenario = Scenario(reasoning="Think.", content="Streamed answer.")
     stream = await client.sdk.chat.completions.create(
         model="deepseek-reasoner",
@@ -143,7 +143,7 @@ async def test_streaming_without_include_usage_has_no_usage_chunk(client: Client
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-async def test_sdk_tool_calls_stream_and_not(client: Client, fake_deepseek: FakeDeepSeek) -> None:
+async def test_sdk_tool_calls_stream_and_not(client: Client, fake_deepseek: FakeUpstream) -> None:
     arguments = '{"location": "Paris"}'
     fake_deepseek.scenario = Scenario(tool_call=ToolCallSpec(name="weather", arguments=arguments))
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
@@ -251,7 +251,7 @@ async def test_a_bad_key_is_401_for_the_sdk(client: Client) -> None:
     ],
 )
 async def test_bad_fields_answer_400_naming_the_param_and_charge_nothing(
-    client: Client, fake_deepseek: FakeDeepSeek, body: dict[str, Any], param: str
+    client: Client, fake_deepseek: FakeUpstream, body: dict[str, Any], param: str
 ) -> None:
     response = await client.post(body)
     assert response.status_code == 400
@@ -270,7 +270,7 @@ async def test_malformed_json_is_400(client: Client) -> None:
     assert response.json()["error"]["code"] == "invalid_json"
 
 
-async def test_unknown_fields_are_passed_upstream(client: Client, fake_deepseek: FakeDeepSeek) -> None:
+async def test_unknown_fields_are_passed_upstream(client: Client, fake_deepseek: FakeUpstream) -> None:
     answer = await client.sdk.chat.completions.create(
         model="deepseek-chat",
         messages=[{"role": "user", "content": "Hi"}],
@@ -286,7 +286,7 @@ async def test_unknown_fields_are_passed_upstream(client: Client, fake_deepseek:
 
 
 async def test_upstream_failure_before_the_reply_keeps_its_status(
-    client: Client, fake_deepseek: FakeDeepSeek
+    client: Client, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(status=503)
     with pytest.raises(openai.InternalServerError) as caught:
@@ -304,7 +304,7 @@ async def test_upstream_failure_before_the_reply_keeps_its_status(
 
 
 async def test_a_failure_mid_stream_is_an_error_event_the_sdk_raises(
-    client: Client, fake_deepseek: FakeDeepSeek
+    client: Client, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(tokens=40, disconnect_after=5)
     stream = await client.sdk.chat.completions.create(
@@ -326,7 +326,7 @@ async def test_a_failure_mid_stream_is_an_error_event_the_sdk_raises(
 
 
 async def test_a_store_failure_answers_500_in_openai_shape_and_the_server_goes_on(
-    client: Client, fake_deepseek: FakeDeepSeek, tmp_path: Path
+    client: Client, fake_deepseek: FakeUpstream, tmp_path: Path
 ) -> None:
     """The route skips the router's exception handlers (see core.app.Gateway): it answers for itself."""
     hi = [{"role": "user", "content": "Hi"}]
@@ -355,7 +355,7 @@ async def test_a_store_failure_answers_500_in_openai_shape_and_the_server_goes_o
 
 
 async def test_each_request_leaves_one_ledger_entry_at_the_model_prices(
-    client: Client, fake_deepseek: FakeDeepSeek
+    client: Client, fake_deepseek: FakeUpstream
 ) -> None:
     before = await client.balance()
     answer = await client.sdk.chat.completions.create(
@@ -376,7 +376,7 @@ async def test_each_request_leaves_one_ledger_entry_at_the_model_prices(
 
 
 async def test_an_exhausted_balance_is_403_insufficient_user_quota(
-    client: Client, fake_deepseek: FakeDeepSeek
+    client: Client, fake_deepseek: FakeUpstream
 ) -> None:
     await client.gateway.services.billing.top_up(client.user_id, -(await client.balance()))
     with pytest.raises(openai.PermissionDeniedError) as caught:
@@ -388,7 +388,7 @@ async def test_an_exhausted_balance_is_403_insufficient_user_quota(
 
 
 async def test_a_client_that_disconnects_mid_stream_cancels_upstream_and_pays_for_what_it_got(
-    client: Client, fake_deepseek: FakeDeepSeek
+    client: Client, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(tokens=200, token_delay=0.05)
     body = {
@@ -417,7 +417,7 @@ async def test_a_client_that_disconnects_mid_stream_cancels_upstream_and_pays_fo
 
 
 async def test_a_client_that_gives_up_on_a_whole_reply_cancels_upstream(
-    client: Client, fake_deepseek: FakeDeepSeek
+    client: Client, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(tokens=200, first_token_delay=10)  # a whole answer ~10 s away
     body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Take your time"}]}
@@ -491,7 +491,7 @@ async def run_seed(client: Client, tmp_path: Path, name: str, *command: str) -> 
     return out.decode()
 
 
-async def test_the_seed_python_example(client: Client, fake_deepseek: FakeDeepSeek, tmp_path: Path) -> None:
+async def test_the_seed_python_example(client: Client, fake_deepseek: FakeUpstream, tmp_path: Path) -> None:
     fake_deepseek.scenario = Scenario(content="你好!我是青城数智的助手。")
     out = await run_seed(client, tmp_path, "001_requests.py", sys.executable)
     assert "'object': 'chat.completion'" in out
@@ -501,7 +501,7 @@ async def test_the_seed_python_example(client: Client, fake_deepseek: FakeDeepSe
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 async def test_the_seed_javascript_example(
-    client: Client, fake_deepseek: FakeDeepSeek, tmp_path: Path
+    client: Client, fake_deepseek: FakeUpstream, tmp_path: Path
 ) -> None:
     fake_deepseek.scenario = Scenario(content="你好!我是青城数智的助手。")
     out = await run_seed(client, tmp_path, "001_fetch.mjs", "node")
@@ -513,7 +513,7 @@ async def test_the_seed_javascript_example(
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 async def test_the_seed_javascript_streaming_example(
-    client: Client, fake_deepseek: FakeDeepSeek, tmp_path: Path
+    client: Client, fake_deepseek: FakeUpstream, tmp_path: Path
 ) -> None:
     fake_deepseek.scenario = Scenario(content="Streaming works from the seed's own client.")
     out = await run_seed(client, tmp_path, "001_stream.mjs", "node")
@@ -521,7 +521,7 @@ async def test_the_seed_javascript_streaming_example(
 
 
 async def test_fifty_concurrent_requests_never_overdraw_and_the_ledger_adds_up(
-    client: Client, fake_deepseek: FakeDeepSeek
+    client: Client, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(tokens=24, token_delay=0.005)
     request = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 50}
@@ -551,7 +551,7 @@ async def test_fifty_concurrent_requests_never_overdraw_and_the_ledger_adds_up(
 
 
 async def test_a_slow_first_token_gets_keep_alive_comments(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    fake_deepseek: FakeUpstream, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> None:
     config = write_config(
         deepseek_config(fake_deepseek.url) + PRICED_MODELS,
@@ -578,7 +578,7 @@ async def test_a_slow_first_token_gets_keep_alive_comments(
 
 
 async def test_a_body_over_the_limit_is_413_in_openai_shape(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    fake_deepseek: FakeUpstream, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> None:
     config = write_config(
         deepseek_config(fake_deepseek.url) + PRICED_MODELS,

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from core import RateLimits
-from core.testing.fake_upstream import FakeDeepSeek, Scenario
+from core.testing.fake_upstream import FakeUpstream, Scenario
 from plugins.openai_compat import Options, duration
 from tests.conftest import Gateway, chatgate, deepseek_config
 
@@ -40,7 +40,7 @@ class Keyed:
 
 @pytest.fixture
 async def keyed(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    fake_deepseek: FakeUpstream, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> Keyed:
     config = write_config(
         deepseek_config(fake_deepseek.url) + MODELS,
@@ -72,7 +72,7 @@ async def test_the_configured_default_applies_and_the_headers_count_down(keyed: 
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
 
 
-async def test_a_key_override_replaces_the_default(keyed: Keyed, fake_deepseek: FakeDeepSeek) -> None:
+async def test_a_key_override_replaces_the_default(keyed: Keyed, fake_deepseek: FakeUpstream) -> None:
     await keyed.limit(requests_per_minute=1)
     assert (await keyed.post()).status_code == 200
     refused = await keyed.post()
@@ -93,7 +93,7 @@ async def test_tokens_per_minute(keyed: Keyed) -> None:
 
 
 async def test_the_sdk_retries_a_concurrency_refusal_and_then_succeeds(
-    keyed: Keyed, fake_deepseek: FakeDeepSeek
+    keyed: Keyed, fake_deepseek: FakeUpstream
 ) -> None:
     await keyed.limit(concurrent_requests=1)
     fake_deepseek.script(Scenario(tokens=12, token_delay=0.05))  # the first request holds the slot ~0.6 s

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from core import LedgerDraft, LedgerEntry
-from core.testing.fake_upstream import FakeDeepSeek, Scenario
+from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.tokens import estimate_tokens
 from core.types import ChatMessage, ChatRequest
 from plugins.openai_compat import wire
@@ -83,7 +83,7 @@ class Holder:
 @pytest.fixture
 async def holder(
     request: pytest.FixtureRequest,
-    fake_deepseek: FakeDeepSeek,
+    fake_deepseek: FakeUpstream,
     write_config: Callable[..., Path],
     gateway_factory: Callable[..., object],
 ) -> AsyncIterator[Holder]:
@@ -103,7 +103,7 @@ HI = [{"role": "user", "content": "Hi"}]
 
 
 async def test_a_whole_reply_past_its_cap_is_cut_and_charged_no_more_than_reserved(
-    holder: Holder, fake_deepseek: FakeDeepSeek
+    holder: Holder, fake_deepseek: FakeUpstream
 ) -> None:
     body = {"model": "deepseek-chat", "messages": HI, "max_tokens": 100_000}
     worst = holder.worst_case(body)
@@ -136,7 +136,7 @@ async def test_a_whole_reply_past_its_cap_is_cut_and_charged_no_more_than_reserv
     ],
 )
 async def test_the_cap_goes_upstream_under_the_name_the_client_used_and_is_what_is_reserved(
-    holder: Holder, fake_deepseek: FakeDeepSeek, sent: dict[str, int], upstream: dict[str, int]
+    holder: Holder, fake_deepseek: FakeUpstream, sent: dict[str, int], upstream: dict[str, int]
 ) -> None:
     """An OpenAI-compatible server gets the cap under the client's name for it (OpenAI's
     reasoning models refuse max_tokens); DeepSeek, whose API knows only max_tokens, gets that."""
@@ -162,7 +162,7 @@ async def test_the_cap_goes_upstream_under_the_name_the_client_used_and_is_what_
 
 
 async def test_a_streamed_reply_past_its_cap_is_cut_and_the_upstream_closed(
-    holder: Holder, fake_deepseek: FakeDeepSeek
+    holder: Holder, fake_deepseek: FakeUpstream
 ) -> None:
     body = {"model": "deepseek-chat", "messages": HI, "stream": True}
     worst = holder.worst_case(body)
@@ -183,7 +183,7 @@ async def test_a_streamed_reply_past_its_cap_is_cut_and_the_upstream_closed(
 
 
 async def test_usage_counted_past_the_reservation_is_charged_the_reservation(
-    holder: Holder, fake_deepseek: FakeDeepSeek
+    holder: Holder, fake_deepseek: FakeUpstream
 ) -> None:
     body = {"model": "deepseek-chat", "messages": HI}
     worst = holder.worst_case(body)
@@ -198,7 +198,7 @@ async def test_usage_counted_past_the_reservation_is_charged_the_reservation(
 
 
 async def test_a_leased_request_is_charged_no_more_than_its_worst_case(
-    holder: Holder, fake_deepseek: FakeDeepSeek
+    holder: Holder, fake_deepseek: FakeUpstream
 ) -> None:
     body = {"model": "deepseek-chat", "messages": HI, "stream": True}
     worst = holder.worst_case(body)
@@ -214,7 +214,7 @@ async def test_a_leased_request_is_charged_no_more_than_its_worst_case(
 
 
 async def test_a_topic_chat_reply_past_its_cap_is_cut_and_charged_no_more_than_reserved(
-    holder: Holder, fake_deepseek: FakeDeepSeek
+    holder: Holder, fake_deepseek: FakeUpstream
 ) -> None:
     services = holder.gateway.services
     route = services.catalog.route("deepseek-chat")
@@ -239,7 +239,7 @@ async def test_a_topic_chat_reply_past_its_cap_is_cut_and_charged_no_more_than_r
 
 
 async def test_a_request_that_cannot_fit_the_context_is_400_and_reserves_nothing(
-    holder: Holder, fake_deepseek: FakeDeepSeek
+    holder: Holder, fake_deepseek: FakeUpstream
 ) -> None:
     await holder.fund(10**12)
     before = await holder.ledger()

@@ -16,7 +16,7 @@ import pytest
 from core import RateLimits
 from core.hookspecs import hookimpl
 from core.search import WebResult, WebSearch
-from core.testing.fake_upstream import FakeDeepSeek, Scenario
+from core.testing.fake_upstream import FakeUpstream, Scenario
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
 
 CATALOG = """[surfaces.topic_chat]
@@ -73,7 +73,7 @@ def split(text: str) -> tuple[str, dict[str, Any]]:
 
 
 @pytest.fixture
-def topic_config(fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path]) -> Callable[..., Path]:
+def topic_config(fake_deepseek: FakeUpstream, write_config: Callable[..., Path]) -> Callable[..., Path]:
     def write(extra: str = "") -> Path:
         return write_config(  # type: ignore[no-any-return]
             deepseek_config(fake_deepseek.url, extra="max_retries = 0") + PRICED_MODELS + extra,
@@ -152,7 +152,7 @@ async def test_updated_at_moves_when_a_message_is_added(alice: User) -> None:
 # --- messages ---
 
 
-async def test_a_reply_streams_as_plain_text_then_the_ids(alice: User, fake_deepseek: FakeDeepSeek) -> None:
+async def test_a_reply_streams_as_plain_text_then_the_ids(alice: User, fake_deepseek: FakeUpstream) -> None:
     fake_deepseek.scenario = Scenario(content="你好人类。 How are you today?", token_delay=0.02)
     created = await alice.topic()
     body = {"seriesId": 1, "modelId": 1, "message": "你好", "enableMemory": True}
@@ -194,7 +194,7 @@ async def test_a_reply_streams_as_plain_text_then_the_ids(alice: User, fake_deep
     assert "status" not in ai
 
 
-async def test_memory_decides_what_goes_upstream(alice: User, fake_deepseek: FakeDeepSeek) -> None:
+async def test_memory_decides_what_goes_upstream(alice: User, fake_deepseek: FakeUpstream) -> None:
     created = await alice.topic()
     fake_deepseek.scenario = Scenario(content="First answer.")
     await alice.send(created["id"], "my name is Ada")
@@ -211,7 +211,7 @@ async def test_memory_decides_what_goes_upstream(alice: User, fake_deepseek: Fak
 
 
 async def test_a_client_that_leaves_mid_reply_still_gets_it_stored(
-    alice: User, fake_deepseek: FakeDeepSeek
+    alice: User, fake_deepseek: FakeUpstream
 ) -> None:
     words = " ".join(f"w{i}" for i in range(60))
     fake_deepseek.scenario = Scenario(content=words, token_delay=0.01)
@@ -228,7 +228,7 @@ async def test_a_client_that_leaves_mid_reply_still_gets_it_stored(
 
 
 async def test_an_upstream_failure_before_the_reply_keeps_its_status_and_the_message(
-    alice: User, fake_deepseek: FakeDeepSeek
+    alice: User, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(status=503, message="Server overloaded")
     created = await alice.topic()
@@ -244,7 +244,7 @@ async def test_an_upstream_failure_before_the_reply_keeps_its_status_and_the_mes
     assert (body["userMsgId"], body["assistantMsgId"]) == (user["id"], ai["id"])
 
 
-async def test_a_failure_mid_reply_is_in_the_metadata(alice: User, fake_deepseek: FakeDeepSeek) -> None:
+async def test_a_failure_mid_reply_is_in_the_metadata(alice: User, fake_deepseek: FakeUpstream) -> None:
     fake_deepseek.scenario = Scenario(content="one two three four five", disconnect_after=3)
     created = await alice.topic()
     reply, meta = await alice.send(created["id"], "go")
@@ -278,7 +278,7 @@ async def test_edit_changes_a_messages_text(alice: User, bob: User) -> None:
 
 
 async def test_regenerating_a_reply_replaces_it_in_place_from_the_history_up_to_its_question(
-    alice: User, fake_deepseek: FakeDeepSeek
+    alice: User, fake_deepseek: FakeUpstream
 ) -> None:
     created = await alice.topic()
     fake_deepseek.script(Scenario(content="A1"), Scenario(content="A2"), Scenario(content="A1 again"))
@@ -308,7 +308,7 @@ async def test_regenerating_a_reply_replaces_it_in_place_from_the_history_up_to_
 
 
 async def test_regenerating_a_user_message_redoes_the_reply_after_it_or_creates_it(
-    alice: User, fake_deepseek: FakeDeepSeek
+    alice: User, fake_deepseek: FakeUpstream
 ) -> None:
     created = await alice.topic()
     fake_deepseek.script(Scenario(content="old"), Scenario(content="new"), Scenario(content="made"))
@@ -351,7 +351,7 @@ async def test_the_catalog_lists_series_and_refuses_unknown_ones(alice: User) ->
 
 
 async def test_web_results_are_unavailable_without_a_search_plugin(
-    alice: User, fake_deepseek: FakeDeepSeek
+    alice: User, fake_deepseek: FakeUpstream
 ) -> None:
     created = await alice.topic()
     _, meta = await alice.send(created["id"], "news?", enableGoogleResults=True)
@@ -373,7 +373,7 @@ class LibrarySearch(WebSearch):
 
 
 async def test_a_web_search_plugin_puts_its_results_into_the_context(
-    topic_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    topic_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     plugin = SimpleNamespace(__name__="library_search", register_web_search=hookimpl(lambda: [LibrarySearch]))
     config = topic_config('\n[web_search]\nplugin = "library"\n')
@@ -416,7 +416,7 @@ async def test_every_endpoint_needs_a_key(gateway: Gateway) -> None:
 
 
 async def test_another_users_topics_and_messages_are_404_everywhere(
-    alice: User, bob: User, fake_deepseek: FakeDeepSeek
+    alice: User, bob: User, fake_deepseek: FakeUpstream
 ) -> None:
     mine = await alice.topic("alice's")
     _, meta = await alice.send(mine["id"], "private")
@@ -446,7 +446,7 @@ async def test_another_users_topics_and_messages_are_404_everywhere(
 
 
 async def test_replies_are_charged_and_an_empty_balance_is_403(
-    gateway: Gateway, fake_deepseek: FakeDeepSeek
+    gateway: Gateway, fake_deepseek: FakeUpstream
 ) -> None:
     rich = await user_on(gateway, "rich@example.com")
     created = await rich.topic()
@@ -493,7 +493,7 @@ def assert_limited(response: httpx.Response, what: str) -> None:
 
 
 async def test_topic_messages_count_against_their_keys_requests_per_minute(
-    gateway: Gateway, fake_deepseek: FakeDeepSeek
+    gateway: Gateway, fake_deepseek: FakeUpstream
 ) -> None:
     user = await limited_user(gateway, "counted@example.com", requests_per_minute=2)
     created = await user.topic()
@@ -516,7 +516,7 @@ async def test_topic_messages_count_against_their_keys_requests_per_minute(
 
 
 async def test_the_summaries_of_a_key_holders_topic_are_that_keys_usage(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    fake_deepseek: FakeUpstream, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> None:
     # Keyless usage is what an email's quota counts: a key holder's summaries must not be it.
     small = PRICED_MODELS.replace(
@@ -546,7 +546,7 @@ async def test_the_summaries_of_a_key_holders_topic_are_that_keys_usage(
 
 
 async def test_topic_and_v1_requests_of_a_key_share_one_count(
-    gateway: Gateway, fake_deepseek: FakeDeepSeek
+    gateway: Gateway, fake_deepseek: FakeUpstream
 ) -> None:
     user = await limited_user(gateway, "shared@example.com", requests_per_minute=2)
     created = await user.topic()
@@ -564,7 +564,7 @@ async def test_topic_and_v1_requests_of_a_key_share_one_count(
 
 
 async def test_the_configured_default_limits_hold_for_topic_chat_too(
-    topic_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    topic_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     path = topic_config()  # every key's defaults are set where /v1's are
     limited = "[surfaces.openai_compat]\nconcurrent_requests = 1\n"
@@ -612,7 +612,7 @@ PICK = {"seriesId": 1, "modelId": 1}
     ],
 )  # fmt: skip
 async def test_bad_input_is_400_naming_the_field_and_writes_nothing(
-    alice: User, fake_deepseek: FakeDeepSeek, method: str, path: str, body: Any, message: str
+    alice: User, fake_deepseek: FakeUpstream, method: str, path: str, body: Any, message: str
 ) -> None:
     created = await alice.topic()
     url = path.format(t=created["id"])
@@ -629,7 +629,7 @@ async def test_bad_input_is_400_naming_the_field_and_writes_nothing(
 
 
 async def test_regenerate_searches_the_web_for_the_question_not_the_old_reply(
-    topic_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeDeepSeek
+    topic_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     plugin = SimpleNamespace(__name__="library_search", register_web_search=hookimpl(lambda: [LibrarySearch]))
     gateway: Gateway = await gateway_factory(  # type: ignore[assignment,misc]
@@ -649,7 +649,7 @@ async def test_regenerate_searches_the_web_for_the_question_not_the_old_reply(
     assert "old answer" not in system
 
 
-async def test_a_reply_still_generating_cannot_be_edited(alice: User, fake_deepseek: FakeDeepSeek) -> None:
+async def test_a_reply_still_generating_cannot_be_edited(alice: User, fake_deepseek: FakeUpstream) -> None:
     fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(200)), token_delay=0.01)
     created = await alice.topic()
     body = {"seriesId": 1, "modelId": 1, "message": "go"}

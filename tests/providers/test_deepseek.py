@@ -27,7 +27,7 @@ from core.errors import (
     UpstreamBalanceExhausted,
 )
 from core.plugins import Plugins
-from core.testing.fake_upstream import FakeDeepSeek, Scenario, ToolCallSpec
+from core.testing.fake_upstream import FakeUpstream, Scenario, ToolCallSpec
 from core.testing.provider_suite import ProviderConformance
 from core.types import (
     ChatMessage,
@@ -52,7 +52,7 @@ ALIASES = {
 }
 
 
-def make(fake: FakeDeepSeek, cls: type[OpenAICompatibleProvider] = DeepSeekProvider, **options: Any) -> Any:
+def make(fake: FakeUpstream, cls: type[OpenAICompatibleProvider] = DeepSeekProvider, **options: Any) -> Any:
     """A provider pointed at ``fake`` with fast retries; ``options`` override."""
     settings: dict[str, Any] = {
         "base_url": fake.url,
@@ -91,13 +91,13 @@ def text(events: list[ProviderEvent], kind: type = ContentDelta) -> str:
 
 
 @pytest_asyncio.fixture
-async def fake() -> AsyncIterator[FakeDeepSeek]:
-    async with FakeDeepSeek(api_key=KEY) as server:
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream(api_key=KEY) as server:
         yield server
 
 
 @pytest_asyncio.fixture
-async def deepseek(fake: FakeDeepSeek) -> AsyncIterator[OpenAICompatibleProvider]:
+async def deepseek(fake: FakeUpstream) -> AsyncIterator[OpenAICompatibleProvider]:
     async with opened(make(fake)) as provider:
         yield provider
 
@@ -109,13 +109,13 @@ class FakeBacked:
     secret = KEY
 
     @pytest_asyncio.fixture
-    async def provider(self, fake: FakeDeepSeek) -> AsyncIterator[Provider]:
+    async def provider(self, fake: FakeUpstream) -> AsyncIterator[Provider]:
         self.fake = fake
         async with opened(make(fake)) as provider:
             yield provider
 
     @pytest.fixture
-    def failing(self, fake: FakeDeepSeek) -> Callable[[str], AbstractAsyncContextManager[Provider]]:
+    def failing(self, fake: FakeUpstream) -> Callable[[str], AbstractAsyncContextManager[Provider]]:
         statuses = {
             "bad_request": 400,
             "authentication": 401,
@@ -155,7 +155,7 @@ class TestOpenAIStyleUsageConformance(FakeBacked, ProviderConformance):
     model = "deepseek-v4-pro"
 
     @pytest_asyncio.fixture
-    async def provider(self, fake: FakeDeepSeek) -> AsyncIterator[Provider]:
+    async def provider(self, fake: FakeUpstream) -> AsyncIterator[Provider]:
         self.fake = fake
         fake.scenario = Scenario(usage="trailer_chunk", thinking=False)
         async with opened(make(fake, OpenAICompatibleProvider, aliases={})) as provider:
@@ -202,7 +202,7 @@ def test_options_are_checked(options: dict[str, Any], problem: str) -> None:
     ("model", "thinking"), [("deepseek-chat", "disabled"), ("deepseek-reasoner", "enabled")]
 )
 async def test_the_default_config_keeps_the_seed_model_names_working(
-    fake: FakeDeepSeek, model: str, thinking: str
+    fake: FakeUpstream, model: str, thinking: str
 ) -> None:
     config = load_config(Path(__file__).parents[2] / "plugins.toml", env={"DEEPSEEK_API_KEY": KEY})
     assert config.models[model].provider == "deepseek"
@@ -219,7 +219,7 @@ async def test_the_default_config_keeps_the_seed_model_names_working(
     assert any(isinstance(e, ReasoningDelta) for e in events) == (thinking == "enabled")
 
 
-def test_describe_names_the_upstream_and_models_but_not_the_key(fake: FakeDeepSeek) -> None:
+def test_describe_names_the_upstream_and_models_but_not_the_key(fake: FakeUpstream) -> None:
     provider = make(fake, models=["deepseek-v4-pro"])
     assert provider.describe() == {
         "plugin": "deepseek",
@@ -233,7 +233,7 @@ def test_describe_names_the_upstream_and_models_but_not_the_key(fake: FakeDeepSe
 
 
 async def test_thinking_streams_reasoning_then_content_with_deepseek_usage(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     fake.scenario = Scenario(reasoning="Count the r letters.", content="There are 3 r's.")
     events = await collect(deepseek, ask("How many r in strawberry?", model="deepseek-reasoner"))
@@ -257,7 +257,7 @@ async def test_thinking_streams_reasoning_then_content_with_deepseek_usage(
 
 
 async def test_alias_maps_the_model_and_merges_its_body(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     events = await collect(deepseek, ask(model="deepseek-chat"))
     body = fake.requests[-1].body
@@ -272,7 +272,7 @@ async def test_alias_maps_the_model_and_merges_its_body(
     assert "thinking" not in fake.requests[-1].body
 
 
-async def test_an_alias_body_cannot_ask_for_more_output_than_the_request(fake: FakeDeepSeek) -> None:
+async def test_an_alias_body_cannot_ask_for_more_output_than_the_request(fake: FakeUpstream) -> None:
     aliases = {"deepseek-chat": {"model": "deepseek-v4-flash", "extra_body": {"max_tokens": 100_000}}}
     async with opened(make(fake, aliases=aliases)) as provider:
         await collect(provider, ask(max_tokens=64))
@@ -282,7 +282,7 @@ async def test_an_alias_body_cannot_ask_for_more_output_than_the_request(fake: F
 
 
 async def test_openai_style_trailing_usage_chunk_is_read(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     fake.scenario = Scenario(usage="trailer_chunk")
     events = await collect(deepseek, ask())
@@ -293,7 +293,7 @@ async def test_openai_style_trailing_usage_chunk_is_read(
 
 
 async def test_a_server_without_usage_gets_an_estimate_not_a_free_reply(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     fake.scenario = Scenario(usage="absent", content="A reply of a few words for the estimate.")
     events = await collect(deepseek, ask())
@@ -304,7 +304,7 @@ async def test_a_server_without_usage_gets_an_estimate_not_a_free_reply(
 
 
 async def test_keep_alive_comments_before_the_first_token_are_skipped(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     fake.scenario = Scenario(keepalives=4, keepalive_interval=0.02, content="Hello there.")
     events = await collect(deepseek, ask())
@@ -312,7 +312,7 @@ async def test_keep_alive_comments_before_the_first_token_are_skipped(
     assert isinstance(events[-1], Finish)
 
 
-async def test_tool_calls_pass_through(fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider) -> None:
+async def test_tool_calls_pass_through(fake: FakeUpstream, deepseek: OpenAICompatibleProvider) -> None:
     arguments = '{"location": "San Francisco", "unit": "celsius"}'
     fake.scenario = Scenario(tool_call=ToolCallSpec(name="weather", arguments=arguments))
     tools = ({"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}},)
@@ -331,7 +331,7 @@ async def test_tool_calls_pass_through(fake: FakeDeepSeek, deepseek: OpenAICompa
 
 
 async def test_a_json_answer_with_blank_keep_alive_lines_parses(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     fake.scenario = Scenario(
         json_for_stream=True,
@@ -348,7 +348,7 @@ async def test_a_json_answer_with_blank_keep_alive_lines_parses(
 
 
 async def test_finish_reason_beyond_openai_is_kept(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     fake.scenario = Scenario(finish_reason="insufficient_system_resource")
     events = await collect(deepseek, ask())
@@ -356,7 +356,7 @@ async def test_finish_reason_beyond_openai_is_kept(
 
 
 async def test_max_tokens_cuts_the_reply_with_length(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     events = await collect(deepseek, ask(max_tokens=3))
     assert events[-1].reason == "length"
@@ -366,7 +366,7 @@ async def test_max_tokens_cuts_the_reply_with_length(
 # --- broken answers are typed errors, never hangs ---
 
 
-async def test_an_empty_200_body_is_an_error_and_retried(fake: FakeDeepSeek) -> None:
+async def test_an_empty_200_body_is_an_error_and_retried(fake: FakeUpstream) -> None:
     fake.scenario = Scenario(empty_body=True)
     async with opened(make(fake, max_retries=2)) as provider:
         with pytest.raises(Unavailable, match="empty body"):
@@ -374,7 +374,7 @@ async def test_an_empty_200_body_is_an_error_and_retried(fake: FakeDeepSeek) -> 
     assert len(fake.requests) == 3
 
 
-async def test_an_empty_200_then_a_good_answer_succeeds(fake: FakeDeepSeek) -> None:
+async def test_an_empty_200_then_a_good_answer_succeeds(fake: FakeUpstream) -> None:
     fake.script(Scenario(empty_body=True))
     async with opened(make(fake)) as provider:
         events = await collect(provider, ask())
@@ -384,7 +384,7 @@ async def test_an_empty_200_then_a_good_answer_succeeds(fake: FakeDeepSeek) -> N
 
 
 async def test_a_stream_cut_mid_reply_keeps_what_arrived_and_is_not_retried(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     fake.scenario = Scenario(disconnect_after=3)
     events: list[ProviderEvent] = []
@@ -397,7 +397,7 @@ async def test_a_stream_cut_mid_reply_keeps_what_arrived_and_is_not_retried(
 
 
 async def test_a_malformed_event_is_an_error_naming_it(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     fake.scenario = Scenario(malformed_after=2)
     events: list[ProviderEvent] = []
@@ -420,7 +420,7 @@ async def test_connection_refused_is_unavailable_after_retries() -> None:
 
 
 async def test_standard_fields_and_unknown_extras_pass_through(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     request = ChatRequest(
         model="deepseek-chat",
@@ -475,7 +475,7 @@ async def test_standard_fields_and_unknown_extras_pass_through(
 
 
 async def test_reasoning_goes_back_only_on_tool_call_turns(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     call = ToolCall(id="call_00_abc", name="weather", arguments='{"location": "SF"}')
     messages = (
@@ -521,7 +521,7 @@ async def test_reasoning_goes_back_only_on_tool_call_turns(
     ],
 )
 async def test_statuses_map_to_typed_errors_carrying_the_upstream_message(
-    fake: FakeDeepSeek, status: int, error: type[ProviderError], upstream_message: str
+    fake: FakeUpstream, status: int, error: type[ProviderError], upstream_message: str
 ) -> None:
     fake.scenario = Scenario(status=status)
     async with opened(make(fake, max_retries=0)) as provider:
@@ -534,7 +534,7 @@ async def test_statuses_map_to_typed_errors_carrying_the_upstream_message(
     assert KEY not in str(caught.value)
 
 
-async def test_a_wrong_key_fails_authentication_without_leaking_either_key(fake: FakeDeepSeek) -> None:
+async def test_a_wrong_key_fails_authentication_without_leaking_either_key(fake: FakeUpstream) -> None:
     wrong = "sk-wrong-key-9999aaaa"
     async with opened(make(fake, api_key=wrong)) as provider:
         with pytest.raises(AuthenticationFailed) as caught:
@@ -547,7 +547,7 @@ async def test_a_wrong_key_fails_authentication_without_leaking_either_key(fake:
     assert len(fake.requests) == 1  # a bad key is not retried
 
 
-async def test_deepseek_without_a_key_says_which_variable_to_set(fake: FakeDeepSeek) -> None:
+async def test_deepseek_without_a_key_says_which_variable_to_set(fake: FakeUpstream) -> None:
     async with opened(make(fake, api_key="")) as provider:
         with pytest.raises(AuthenticationFailed, match="DEEPSEEK_API_KEY"):
             await collect(provider, ask())
@@ -555,7 +555,7 @@ async def test_deepseek_without_a_key_says_which_variable_to_set(fake: FakeDeepS
     assert provider.describe()["api_key"] == "not set"
 
 
-async def test_a_needed_key_without_a_known_variable_says_to_set_api_key(fake: FakeDeepSeek) -> None:
+async def test_a_needed_key_without_a_known_variable_says_to_set_api_key(fake: FakeUpstream) -> None:
     class KeyedServer(OpenAICompatibleProvider):
         needs_key = True
 
@@ -566,7 +566,7 @@ async def test_a_needed_key_without_a_known_variable_says_to_set_api_key(fake: F
     assert fake.requests == []
 
 
-async def test_retryable_failures_are_retried_honouring_retry_after(fake: FakeDeepSeek) -> None:
+async def test_retryable_failures_are_retried_honouring_retry_after(fake: FakeUpstream) -> None:
     fake.script(Scenario(status=429, retry_after="0.3"), Scenario(status=503))
     async with opened(make(fake, max_retries=2)) as provider:
         started = time.monotonic()
@@ -577,7 +577,7 @@ async def test_retryable_failures_are_retried_honouring_retry_after(fake: FakeDe
     assert time.monotonic() - started < 5
 
 
-async def test_backoff_grows_exponentially_with_jitter(fake: FakeDeepSeek) -> None:
+async def test_backoff_grows_exponentially_with_jitter(fake: FakeUpstream) -> None:
     fake.scenario = Scenario(status=500)
     async with opened(make(fake, max_retries=3, backoff=0.1, max_backoff=10)) as provider:
         with pytest.raises(Unavailable):
@@ -590,7 +590,7 @@ async def test_backoff_grows_exponentially_with_jitter(fake: FakeDeepSeek) -> No
         assert nominal * 0.5 - 0.01 <= gap <= nominal + 0.1, gaps
 
 
-async def test_non_retryable_failures_are_not_retried(fake: FakeDeepSeek) -> None:
+async def test_non_retryable_failures_are_not_retried(fake: FakeUpstream) -> None:
     fake.scenario = Scenario(status=400)
     async with opened(make(fake, max_retries=3)) as provider:
         with pytest.raises(BadRequest):
@@ -598,7 +598,7 @@ async def test_non_retryable_failures_are_not_retried(fake: FakeDeepSeek) -> Non
     assert len(fake.requests) == 1
 
 
-async def test_a_long_retry_after_is_handed_to_the_caller_instead_of_waited(fake: FakeDeepSeek) -> None:
+async def test_a_long_retry_after_is_handed_to_the_caller_instead_of_waited(fake: FakeUpstream) -> None:
     fake.scenario = Scenario(status=429, retry_after="120")
     async with opened(make(fake, max_retries=3, max_retry_after=30)) as provider:
         with pytest.raises(RateLimited) as caught:
@@ -608,7 +608,7 @@ async def test_a_long_retry_after_is_handed_to_the_caller_instead_of_waited(fake
 
 
 async def test_retry_log_lines_name_the_failure_but_never_the_key(
-    fake: FakeDeepSeek, caplog: pytest.LogCaptureFixture
+    fake: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.script(Scenario(status=503))
     caplog.set_level(logging.DEBUG)
@@ -624,7 +624,7 @@ async def test_retry_log_lines_name_the_failure_but_never_the_key(
 # --- timeouts ---
 
 
-async def test_first_token_timeout_ignores_keep_alives(fake: FakeDeepSeek) -> None:
+async def test_first_token_timeout_ignores_keep_alives(fake: FakeUpstream) -> None:
     # A queued request: keep-alive comments keep coming, no token does.
     fake.scenario = Scenario(keepalives=50, keepalive_interval=0.05)
     async with opened(make(fake, first_token_timeout=0.3, max_retries=0)) as provider:
@@ -634,7 +634,7 @@ async def test_first_token_timeout_ignores_keep_alives(fake: FakeDeepSeek) -> No
     assert time.monotonic() - started < 1.5
 
 
-async def test_idle_timeout_fires_when_a_flowing_reply_stalls_and_is_not_retried(fake: FakeDeepSeek) -> None:
+async def test_idle_timeout_fires_when_a_flowing_reply_stalls_and_is_not_retried(fake: FakeUpstream) -> None:
     fake.scenario = Scenario(stall_after=2)
     events: list[ProviderEvent] = []
     async with opened(make(fake, idle_timeout=0.2)) as provider:
@@ -644,7 +644,7 @@ async def test_idle_timeout_fires_when_a_flowing_reply_stalls_and_is_not_retried
     assert len(fake.requests) == 1
 
 
-async def test_total_timeout_bounds_a_slow_reply(fake: FakeDeepSeek) -> None:
+async def test_total_timeout_bounds_a_slow_reply(fake: FakeUpstream) -> None:
     fake.scenario = Scenario(tokens=200, token_delay=0.02)
     async with opened(make(fake, total_timeout=0.3, idle_timeout=5)) as provider:
         started = time.monotonic()
@@ -653,7 +653,7 @@ async def test_total_timeout_bounds_a_slow_reply(fake: FakeDeepSeek) -> None:
     assert time.monotonic() - started < 1.0
 
 
-async def test_timeouts_before_the_first_token_are_retried(fake: FakeDeepSeek) -> None:
+async def test_timeouts_before_the_first_token_are_retried(fake: FakeUpstream) -> None:
     fake.script(Scenario(delay=1.0))
     async with opened(make(fake, first_token_timeout=0.2, max_retries=1)) as provider:
         events = await collect(provider, ask())
@@ -665,7 +665,7 @@ async def test_timeouts_before_the_first_token_are_retried(fake: FakeDeepSeek) -
 
 
 async def test_one_keep_alive_connection_serves_sequential_requests(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider
 ) -> None:
     for _ in range(5):
         await collect(deepseek, ask())
@@ -673,7 +673,7 @@ async def test_one_keep_alive_connection_serves_sequential_requests(
     assert fake.connections == 1
 
 
-async def test_the_pool_size_bounds_concurrent_upstream_connections(fake: FakeDeepSeek) -> None:
+async def test_the_pool_size_bounds_concurrent_upstream_connections(fake: FakeUpstream) -> None:
     fake.scenario = Scenario(tokens=10, token_delay=0.02)
     async with opened(make(fake, max_connections=2)) as provider:
         await asyncio.gather(*(collect(provider, ask()) for _ in range(6)))
@@ -683,7 +683,7 @@ async def test_the_pool_size_bounds_concurrent_upstream_connections(fake: FakeDe
 
 @pytest.mark.parametrize("how", ["close", "cancel"])
 async def test_the_upstream_sees_a_stopped_consumer_within_100_ms(
-    fake: FakeDeepSeek, deepseek: OpenAICompatibleProvider, how: str
+    fake: FakeUpstream, deepseek: OpenAICompatibleProvider, how: str
 ) -> None:
     fake.scenario = Scenario(tokens=100, token_delay=0.5)
     first = asyncio.Event()
@@ -714,7 +714,7 @@ async def test_the_upstream_sees_a_stopped_consumer_within_100_ms(
             await asyncio.sleep(0.005)
 
 
-async def test_open_and_close_manage_one_client(fake: FakeDeepSeek) -> None:
+async def test_open_and_close_manage_one_client(fake: FakeUpstream) -> None:
     provider = make(fake)
     with pytest.raises(Unavailable, match="not open"):
         await collect(provider, ask())
@@ -728,7 +728,7 @@ async def test_open_and_close_manage_one_client(fake: FakeDeepSeek) -> None:
     assert client.closed
 
 
-async def test_a_slow_consumer_is_not_mistaken_for_a_stalled_upstream(fake: FakeDeepSeek) -> None:
+async def test_a_slow_consumer_is_not_mistaken_for_a_stalled_upstream(fake: FakeUpstream) -> None:
     fake.scenario = Scenario(tokens=6)
     events: list[ProviderEvent] = []
     provider = make(fake, idle_timeout=0.1, first_token_timeout=0.1)
@@ -739,7 +739,7 @@ async def test_a_slow_consumer_is_not_mistaken_for_a_stalled_upstream(fake: Fake
     assert isinstance(events[-1], Finish)
 
 
-async def test_an_outside_cancellation_is_not_reported_as_a_timeout(fake: FakeDeepSeek) -> None:
+async def test_an_outside_cancellation_is_not_reported_as_a_timeout(fake: FakeUpstream) -> None:
     fake.scenario = Scenario(first_token_delay=5)
     async with opened(make(fake, first_token_timeout=0.2, max_retries=0)) as provider:
         task = asyncio.create_task(collect(provider, ask()))
@@ -749,7 +749,7 @@ async def test_an_outside_cancellation_is_not_reported_as_a_timeout(fake: FakeDe
             await task
 
 
-async def test_a_reply_nobody_streams_is_asked_for_in_one_piece(fake: FakeDeepSeek) -> None:
+async def test_a_reply_nobody_streams_is_asked_for_in_one_piece(fake: FakeUpstream) -> None:
     # Slower than first_token_timeout: without a stream there is no first token to time.
     fake.scenario = Scenario(thinking=True, tokens=5, delay=0.2)
     async with opened(make(fake, first_token_timeout=0.05, max_retries=0)) as provider:

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 
 from core.errors import BadRequest, Timeout, Unavailable
-from core.testing.fake_upstream import FakeDeepSeek
+from core.testing.fake_upstream import FakeUpstream
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish, ProviderEvent, ToolCall
 from providers.deepseek import DeepSeekProvider
 from providers.openai_compatible import OpenAICompatibleProvider
@@ -119,7 +119,7 @@ AFTER_A_TOOL_CALL = (
 
 
 async def test_reasoning_goes_back_on_every_assistant_turn_once_a_tool_was_called(
-    fake_deepseek: FakeDeepSeek,
+    fake_deepseek: FakeUpstream,
 ) -> None:
     # The fake answers 400 in thinking mode when any of them lacks it, as DeepSeek V4 does.
     events = await run(provider_for(fake_deepseek.url), ask(messages=AFTER_A_TOOL_CALL))
@@ -136,7 +136,7 @@ async def test_reasoning_goes_back_on_every_assistant_turn_once_a_tool_was_calle
     ]
 
 
-async def test_openai_compatible_servers_never_get_reasoning_content(fake_deepseek: FakeDeepSeek) -> None:
+async def test_openai_compatible_servers_never_get_reasoning_content(fake_deepseek: FakeUpstream) -> None:
     # Some OpenAI-compatible servers reject the unknown field with a 400.
     fake_deepseek.scenario = msgspec.convert({"thinking": False}, type(fake_deepseek.scenario))
     await run(provider_for(fake_deepseek.url, OpenAICompatibleProvider), ask(messages=AFTER_A_TOOL_CALL))
@@ -144,7 +144,7 @@ async def test_openai_compatible_servers_never_get_reasoning_content(fake_deepse
     assert not any("reasoning_content" in m for m in sent)
 
 
-async def test_a_key_read_with_a_line_ending_is_stripped_not_leaked(fake_deepseek: FakeDeepSeek) -> None:
+async def test_a_key_read_with_a_line_ending_is_stripped_not_leaked(fake_deepseek: FakeUpstream) -> None:
     events = await run(provider_for(fake_deepseek.url, api_key=FAKE_DEEPSEEK_KEY + "\r\n"), ask())
     assert isinstance(events[-1], Finish)
     assert fake_deepseek.requests[-1].headers["authorization"] == f"Bearer {FAKE_DEEPSEEK_KEY}"
@@ -223,7 +223,7 @@ async def test_an_in_stream_error_keeps_its_status() -> None:
 
 
 async def test_a_pending_cancellation_does_not_turn_a_timeout_into_an_interrupt(
-    fake_deepseek: FakeDeepSeek,
+    fake_deepseek: FakeUpstream,
 ) -> None:
     fake_deepseek.scenario = msgspec.convert({"stall_after": 2}, type(fake_deepseek.scenario))
     provider = provider_for(fake_deepseek.url, idle_timeout=0.2)

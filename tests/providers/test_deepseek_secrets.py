@@ -16,7 +16,7 @@ from typing import Any
 import openai
 import pytest
 
-from core.testing.fake_upstream import FakeDeepSeek, Scenario
+from core.testing.fake_upstream import FakeUpstream, Scenario
 from tests.conftest import ADMIN_HEADERS, PRICED_MODELS, WITH_ADMIN, Gateway, chatgate, free_port
 
 KEY = "sk-Qz7vLw2RkX9mTb4Np8Hc"
@@ -45,8 +45,8 @@ backoff = 0.01
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[FakeDeepSeek]:
-    async with FakeDeepSeek(api_key=KEY) as fake:
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream(api_key=KEY) as fake:
         yield fake
 
 
@@ -87,7 +87,7 @@ def seen_by_client(error: openai.APIStatusError) -> str:
 async def test_an_upstream_that_echoes_the_key_never_shows_it_to_the_client_or_the_log(
     write_config: Callable[..., Path],
     gateway_factory: Callable[..., object],
-    upstream: FakeDeepSeek,
+    upstream: FakeUpstream,
     caplog: pytest.LogCaptureFixture,
     status: int,
     echo: str,
@@ -112,7 +112,7 @@ async def test_an_upstream_that_echoes_the_key_never_shows_it_to_the_client_or_t
 async def test_deepseeks_own_answer_to_a_wrong_key_hides_its_last_four_characters(
     write_config: Callable[..., Path],
     gateway_factory: Callable[..., object],
-    upstream: FakeDeepSeek,
+    upstream: FakeUpstream,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     wrong = "sk-Wr0ngKeyAbCdEfGh12"
@@ -126,7 +126,7 @@ async def test_deepseeks_own_answer_to_a_wrong_key_hides_its_last_four_character
 async def test_a_password_in_base_url_is_sent_as_basic_auth_and_shown_nowhere(
     write_config: Callable[..., Path],
     gateway_factory: Callable[..., object],
-    upstream: FakeDeepSeek,
+    upstream: FakeUpstream,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     host = upstream.url.removeprefix("http://")

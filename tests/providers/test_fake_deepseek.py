@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from core.testing.fake_upstream import DEFAULT_API_KEY, FakeDeepSeek, Scenario, ToolCallSpec, split_pieces
+from core.testing.fake_upstream import DEFAULT_API_KEY, FakeUpstream, Scenario, ToolCallSpec, split_pieces
 from tests.conftest import free_port
 
 KEY = DEFAULT_API_KEY
@@ -45,13 +45,13 @@ WEATHER = ToolCallSpec(name="weather", arguments='{"location": "San Francisco", 
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeDeepSeek]:
-    async with FakeDeepSeek() as server:
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as server:
         yield server
 
 
 @pytest.fixture
-async def client(fake: FakeDeepSeek) -> AsyncIterator[httpx.AsyncClient]:
+async def client(fake: FakeUpstream) -> AsyncIterator[httpx.AsyncClient]:
     headers = {"Authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(base_url=fake.url, headers=headers, timeout=5) as http:
         yield http
@@ -106,7 +106,7 @@ async def drain(lines: AsyncIterator[str]) -> list[str]:
     return [line async for line in lines]
 
 
-async def raw_exchange(fake: FakeDeepSeek, payload: bytes) -> bytes:
+async def raw_exchange(fake: FakeUpstream, payload: bytes) -> bytes:
     """Send raw bytes on a fresh connection and read until the fake closes or cuts it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", int(fake.url.rsplit(":", 1)[1]))
     writer.write(payload)
@@ -139,7 +139,7 @@ def post_bytes(body: dict[str, Any], *, path: str = "/chat/completions", close: 
 
 
 async def test_streamed_thinking_answer_matches_deepseek_chunk_for_chunk(
-    fake: FakeDeepSeek, client: httpx.AsyncClient
+    fake: FakeUpstream, client: httpx.AsyncClient
 ) -> None:
     fake.scenario = Scenario(tokens=5, reasoning_tokens=3)
     body = chat(stream=True, stream_options={"include_usage": True})
@@ -225,7 +225,7 @@ async def test_without_include_usage_earlier_chunks_have_no_usage_key(
 
 
 async def test_trailer_chunk_mode_sends_openai_style_usage(
-    fake: FakeDeepSeek, client: httpx.AsyncClient
+    fake: FakeUpstream, client: httpx.AsyncClient
 ) -> None:
     fake.scenario = Scenario(usage="trailer_chunk", tokens=3, reasoning_tokens=2)
     body = chat(stream=True, stream_options={"include_usage": True})
@@ -245,7 +245,7 @@ async def test_trailer_chunk_mode_sends_openai_style_usage(
     assert chunks[-1]["choices"] == []
 
 
-async def test_usage_absent_mode_sends_none(fake: FakeDeepSeek, client: httpx.AsyncClient) -> None:
+async def test_usage_absent_mode_sends_none(fake: FakeUpstream, client: httpx.AsyncClient) -> None:
     fake.scenario = Scenario(usage="absent")
     body = chat(stream=True, stream_options={"include_usage": True})
     chunks = chunks_of((await client.post("/chat/completions", json=body)).text)
@@ -256,7 +256,7 @@ async def test_usage_absent_mode_sends_none(fake: FakeDeepSeek, client: httpx.As
     assert list(completion) == ["id", "object", "created", "model", "choices", "system_fingerprint"]
 
 
-async def test_streamed_tool_call_comes_in_fragments(fake: FakeDeepSeek, client: httpx.AsyncClient) -> None:
+async def test_streamed_tool_call_comes_in_fragments(fake: FakeUpstream, client: httpx.AsyncClient) -> None:
     fake.scenario = Scenario(tool_call=WEATHER, reasoning_tokens=2)
     body = chat("Weather in San Francisco?", stream=True, tools=[{"type": "function"}])
     chunks = chunks_of((await client.post("/chat/completions", json=body)).text)
@@ -291,7 +291,7 @@ async def test_streamed_tool_call_comes_in_fragments(fake: FakeDeepSeek, client:
     assert chunks[-1]["usage"]["completion_tokens"] == 2 + 1 + len(pieces)
 
 
-async def test_non_streamed_tool_call_matches_capture(fake: FakeDeepSeek, client: httpx.AsyncClient) -> None:
+async def test_non_streamed_tool_call_matches_capture(fake: FakeUpstream, client: httpx.AsyncClient) -> None:
     fake.scenario = Scenario(tool_call=WEATHER, reasoning="I'll call the weather tool.")
     completion = (await client.post("/chat/completions", json=chat("Weather?"))).json()
 
@@ -306,7 +306,7 @@ async def test_non_streamed_tool_call_matches_capture(fake: FakeDeepSeek, client
 
 
 async def test_keepalive_comments_come_before_the_first_event(
-    fake: FakeDeepSeek, client: httpx.AsyncClient
+    fake: FakeUpstream, client: httpx.AsyncClient
 ) -> None:
     fake.scenario = Scenario(keepalives=2, keepalive_interval=0.01)
     found = events((await client.post("/chat/completions", json=chat(stream=True))).text)
@@ -314,7 +314,7 @@ async def test_keepalive_comments_come_before_the_first_event(
     assert all(e.startswith("data: ") for e in found[2:])
 
 
-async def test_max_tokens_caps_reasoning_and_content(fake: FakeDeepSeek, client: httpx.AsyncClient) -> None:
+async def test_max_tokens_caps_reasoning_and_content(fake: FakeUpstream, client: httpx.AsyncClient) -> None:
     fake.scenario = Scenario(tokens=10, reasoning_tokens=3)
     chunks = chunks_of((await client.post("/chat/completions", json=chat(stream=True, max_tokens=5))).text)
     deltas = deltas_of(chunks)
@@ -331,7 +331,7 @@ async def test_max_tokens_caps_reasoning_and_content(fake: FakeDeepSeek, client:
 
 
 async def test_content_reasoning_and_finish_reason_can_be_set(
-    fake: FakeDeepSeek, client: httpx.AsyncClient
+    fake: FakeUpstream, client: httpx.AsyncClient
 ) -> None:
     fake.scenario = Scenario(
         content="Hello, 世界!", reasoning="Greet.", finish_reason="insufficient_system_resource"
@@ -371,7 +371,7 @@ async def test_non_streamed_answer_matches_capture(client: httpx.AsyncClient) ->
 
 
 async def test_non_streamed_keepalives_are_blank_lines_before_the_json(
-    fake: FakeDeepSeek, client: httpx.AsyncClient
+    fake: FakeUpstream, client: httpx.AsyncClient
 ) -> None:
     fake.scenario = Scenario(keepalives=2)
     response = await client.post("/chat/completions", json=chat(thinking={"type": "disabled"}))
@@ -384,7 +384,7 @@ async def test_non_streamed_keepalives_are_blank_lines_before_the_json(
 
 
 async def test_json_for_stream_answers_a_stream_request_with_json(
-    fake: FakeDeepSeek, client: httpx.AsyncClient
+    fake: FakeUpstream, client: httpx.AsyncClient
 ) -> None:
     fake.scenario = Scenario(json_for_stream=True)
     response = await client.post("/chat/completions", json=chat(stream=True))
@@ -392,7 +392,7 @@ async def test_json_for_stream_answers_a_stream_request_with_json(
     assert response.json()["object"] == "chat.completion"
 
 
-async def test_empty_body(fake: FakeDeepSeek, client: httpx.AsyncClient) -> None:
+async def test_empty_body(fake: FakeUpstream, client: httpx.AsyncClient) -> None:
     fake.script(Scenario(empty_body=True), Scenario(empty_body=True))
     for body in (chat(), chat(stream=True)):
         response = await client.post("/chat/completions", json=body)
@@ -418,7 +418,7 @@ async def test_empty_body(fake: FakeDeepSeek, client: httpx.AsyncClient) -> None
     ],
 )
 async def test_error_status_has_deepseek_body(
-    fake: FakeDeepSeek, client: httpx.AsyncClient, status: int, message: str, error_type: str
+    fake: FakeUpstream, client: httpx.AsyncClient, status: int, message: str, error_type: str
 ) -> None:
     fake.scenario = Scenario(status=status)
     response = await client.post("/chat/completions", json=chat(stream=True))
@@ -431,7 +431,7 @@ async def test_error_status_has_deepseek_body(
     assert response.content == json.dumps({"error": error}, separators=(",", ":")).encode()
 
 
-async def test_error_message_retry_after_and_delay(fake: FakeDeepSeek, client: httpx.AsyncClient) -> None:
+async def test_error_message_retry_after_and_delay(fake: FakeUpstream, client: httpx.AsyncClient) -> None:
     fake.scenario = Scenario(status=429, message="Slow down", retry_after="2", delay=0.1)
     started = time.monotonic()
     response = await client.post("/chat/completions", json=chat())
@@ -449,7 +449,7 @@ async def test_error_message_retry_after_and_delay(fake: FakeDeepSeek, client: h
         ("Bearer sk-wrong-key-9876", "Authentication Fails, Your api key: ****9876 is invalid"),
     ],
 )
-async def test_auth_failures(fake: FakeDeepSeek, authorization: str | None, message: str) -> None:
+async def test_auth_failures(fake: FakeUpstream, authorization: str | None, message: str) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
     async with httpx.AsyncClient(base_url=fake.url, headers=headers) as http:
         for response in (await http.post("/chat/completions", json=chat()), await http.get("/models")):
@@ -570,7 +570,7 @@ async def test_valid_requests_pass(client: httpx.AsyncClient, body: dict[str, An
 
 
 async def test_keep_alive_serves_sequential_requests_on_one_connection(
-    fake: FakeDeepSeek, client: httpx.AsyncClient
+    fake: FakeUpstream, client: httpx.AsyncClient
 ) -> None:
     first = await client.post("/chat/completions", json=chat(stream=True))
     second = await client.post("/v1/chat/completions", json=chat())
@@ -588,7 +588,7 @@ async def test_keep_alive_serves_sequential_requests_on_one_connection(
     assert received.at <= time.monotonic()
 
 
-async def test_bytes_on_the_wire(fake: FakeDeepSeek) -> None:
+async def test_bytes_on_the_wire(fake: FakeUpstream) -> None:
     """Two requests on one raw socket: exact chunk framing, one SSE event per chunk, then Content-Length."""
     fake.script(Scenario(tokens=2, reasoning_tokens=1, keepalives=1))
     raw = await raw_exchange(fake, post_bytes(chat(stream=True)) + post_bytes(chat(), close=True))
@@ -617,7 +617,7 @@ async def test_bytes_on_the_wire(fake: FakeDeepSeek) -> None:
     assert fake.connections == 1
 
 
-async def test_chunked_request_body_is_read(fake: FakeDeepSeek) -> None:
+async def test_chunked_request_body_is_read(fake: FakeUpstream) -> None:
     data = json.dumps(chat("chunked")).encode()
     body = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (10, data[:10], len(data) - 10, data[10:])
     head = (
@@ -630,7 +630,7 @@ async def test_chunked_request_body_is_read(fake: FakeDeepSeek) -> None:
 
 
 async def test_disconnect_is_noticed_during_token_delay(
-    fake: FakeDeepSeek, client: httpx.AsyncClient
+    fake: FakeUpstream, client: httpx.AsyncClient
 ) -> None:
     fake.scenario = Scenario(token_delay=0.5)
     async with client.stream("POST", "/chat/completions", json=chat(stream=True)) as response:
@@ -650,7 +650,7 @@ async def test_disconnect_is_noticed_during_token_delay(
 @pytest.mark.parametrize(
     "scenario", [Scenario(stall_after=2), Scenario(delay=5), Scenario(keepalives=3, keepalive_interval=5)]
 )
-async def test_client_leaving_a_stall_or_a_wait_is_noticed(fake: FakeDeepSeek, scenario: Scenario) -> None:
+async def test_client_leaving_a_stall_or_a_wait_is_noticed(fake: FakeUpstream, scenario: Scenario) -> None:
     fake.scenario = scenario
     async with httpx.AsyncClient(base_url=fake.url, headers={"Authorization": f"Bearer {KEY}"}) as http:
         started = time.monotonic()
@@ -660,7 +660,7 @@ async def test_client_leaving_a_stall_or_a_wait_is_noticed(fake: FakeDeepSeek, s
     assert started + 0.2 <= noticed < started + 0.5
 
 
-async def test_disconnect_after_cuts_the_stream(fake: FakeDeepSeek, client: httpx.AsyncClient) -> None:
+async def test_disconnect_after_cuts_the_stream(fake: FakeUpstream, client: httpx.AsyncClient) -> None:
     fake.scenario = Scenario(disconnect_after=3)
     received: list[str] = []
 
@@ -682,14 +682,14 @@ async def test_disconnect_after_cuts_the_stream(fake: FakeDeepSeek, client: http
 
 
 async def test_disconnect_after_truncates_a_json_answer(
-    fake: FakeDeepSeek, client: httpx.AsyncClient
+    fake: FakeUpstream, client: httpx.AsyncClient
 ) -> None:
     fake.scenario = Scenario(disconnect_after=0)
     with pytest.raises(httpx.RemoteProtocolError):
         await client.post("/chat/completions", json=chat())
 
 
-async def test_malformed_event_then_the_stream_goes_on(fake: FakeDeepSeek, client: httpx.AsyncClient) -> None:
+async def test_malformed_event_then_the_stream_goes_on(fake: FakeUpstream, client: httpx.AsyncClient) -> None:
     fake.scenario = Scenario(malformed_after=2, tokens=3, reasoning_tokens=0)
     found = events((await client.post("/chat/completions", json=chat(stream=True))).text)
     assert found[2] == 'data: {"id": oops not json'
@@ -698,7 +698,7 @@ async def test_malformed_event_then_the_stream_goes_on(fake: FakeDeepSeek, clien
 
 
 async def test_active_streams_counts_concurrent_answers(
-    fake: FakeDeepSeek, client: httpx.AsyncClient
+    fake: FakeUpstream, client: httpx.AsyncClient
 ) -> None:
     fake.scenario = Scenario(tokens=3, reasoning_tokens=0, token_delay=0.05)
     tasks = [asyncio.create_task(client.post("/chat/completions", json=chat(stream=True))) for _ in range(3)]
@@ -710,7 +710,7 @@ async def test_active_streams_counts_concurrent_answers(
 
 
 async def test_stop_ends_stalled_answers_and_idle_connections() -> None:
-    fake = FakeDeepSeek()
+    fake = FakeUpstream()
     await fake.start()
     fake.scenario = Scenario(stall_after=1)
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -755,7 +755,7 @@ async def test_models_and_unknown_paths(client: httpx.AsyncClient) -> None:
     assert (await client.get("/chat/completions")).status_code == 405
 
 
-async def test_script_then_default_scenario(fake: FakeDeepSeek, client: httpx.AsyncClient) -> None:
+async def test_script_then_default_scenario(fake: FakeUpstream, client: httpx.AsyncClient) -> None:
     fake.script(Scenario(status=503), Scenario(content="scripted"))
     fake.scenario = Scenario(content="default")
     first = await client.post("/chat/completions", json=chat())
@@ -766,7 +766,7 @@ async def test_script_then_default_scenario(fake: FakeDeepSeek, client: httpx.As
     assert third.json()["choices"][0]["message"]["content"] == "default"
 
 
-async def test_control_endpoints(fake: FakeDeepSeek, client: httpx.AsyncClient) -> None:
+async def test_control_endpoints(fake: FakeUpstream, client: httpx.AsyncClient) -> None:
     # No API key needed: the control endpoints are for the test harness, not the client under test.
     async with httpx.AsyncClient(base_url=fake.url) as control:
         answer = await control.post("/_fake/scenario", json={"content": "from afar", "thinking": False})
@@ -797,7 +797,7 @@ async def test_control_endpoints(fake: FakeDeepSeek, client: httpx.AsyncClient) 
 # -- real clients ----------------------------------------------------------------------------------------
 
 
-async def test_openai_sdk_streams_reasoning_content(fake: FakeDeepSeek) -> None:
+async def test_openai_sdk_streams_reasoning_content(fake: FakeUpstream) -> None:
     fake.scenario = Scenario(content="Photosynthesis.", reasoning="Plants use light.", keepalives=1)
     sdk = openai.AsyncOpenAI(base_url=fake.url, api_key=KEY, max_retries=0)
     try:
@@ -838,7 +838,7 @@ async def test_openai_sdk_streams_reasoning_content(fake: FakeDeepSeek) -> None:
 
 async def test_history_keeps_the_latest_requests_only() -> None:
     """A fake serving a benchmark keeps a bounded log, newest last, so it does not grow without end."""
-    async with FakeDeepSeek(history=2) as fake, httpx.AsyncClient(base_url=fake.url) as client:
+    async with FakeUpstream(history=2) as fake, httpx.AsyncClient(base_url=fake.url) as client:
         headers = {"Authorization": f"Bearer {fake.api_key}"}
         for n in range(9):
             response = await client.post("/chat/completions", json=chat(f"message {n}"), headers=headers)

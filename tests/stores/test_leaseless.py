@@ -37,7 +37,7 @@ from core import (
     hookimpl,
 )
 from core.store import LeaseStore
-from core.testing.fake_upstream import FakeDeepSeek, Scenario
+from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.testing.store_suite import OpenStore, StoreConformance
 from plugins.openai_compat import wire
 from stores.sqlite import SqliteOptions, SqliteStore
@@ -185,7 +185,7 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture
 async def gateway(
-    fake_deepseek: FakeDeepSeek, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+    fake_deepseek: FakeUpstream, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> Gateway:
     config = write_config(
         deepseek_config(fake_deepseek.url) + PRICED_MODELS,
@@ -223,7 +223,7 @@ async def completions(gateway: Gateway, secret: str, count: int) -> list[int]:
 
 
 async def test_a_busy_key_is_admitted_request_by_request_and_charged_exactly_once(
-    gateway: Gateway, fake_deepseek: FakeDeepSeek
+    gateway: Gateway, fake_deepseek: FakeUpstream
 ) -> None:
     billing = gateway.services.billing
     assert isinstance(billing.store, LeaselessStore)
@@ -252,7 +252,7 @@ async def test_a_busy_key_is_admitted_request_by_request_and_charged_exactly_onc
 
 
 async def test_a_keys_requests_per_minute_hold_under_a_burst(
-    gateway: Gateway, fake_deepseek: FakeDeepSeek
+    gateway: Gateway, fake_deepseek: FakeUpstream
 ) -> None:
     user_id, secret = await funded_key(gateway, 10**12, requests_per_minute=5)
     statuses = await completions(gateway, secret, 12)
@@ -262,7 +262,7 @@ async def test_a_keys_requests_per_minute_hold_under_a_burst(
     assert sorted(e.kind for e in entries) == ["charge"] * 5 + ["topup"]  # and left nothing behind
 
 
-async def test_a_keys_concurrent_requests_hold(gateway: Gateway, fake_deepseek: FakeDeepSeek) -> None:
+async def test_a_keys_concurrent_requests_hold(gateway: Gateway, fake_deepseek: FakeUpstream) -> None:
     user_id, secret = await funded_key(gateway, 10**12, concurrent_requests=2)
     fake_deepseek.scenario = Scenario(tokens=20, token_delay=0.05)  # each holds its slot ~1 s
     statuses = await completions(gateway, secret, 6)
@@ -273,7 +273,7 @@ async def test_a_keys_concurrent_requests_hold(gateway: Gateway, fake_deepseek: 
 
 
 async def test_the_balance_floor_holds_across_concurrent_requests(
-    gateway: Gateway, fake_deepseek: FakeDeepSeek
+    gateway: Gateway, fake_deepseek: FakeUpstream
 ) -> None:
     billing = gateway.services.billing
     route = gateway.services.catalog.route("deepseek-chat")
