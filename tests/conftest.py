@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from core import LedgerEntry
 from core.app import create_app
 from core.config import load_config
 from core.testing.fake_upstream import FakeUpstream
@@ -74,6 +76,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def settled(gateway: Gateway, user_id: int) -> list[LedgerEntry]:
+    """The user's ledger once no reservation is left unsettled (answers do not wait for it)."""
+    async with asyncio.timeout(30):  # a bound for a stuck settlement, not a timing expectation
+        while True:
+            entries = await gateway.services.billing.store.list_ledger(user_id)
+            if not any(entry.kind == "reservation" for entry in entries):
+                return entries
+            await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 
-from core import LedgerEntry, WebResult
+from core import WebResult
 from core.app import create_app
 from core.config import load_config
 from core.testing.gateway import Gateway
+from tests.conftest import settled
 
 GUIDE = Path(__file__).parents[1] / "docs" / "plugins.md"
 BLOCK = re.compile(r"```python\n# (\w+)\.py(.*?)\n(.*?)```", re.S)
@@ -65,16 +66,6 @@ def test_every_python_import_in_the_guide_is_of_the_front_door_or_the_toolkit() 
         "core.testing.store_suite",
         "core.testing.web_search_suite",
     }
-
-
-async def settled(gateway: Gateway, user_id: int) -> list[LedgerEntry]:
-    """The user's ledger once no reservation is left unsettled (answers do not wait for it)."""
-    async with asyncio.timeout(30):  # a bound for a stuck settlement, not a timing expectation
-        while True:
-            entries = await gateway.services.billing.store.list_ledger(user_id)
-            if not any(entry.kind == "reservation" for entry in entries):
-                return entries
-            await asyncio.sleep(0.02)
 
 
 async def test_the_guide_surface_answers_in_its_own_shape_and_bills_the_key(

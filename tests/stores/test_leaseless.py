@@ -41,7 +41,7 @@ from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.testing.store_suite import OpenStore, StoreConformance
 from plugins.openai_compat import wire
 from stores.sqlite import SqliteOptions, SqliteStore
-from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
+from tests.conftest import PRICED_MODELS, Gateway, deepseek_config, settled
 
 LEASE_METHODS = {"charge_lease", "shrink_lease", "release_lease"}
 
@@ -200,16 +200,6 @@ async def funded_key(gateway: Gateway, balance: int, **limits: int) -> tuple[int
     if limits:
         await gateway.services.billing.store.set_api_key_limits(key.id, RateLimits(**limits))
     return key.user_id, secret
-
-
-async def settled(gateway: Gateway, user_id: int) -> list[LedgerEntry]:
-    """The user's ledger once no reservation is left unsettled."""
-    async with asyncio.timeout(30):  # a bound for a stuck settlement, not a timing expectation
-        while True:
-            entries = await gateway.services.billing.store.list_ledger(user_id)
-            if not any(e.kind == "reservation" for e in entries):
-                return entries
-            await asyncio.sleep(0.02)
 
 
 async def completions(gateway: Gateway, secret: str, count: int) -> list[int]:
