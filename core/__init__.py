@@ -46,7 +46,7 @@ from .locks import KeyedLock
 from .money import MAX_BALANCE, MICRO, format_amount, parse_amount
 from .pages import web_page
 from .plugin import NoOptions, Plugin
-from .provider import Provider, Reply, complete
+from .provider import Provider, complete
 from .records import (
     ApiKey,
     Conversation,
@@ -66,6 +66,7 @@ from .records import (
     User,
     utcnow,
 )
+from .reply import Reply
 from .search import WebResult, WebSearch
 from .services import Services
 from .services.accounts import EMAIL, Caller, KeyLimits, email_allowed, normalize_email

@@ -19,8 +19,8 @@ class Plugin:
     names in plugins.toml) and ``Options`` (a ``msgspec.Struct`` its table is
     validated against; unknown keys fail start-up naming the key). chatgate
     creates each configured instance as ``cls(instance, options)``, where
-    ``instance`` is the name the operator gave it (a provider table's name; the
-    plugin's ``name`` for the store, a surface or web search), calls
+    ``instance`` is the name the operator gave it (a provider's or a surface's
+    table name; the plugin's ``name`` for the store and web search), calls
     :meth:`open` once before it is used and :meth:`aclose` once at shutdown, in
     reverse order of opening.
     """

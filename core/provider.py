@@ -6,12 +6,10 @@ import abc
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
-import msgspec
-
 from .errors import Unavailable
 from .plugin import Plugin
-from .reply import Gathered
-from .types import ChatRequest, Finish, ProviderEvent, ToolCallDelta
+from .reply import Gathered, Reply
+from .types import ChatRequest, Finish, ProviderEvent
 
 
 class Provider(Plugin, abc.ABC):
@@ -44,15 +42,6 @@ class Provider(Plugin, abc.ABC):
     def models(self) -> Sequence[str]:
         """Model names this instance serves without configuration (may be empty)."""
         return ()
-
-
-class Reply(msgspec.Struct, frozen=True):
-    """A whole reply, gathered from a stream by :func:`complete`."""
-
-    content: str
-    reasoning: str
-    tool_calls: tuple[ToolCallDelta, ...]
-    finish: Finish
 
 
 async def complete(provider: Provider, request: ChatRequest) -> Reply:

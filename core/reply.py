@@ -18,6 +18,8 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
+import msgspec
+
 from .errors import ProviderError, Unavailable
 from .tokens import OutputMeter, estimate_prompt_tokens, estimate_tokens
 from .types import ChatRequest, ContentDelta, Finish, ProviderEvent, ReasoningDelta, ToolCallDelta, Usage
@@ -28,6 +30,15 @@ if TYPE_CHECKING:
 
 End = Literal["complete", "cancelled", "error"]
 """How a reply ended: with its finish (or cut at its cap), stopped by its consumer, or failed."""
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """A whole reply, as :func:`core.complete` gathers it from a provider's stream."""
+
+    content: str
+    reasoning: str
+    tool_calls: tuple[ToolCallDelta, ...]
+    finish: Finish
 
 
 def merge_tool_call(into: ToolCallDelta | None, part: ToolCallDelta) -> ToolCallDelta:
@@ -135,8 +146,7 @@ class ReplyRun:
           (the provider's count, or an estimate of what was produced), with the
           ledger outcome :attr:`outcomes` names and the latency since ``started``.
 
-    A subclass sets :attr:`outcomes` and :attr:`log`, and may set
-    :attr:`require_finish`.
+    A subclass may set :attr:`outcomes`, :attr:`log` and :attr:`require_finish`.
     """
 
     outcomes: ClassVar[Mapping[End, str]] = {

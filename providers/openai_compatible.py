@@ -133,7 +133,7 @@ RESERVED_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n
 class OpenAICompatibleProvider(Provider):
     """A model server that speaks OpenAI's ``POST /chat/completions``.
 
-    Promises, beyond :class:`core.provider.Provider`'s:
+    Promises, beyond :class:`core.Provider`'s:
         * one pooled HTTP client per instance, opened and closed with the app;
         * requests are streamed (``stream_options.include_usage`` on) unless
           the consumer wants only the whole reply (``ChatRequest.stream``

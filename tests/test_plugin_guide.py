@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -118,3 +119,5 @@ def _forget_guide_modules() -> Any:
     yield
     for name in MODULES:
         sys.modules.pop(name, None)
+    sys.path.remove(str(_HOME))
+    shutil.rmtree(_HOME, ignore_errors=True)

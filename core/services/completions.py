@@ -58,6 +58,8 @@ class Completion(ReplyRun):
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
         self._end = asyncio.Event()
+        self._begun = False
+        self._stop_first = False
         self._task = asyncio.create_task(self._run(), name=f"completion {route.model}")
 
     async def next_event(self, timeout: float | None = None) -> ProviderEvent | None:  # noqa: ASYNC109
@@ -103,12 +105,20 @@ class Completion(ReplyRun):
 
     def cancel(self) -> None:
         """Stop the reply (its consumer is gone); what it produced is still charged."""
-        if not self._ended:  # once the reply has ended, only its settlement is left: let it finish
+        if not self._begun:
+            # A task cancelled before its first step never runs: its reservation would stay
+            # held and result() would wait for ever. It starts, sees this, and ends cancelled.
+            self._stop_first = True
+        elif not self._ended:  # once the reply has ended, only its settlement is left: let it finish
             self._task.cancel()
 
     async def _run(self) -> None:
+        self._begun = True
         try:
-            await self.pump()
+            if self._stop_first:
+                self.end = "cancelled"  # nothing went upstream, so nothing is charged
+            else:
+                await self.pump()
         finally:
             self._ended = True
             self._wake()

@@ -31,7 +31,7 @@ with it; one that cannot fail at all needs no ``failing`` fixture::
 
         cannot_fail = dict.fromkeys(PROVIDER_ERRORS, "echo has no upstream to fail")
 
-The tests only rely on :class:`core.provider.Provider`'s documented promises,
+The tests only rely on :class:`core.Provider`'s documented promises,
 so a provider backed by a fake or recorded upstream passes them offline: an
 HTTP provider can run them against :mod:`core.testing.fake_upstream`, the way
 ``tests/providers/test_deepseek.py`` does, and ``examples/chatgate-echo``
@@ -73,7 +73,7 @@ def as_generator(events: AsyncIterator[ProviderEvent]) -> AsyncGenerator[Provide
 
 
 class ProviderConformance:
-    """Tests of the contract of :meth:`core.provider.Provider.stream`.
+    """Tests of the contract of :meth:`core.Provider.stream`.
 
     Promises checked: a stream yields only provider events, at least one
     content delta and exactly one :class:`~core.types.Finish`, last, with

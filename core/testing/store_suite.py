@@ -38,6 +38,7 @@ from core import (
     BalanceTooLarge,
     ConversationPatch,
     InsufficientBalance,
+    LeaseStore,
     LedgerDraft,
     LedgerEntry,
     LedgerSettlement,
@@ -52,7 +53,6 @@ from core import (
     User,
     utcnow,
 )
-from core.store import LeaseStore
 
 OpenStore = Callable[[], Awaitable[Store]]
 """What ``open_store`` returns: opens a new store instance on the test's database."""

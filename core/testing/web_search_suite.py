@@ -30,6 +30,8 @@ class WebSearchConformance:
     """What every web search plugin promises: lists of :class:`~core.WebResult`, at most
     ``limit`` of them, each with a title and an http(s) URL, from concurrent callers too."""
 
+    pytestmark = pytest.mark.asyncio  # its tests run under pytest-asyncio's strict mode too
+
     query: ClassVar[str] = "chatgate"
     """A query the plugin under test answers with at least three results."""
 

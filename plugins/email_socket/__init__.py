@@ -15,11 +15,10 @@ from litestar.types import ControllerRouterHandler
 
 from core import ConfigError, Problem, Quota, Services, Surface, hookimpl
 
-from .callers import PROXY_HEADERS, local_caller
 from .chats import Chats
 from .controller import EmailController, exception_handlers
 
-__all__ = ["PROXY_HEADERS", "EmailSocketSurface", "Options", "local_caller"]
+__all__ = ["EmailSocketSurface", "Options"]
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):

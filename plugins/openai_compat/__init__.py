@@ -17,13 +17,12 @@ from litestar.types import ASGIApp, ControllerRouterHandler
 from core import Services, Surface, hookimpl
 
 from .admin import admin_page, admin_router
-from .answers import duration
 from .endpoint import ChatCompletions
 from .options import Options
 from .responses import exception_handlers
 from .routes import OpenAIController, completions_route, key_holder
 
-__all__ = ["OpenAICompatSurface", "Options", "duration"]
+__all__ = ["OpenAICompatSurface", "Options"]
 
 
 class OpenAICompatSurface(Surface):

@@ -18,7 +18,7 @@ USERS = (
     "SELECT id, email, balance - coalesce((SELECT sum(amount) FROM ledger"
     " WHERE ledger.user_id = users.id AND kind = 'lease'), 0) AS balance, created_at FROM users"
 )
-"""Users as :class:`~core.store.User`: what open leases hold and did not spend is theirs."""
+"""Users as :class:`~core.User`: what open leases hold and did not spend is theirs."""
 
 
 def user_by_id(db: sqlite3.Connection, user_id: int) -> User:

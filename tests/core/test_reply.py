@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from core import ChatMessage, ChatRequest, ModelConfig, Provider, Route
+from core import Caller, ChatMessage, ChatRequest, ModelConfig, Provider, Route
 from core.errors import RateLimited, Unavailable
 from core.reply import Gathered, ReplyRun
 from core.services.billing import Reservation
 from core.tokens import estimate_tokens
 from core.types import ContentDelta, Finish, ProviderEvent, ReasoningDelta, ToolCallDelta, Usage
+from tests.conftest import settled
 
 REQUEST = ChatRequest(model="scripted", messages=(ChatMessage(role="user", content="Hello"),))
 
@@ -156,3 +158,24 @@ async def test_a_cancelled_reply_ends_cancelled_and_its_upstream_is_closed() -> 
     assert provider.closed
     assert run.content == "Once upon"
     assert run.usage().completion_tokens == estimate_tokens("Once upon")
+
+
+async def test_a_completion_cancelled_before_it_starts_is_settled_and_ends(
+    write_config: Callable[..., Path], gateway_factory: Callable[..., Any]
+) -> None:
+    """A client gone before the completion's task first ran: nothing goes upstream, the
+    reservation is settled at once, and whoever waits for the result is not left waiting."""
+    gateway = await gateway_factory(write_config())
+    key, _ = await gateway.services.accounts.create_key("early@example.com")
+    await gateway.services.billing.top_up(key.user_id, 10_000_000)
+    caller = Caller(await gateway.services.billing.store.get_user(key.user_id), key)
+    route = gateway.services.catalog.route("mock-chat")
+    request = ChatRequest(model="mock-chat", messages=(ChatMessage(role="user", content="hi"),))
+    completion = await gateway.services.completions.start(caller, route, request)
+    completion.cancel()  # before the event loop ran its task at all
+    await asyncio.wait_for(completion.result(), 10)
+    assert completion.end == "cancelled"
+    assert completion.content == ""
+    entries = await settled(gateway, key.user_id)
+    charges = [e for e in entries if e.kind == "charge"]
+    assert [(c.outcome, c.amount) for c in charges] == [("cancelled", 0)]

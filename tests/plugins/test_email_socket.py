@@ -23,7 +23,7 @@ from core.services.context import SUMMARY_PREAMBLE
 from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.tokens import estimate_prompt_tokens
 from core.types import ChatMessage
-from plugins.email_socket import PROXY_HEADERS, local_caller
+from plugins.email_socket.callers import PROXY_HEADERS, local_caller
 from tests.conftest import Gateway, Servers, deepseek_config
 
 MODELS = """

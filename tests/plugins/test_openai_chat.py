@@ -9,18 +9,21 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from core import LedgerEntry
+from core import ChatRequest, ContentDelta, LedgerEntry, ProviderEvent, estimate_tokens, hookimpl
 from core.testing.fake_upstream import FakeUpstream, Scenario, ToolCallSpec
 from plugins.openai_compat import wire
+from providers.mock import MockProvider
 from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
+from tests.conftest import settled as settled_ledger
 
 
 class Client:
@@ -595,3 +598,49 @@ async def test_a_body_over_the_limit_is_413_in_openai_shape(
     assert set(error) == {"message", "type", "param", "code"}
     assert "2000" in error["message"]
     assert fake_deepseek.requests == []
+
+
+class Broken(MockProvider):
+    """A provider that breaks its contract: a bare exception after its first word."""
+
+    name = "broken"
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
+        yield ContentDelta("Half")
+        raise RuntimeError("secret-ish detail from inside the provider")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_provider_breaking_its_contract_is_a_503_that_shows_no_internals(
+    write_config: Callable[..., Path], gateway_factory: Callable[..., Any], stream: bool
+) -> None:
+    """The same answer as a stored reply gets: Unavailable, the exception's type only; and the
+    reply is settled for what it produced."""
+    plugin = SimpleNamespace(__name__="broken_provider", register_providers=hookimpl(lambda: [Broken]))
+    config = write_config('[providers.broken]\nplugin = "broken"\nmodels = ["mock-chat"]\n')
+    config.write_text(
+        config.read_text().replace(
+            '[models.mock-chat]\nprovider = "mock"', '[models.mock-chat]\nprovider = "broken"'
+        )
+    )
+    gateway: Gateway = await gateway_factory(config, extra_plugins=[plugin])
+    key, secret = await gateway.services.accounts.create_key("broken@example.com")
+    await gateway.services.billing.top_up(key.user_id, 10_000_000)
+    body = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    answer = await gateway.client.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+    )
+    if stream:  # the stream began: the failure is its last event
+        assert answer.status_code == 200
+        events = [
+            line.removeprefix("data: ") for line in answer.text.splitlines() if line.startswith("data: {")
+        ]
+        error = json.loads(events[-1])["error"]
+    else:
+        assert answer.status_code == 503
+        error = answer.json()["error"]
+    assert error["message"] == "internal error in provider: RuntimeError"
+    assert "secret-ish" not in answer.text
+    charges = [e for e in await settled_ledger(gateway, key.user_id) if e.kind == "charge"]
+    assert [c.outcome for c in charges] == ["error"]
+    assert charges[0].completion_tokens == estimate_tokens("Half")  # what it produced is charged

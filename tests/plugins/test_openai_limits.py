@@ -13,7 +13,8 @@ import pytest
 
 from core import RateLimits
 from core.testing.fake_upstream import FakeUpstream, Scenario
-from plugins.openai_compat import Options, duration
+from plugins.openai_compat import Options
+from plugins.openai_compat.answers import duration
 from tests.conftest import Gateway, chatgate, deepseek_config
 
 MODELS = """

@@ -22,6 +22,7 @@ from core import (
     ApiKey,
     Conversation,
     ConversationPatch,
+    LeaseStore,
     LedgerDraft,
     LedgerEntry,
     LedgerSettlement,
@@ -36,7 +37,6 @@ from core import (
     User,
     hookimpl,
 )
-from core.store import LeaseStore
 from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.testing.store_suite import OpenStore, StoreConformance
 from plugins.openai_compat import wire
@@ -252,14 +252,38 @@ async def test_a_keys_requests_per_minute_hold_under_a_burst(
     assert sorted(e.kind for e in entries) == ["charge"] * 5 + ["topup"]  # and left nothing behind
 
 
+async def held_and_refused(
+    gateway: Gateway, fake: FakeUpstream, secret: str, count: int, held: int
+) -> list[int]:
+    """``count`` concurrent completions against an upstream that stalls every reply: the statuses
+    of the ``count - held`` that were answered (refused) while ``held`` stayed admitted, in
+    flight upstream. The held ones are then abandoned (their clients go), which settles them."""
+    fake.scenario = Scenario(stall_after=0)  # admitted replies stay in flight until their client goes
+    headers = {"Authorization": f"Bearer {secret}"}
+    body = {"model": "deepseek-chat", "messages": MESSAGES}
+    tasks = [
+        asyncio.ensure_future(gateway.client.post("/v1/chat/completions", json=body, headers=headers))
+        for _ in range(count)
+    ]
+    try:
+        async with asyncio.timeout(30):  # a bound for a broken admission, not a timing expectation
+            while sum(task.done() for task in tasks) < count - held or len(fake.requests) < held:
+                await asyncio.wait([t for t in tasks if not t.done()], timeout=0.05)
+        assert len(fake.requests) == held
+        return [task.result().status_code for task in tasks if task.done()]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        fake.scenario = Scenario()
+
+
 async def test_a_keys_concurrent_requests_hold(gateway: Gateway, fake_deepseek: FakeUpstream) -> None:
     user_id, secret = await funded_key(gateway, 10**12, concurrent_requests=2)
-    fake_deepseek.scenario = Scenario(tokens=20, token_delay=0.05)  # each holds its slot ~1 s
-    statuses = await completions(gateway, secret, 6)
-    assert sorted(statuses) == [200] * 2 + [429] * 4
-    assert len(fake_deepseek.requests) == 2
-    await settled(gateway, user_id)  # an answer does not wait for its settlement
-    assert await completions(gateway, secret, 1) == [200]  # the slots were given back
+    statuses = await held_and_refused(gateway, fake_deepseek, secret, 6, held=2)
+    assert statuses == [429] * 4
+    await settled(gateway, user_id)  # the two held replies, abandoned, are settled
+    assert await completions(gateway, secret, 1) == [200]  # and their slots were given back
 
 
 async def test_the_balance_floor_holds_across_concurrent_requests(
@@ -270,9 +294,8 @@ async def test_the_balance_floor_holds_across_concurrent_requests(
     request = wire.parse(json.dumps({"model": "deepseek-chat", "messages": MESSAGES}).encode()).request
     worst = billing.worst_case(route, request)
     user_id, secret = await funded_key(gateway, 3 * worst + worst // 2)  # three worst cases, not four
-    fake_deepseek.scenario = Scenario(tokens=20, token_delay=0.05)  # all are admitted or refused meanwhile
-    statuses = await completions(gateway, secret, 8)
-    assert sorted(statuses) == [200] * 3 + [403] * 5
+    statuses = await held_and_refused(gateway, fake_deepseek, secret, 8, held=3)
+    assert statuses == [403] * 5
     entries = await settled(gateway, user_id)
     user = await billing.store.get_user(user_id)
     assert 0 <= user.balance == sum(e.amount for e in entries)
