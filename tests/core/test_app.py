@@ -128,7 +128,7 @@ async def test_a_direct_route_is_answered_before_the_router_which_keeps_the_rest
         def direct_routes(self, services):
             return {"/echo": direct}
 
-    echo = types.SimpleNamespace(__name__="echo", register_surfaces=hookimpl(lambda: [Echo]))
+    echo = types.SimpleNamespace(__name__="direct_echo", register_surfaces=hookimpl(lambda: [Echo]))
     gateway = await gateway_factory(
         write_config("[surfaces.echo]\n", replace=WITH_ADMIN), extra_plugins=[echo]
     )
