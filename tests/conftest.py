@@ -20,7 +20,7 @@ from core import LedgerEntry
 from core.app import create_app
 from core.config import load_config
 from core.testing.fake_upstream import FakeUpstream
-from core.testing.gateway import Gateway, serving
+from core.testing.gateway import RunningGateway, serving
 
 BASE_CONFIG = """\
 [server]
@@ -78,7 +78,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def settled(gateway: Gateway, user_id: int) -> list[LedgerEntry]:
+async def settled(gateway: RunningGateway, user_id: int) -> list[LedgerEntry]:
     """The user's ledger once no reservation is left unsettled (answers do not wait for it)."""
     async with asyncio.timeout(30):  # a bound for a stuck settlement, not a timing expectation
         while True:
@@ -93,13 +93,13 @@ async def gateway_factory() -> AsyncIterator[Callable[..., object]]:
     """Start gateways for a config file; every one is shut down at the end of the test."""
     stack: list[tuple[object, httpx.AsyncClient]] = []
 
-    async def start(config_path: Path, **kwargs: object) -> Gateway:
+    async def start(config_path: Path, **kwargs: object) -> RunningGateway:
         app = create_app(load_config(config_path), **kwargs)  # type: ignore[arg-type]
         cm = serving(app)
         url = await cm.__aenter__()
         client = httpx.AsyncClient(base_url=url, timeout=10)
         stack.append((cm, client))
-        return Gateway(url, app, client)
+        return RunningGateway(url, app, client)
 
     yield start
     for cm, client in reversed(stack):
@@ -108,7 +108,9 @@ async def gateway_factory() -> AsyncIterator[Callable[..., object]]:
 
 
 @pytest.fixture
-async def gateway(write_config: Callable[..., Path], gateway_factory: Callable[..., object]) -> Gateway:
+async def gateway(
+    write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> RunningGateway:
     """A gateway on the base test configuration."""
     return await gateway_factory(write_config())  # type: ignore[no-any-return,misc]
 

@@ -22,7 +22,7 @@ import pytest
 from core import WebResult
 from core.app import create_app
 from core.config import load_config
-from core.testing.gateway import Gateway
+from core.testing.gateway import RunningGateway
 from tests.conftest import settled
 
 GUIDE = Path(__file__).parents[1] / "docs" / "plugins.md"
@@ -72,7 +72,7 @@ def test_every_python_import_in_the_guide_is_of_the_front_door_or_the_toolkit() 
 async def test_the_guide_surface_answers_in_its_own_shape_and_bills_the_key(
     write_config: Callable[..., Path], gateway_factory: Callable[..., Any]
 ) -> None:
-    gateway: Gateway = await gateway_factory(
+    gateway: RunningGateway = await gateway_factory(
         write_config("[surfaces.shout]\n"), extra_plugins=[shout_surface]
     )
     ask = {"model": "mock-chat", "question": "say hello"}

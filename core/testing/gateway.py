@@ -60,7 +60,7 @@ async def serving(app: Litestar, server_config: ServerConfig | None = None) -> A
         await task
 
 
-class Gateway:
+class RunningGateway:
     """A gateway served on loopback: its URL, an HTTP client on it and (for white-box checks) its services."""
 
     def __init__(self, url: str, app: Litestar, client: httpx.AsyncClient) -> None:
@@ -73,9 +73,9 @@ class Gateway:
 @asynccontextmanager
 async def running_gateway(
     config: Path | str, *, extra_plugins: Sequence[object] = (), client_timeout: float = 10
-) -> AsyncIterator[Gateway]:
+) -> AsyncIterator[RunningGateway]:
     """The gateway ``config`` (a plugins.toml) describes, with ``extra_plugins`` registered,
     served on loopback until the block ends."""
     app = create_app(load_config(config), extra_plugins=extra_plugins)
     async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=client_timeout) as client:
-        yield Gateway(url, app, client)
+        yield RunningGateway(url, app, client)

@@ -9,7 +9,7 @@ from .options import CatalogModel, Options
 from .wire import CatalogEntry, SeriesEntry, required
 
 
-class Catalog:
+class SeriesCatalog:
     """``[surfaces.topic_chat]``'s series, checked against the configuration.
 
     Promises: built only when every entry names a configured model and provider

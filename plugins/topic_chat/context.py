@@ -10,7 +10,7 @@ from litestar.di import NamedDependency
 
 from core import Caller, Conversation, NotFound, Payer, Services
 
-from .catalog import Catalog
+from .catalog import SeriesCatalog
 from .options import Options
 from .wire import path_id
 
@@ -57,7 +57,7 @@ class TopicChat:
     def __init__(self, services: Services, options: Options) -> None:
         self.services = services
         self.options = options
-        self.catalog = Catalog(options, services)
+        self.catalog = SeriesCatalog(options, services)
         self.listings = Listings(services.conversations.cached_conversations)
 
     async def own_topic(self, caller: Caller, raw_id: str, field: str = "id") -> Conversation:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 import types
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 from litestar import MediaType, get
 
 from core import __version__
-from core.app import create_app
+from core.app import app_from_environment, create_app, tune_server_process
 from core.config import load_config
 from core.errors import StoreError
 from core.hookspecs import hookimpl
@@ -188,3 +191,21 @@ async def test_providers_and_store_are_opened_and_closed_by_the_lifespan(write_c
     assert events == ["open one", "open two", "close two", "close one"]
     with pytest.raises(StoreError):  # the store's connection is gone too
         await app.state.services.conversations.store.ping()
+
+
+async def test_only_chatgate_serve_tunes_the_process(
+    write_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app embedded in another process (here, the test runner) leaves its GIL switch interval
+    and garbage collector alone; the app `chatgate serve` runs in each worker tunes them once started."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)  # not Python's default, nor what serve sets
+    try:
+        app = create_app(load_config(write_config()))
+        async with serving(app):
+            assert sys.getswitchinterval() == 0.004
+    finally:
+        sys.setswitchinterval(interval)
+    assert tune_server_process not in app.on_startup
+    monkeypatch.setenv("CHATGATE_CONFIG", str(write_config()))
+    assert tune_server_process in app_from_environment().on_startup

@@ -20,7 +20,7 @@ from core.bodies import decode_body
 from core.errors import InvalidBody
 from core.hookspecs import hookimpl
 from core.surface import Surface
-from tests.conftest import Gateway
+from tests.conftest import RunningGateway
 
 DEEP = b"[" * 50_000 + b"]" * 50_000
 
@@ -111,13 +111,13 @@ class Parrot(Surface):
 
 
 @pytest.fixture
-async def parrot(write_config: Callable[..., Path], gateway_factory: Callable[..., object]) -> Gateway:
+async def parrot(write_config: Callable[..., Path], gateway_factory: Callable[..., object]) -> RunningGateway:
     plugin = types.SimpleNamespace(__name__="parrot", register_surfaces=hookimpl(lambda: [Parrot]))
     return await gateway_factory(write_config("[surfaces.parrot]\n"), extra_plugins=[plugin])  # type: ignore[no-any-return,misc]
 
 
 async def test_a_deep_body_litestar_decodes_is_a_400_in_the_surfaces_own_shape(
-    parrot: Gateway, caplog: pytest.LogCaptureFixture
+    parrot: RunningGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     for path in ("/parrot/dict", "/parrot/struct"):
         response = await parrot.client.post(path, content=DEEP, headers={"Content-Type": "application/json"})
@@ -133,7 +133,7 @@ async def test_a_deep_body_litestar_decodes_is_a_400_in_the_surfaces_own_shape(
 
 
 async def test_a_recursion_bug_in_a_handler_is_still_a_500_in_the_log(
-    parrot: Gateway, caplog: pytest.LogCaptureFixture
+    parrot: RunningGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     response = await parrot.client.post("/parrot/bug")
     assert response.status_code == 500

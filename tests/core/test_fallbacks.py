@@ -12,7 +12,14 @@ from core.errors import BadRequest, Unavailable
 from core.fallbacks import Fallbacks
 from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.types import ChatMessage, ChatRequest, ContentDelta, Finish, ProviderEvent
-from tests.conftest import ADMIN_HEADERS, FAKE_DEEPSEEK_KEY, WITH_ADMIN, Gateway, chatgate, deepseek_config
+from tests.conftest import (
+    ADMIN_HEADERS,
+    FAKE_DEEPSEEK_KEY,
+    WITH_ADMIN,
+    RunningGateway,
+    chatgate,
+    deepseek_config,
+)
 
 MODELS = """
 [models.deepseek-chat]
@@ -33,7 +40,7 @@ async def chained(
     backup: FakeUpstream,
     write_config: Callable[..., Path],
     gateway_factory: Callable[..., object],
-) -> Gateway:
+) -> RunningGateway:
     """A gateway whose ``deepseek`` instance falls back to an ``openai_compatible`` one."""
     config = write_config(
         deepseek_config(fake_deepseek.url, extra='max_retries = 0\nfallbacks = ["backup"]')
@@ -53,7 +60,7 @@ deepseek-chat = {{ model = "deepseek-v4-pro" }}
     return await gateway_factory(config)  # type: ignore[no-any-return,misc]
 
 
-async def reply(gateway: Gateway, into: list[ProviderEvent] | None = None) -> list[ProviderEvent]:
+async def reply(gateway: RunningGateway, into: list[ProviderEvent] | None = None) -> list[ProviderEvent]:
     events: list[ProviderEvent] = [] if into is None else into
     route = gateway.services.catalog.route("deepseek-chat")
     request = ChatRequest(model="deepseek-chat", messages=(ChatMessage(role="user", content="Hi"),))
@@ -64,7 +71,7 @@ async def reply(gateway: Gateway, into: list[ProviderEvent] | None = None) -> li
 
 
 async def test_a_retryable_failure_before_the_reply_falls_back(
-    chained: Gateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
+    chained: RunningGateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(status=503)
     backup.scenario = Scenario(content="From the backup.")
@@ -78,7 +85,7 @@ async def test_a_retryable_failure_before_the_reply_falls_back(
 
 
 async def test_a_failure_after_the_reply_began_does_not_fall_back(
-    chained: Gateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
+    chained: RunningGateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(disconnect_after=3)
     events: list[ProviderEvent] = []
@@ -89,7 +96,7 @@ async def test_a_failure_after_the_reply_began_does_not_fall_back(
 
 
 async def test_a_non_retryable_failure_does_not_fall_back(
-    chained: Gateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
+    chained: RunningGateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(status=400)
     with pytest.raises(BadRequest):
@@ -98,7 +105,7 @@ async def test_a_non_retryable_failure_does_not_fall_back(
 
 
 async def test_when_every_instance_fails_the_last_error_is_raised(
-    chained: Gateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
+    chained: RunningGateway, fake_deepseek: FakeUpstream, backup: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(status=503)
     backup.scenario = Scenario(status=500)
@@ -107,7 +114,7 @@ async def test_when_every_instance_fails_the_last_error_is_raised(
     assert len(backup.requests) == 3  # the backup's own retries ran
 
 
-async def test_healthz_shows_the_chain_and_no_key(chained: Gateway) -> None:
+async def test_healthz_shows_the_chain_and_no_key(chained: RunningGateway) -> None:
     health = (await chained.client.get("/healthz", headers=ADMIN_HEADERS)).json()
     assert health["providers"]["deepseek"]["fallbacks"] == ["backup"]
     assert health["providers"]["deepseek"]["api_key"] == "set"

@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import Gateway
+from tests.conftest import RunningGateway
 from tests.plugins.browser import (  # skips without a browser
     By,
     WebDriverWait,
@@ -22,7 +22,9 @@ TOKEN = "admin-page-token-0123456789"
 
 
 @pytest.fixture
-async def gateway(write_config: Callable[..., Path], gateway_factory: Callable[..., object]) -> Gateway:
+async def gateway(
+    write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> RunningGateway:
     config = write_config(replace={'host = "127.0.0.1"\n': f'host = "127.0.0.1"\nadmin_token = "{TOKEN}"\n'})
     return await gateway_factory(config)  # type: ignore[no-any-return,misc]
 
@@ -81,7 +83,7 @@ def use_the_page(url: str) -> tuple[str, int]:
         driver.quit()
 
 
-async def test_create_a_key_on_the_page_then_call_the_api_with_it(gateway: Gateway) -> None:
+async def test_create_a_key_on_the_page_then_call_the_api_with_it(gateway: RunningGateway) -> None:
     key, bars = await asyncio.to_thread(use_the_page, gateway.url)
     assert key.startswith("sk-cg-")
     assert bars >= 1, "the chart shows the day's tokens"
@@ -93,11 +95,11 @@ async def test_create_a_key_on_the_page_then_call_the_api_with_it(gateway: Gatew
 async def test_the_page_is_only_served_with_an_admin_token(
     write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> None:
-    plain: Gateway = await gateway_factory(write_config(name="plain.toml"))  # type: ignore[assignment,misc]
+    plain: RunningGateway = await gateway_factory(write_config(name="plain.toml"))  # type: ignore[assignment,misc]
     assert (await plain.client.get("/admin")).status_code == 404
 
 
-async def test_the_page_needs_nothing_from_the_internet(gateway: Gateway) -> None:
+async def test_the_page_needs_nothing_from_the_internet(gateway: RunningGateway) -> None:
     response = await gateway.client.get("/admin")
     assert response.headers["content-security-policy"].startswith("default-src 'self';")
     assert response.headers["x-content-type-options"] == "nosniff"

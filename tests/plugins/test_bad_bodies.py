@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_HEADERS, WITH_ADMIN, Gateway
+from tests.conftest import ADMIN_HEADERS, WITH_ADMIN, RunningGateway
 from tests.plugins.test_topic_chat import User, split, user_on
 
 DEPTH = 50_000
@@ -33,7 +33,9 @@ JSON = {"Content-Type": "application/json"}
 class World:
     """A gateway with one key holder, a topic with an exchange in it, and the admin API on."""
 
-    def __init__(self, gateway: Gateway, user: User, topic: int, message: int, key_id: int, db: Path) -> None:
+    def __init__(
+        self, gateway: RunningGateway, user: User, topic: int, message: int, key_id: int, db: Path
+    ) -> None:
         self.gateway = gateway
         self.user = user
         self.topic = topic
@@ -68,7 +70,7 @@ class World:
 async def world(
     write_config: Callable[..., Path], gateway_factory: Callable[..., object], tmp_path: Path
 ) -> World:
-    gateway: Gateway = await gateway_factory(write_config(replace=WITH_ADMIN))  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(write_config(replace=WITH_ADMIN))  # type: ignore[assignment,misc]
     user = await user_on(gateway, "owner@example.com")
     response = await user.call("POST", "/chat/topic", {"name": "t", "seriesId": 1})
     topic = response.json()["id"]

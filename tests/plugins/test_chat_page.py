@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.testing.fake_upstream import FakeUpstream, Scenario
-from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
+from tests.conftest import PRICED_MODELS, RunningGateway, deepseek_config
 from tests.plugins.browser import (  # skips without a browser
     By,
     WebDriverWait,
@@ -64,7 +64,7 @@ async def test_create_a_topic_send_a_message_watch_it_stream_and_regenerate_it(
     config = write_config(
         deepseek_config(fake_deepseek.url) + PRICED_MODELS, replace={"[surfaces.topic_chat]\n": CATALOG}
     )
-    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     user: User = await user_on(gateway, "page@example.com")
     fake_deepseek.script(
         Scenario(content=" ".join(f"w{i}" for i in range(40)), token_delay=0.03),
@@ -83,7 +83,7 @@ async def test_create_a_topic_send_a_message_watch_it_stream_and_regenerate_it(
     assert fake_deepseek.requests[-1].body["messages"] == [{"role": "user", "content": "Tell me about tides"}]
 
 
-async def test_the_chat_page_needs_nothing_from_the_internet(gateway: Gateway) -> None:
+async def test_the_chat_page_needs_nothing_from_the_internet(gateway: RunningGateway) -> None:
     response = await gateway.client.get("/chat")
     assert response.headers["content-security-policy"].startswith("default-src 'self';")
     assert response.headers["x-content-type-options"] == "nosniff"

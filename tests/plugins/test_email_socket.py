@@ -24,7 +24,7 @@ from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.tokens import estimate_prompt_tokens
 from core.types import ChatMessage
 from plugins.email_socket.callers import PROXY_HEADERS, local_caller
-from tests.conftest import Gateway, Servers, deepseek_config
+from tests.conftest import RunningGateway, Servers, deepseek_config
 
 MODELS = """
 [models.deepseek-chat]
@@ -43,7 +43,7 @@ SEEDS = Path(__file__).parent / "seeds"
 class Email:
     """The gateway as the seed's clients see it."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: RunningGateway) -> None:
         self.gateway = gateway
         self.url = gateway.url
         self.http = gateway.client

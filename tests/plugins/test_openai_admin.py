@@ -14,7 +14,7 @@ import pytest
 
 from core import LedgerDraft
 from core.money import MAX_BALANCE, format_amount
-from tests.conftest import Gateway
+from tests.conftest import RunningGateway
 
 TOKEN = "admin-test-token-0123456789"
 
@@ -24,12 +24,12 @@ async def admin(
     write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> httpx.AsyncClient:
     config = write_config(replace={'host = "127.0.0.1"\n': f'host = "127.0.0.1"\nadmin_token = "{TOKEN}"\n'})
-    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     gateway.client.headers["Authorization"] = f"Bearer {TOKEN}"
     return gateway.client
 
 
-async def test_admin_routes_are_off_without_a_token(gateway: Gateway) -> None:
+async def test_admin_routes_are_off_without_a_token(gateway: RunningGateway) -> None:
     response = await gateway.client.get("/admin/api/users", headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 404
 
@@ -142,16 +142,18 @@ CEILING = format_amount(MAX_BALANCE)  # "1000000000000.000000"
 
 
 @pytest.fixture
-async def admin_gateway(write_config: Callable[..., Path], gateway_factory: Callable[..., object]) -> Gateway:
+async def admin_gateway(
+    write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> RunningGateway:
     config = write_config(replace={'host = "127.0.0.1"\n': f'host = "127.0.0.1"\nadmin_token = "{TOKEN}"\n'})
-    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     gateway.client.headers["Authorization"] = f"Bearer {TOKEN}"
     return gateway
 
 
 @pytest.mark.parametrize("balance", ["1000000000000.000001", 10**13, "1e999999", 1e300, "-1"])
 async def test_a_user_created_past_the_ceiling_or_below_zero_is_400_and_not_created(
-    admin_gateway: Gateway, balance: str | float
+    admin_gateway: RunningGateway, balance: str | float
 ) -> None:
     admin = admin_gateway.client
     response = await admin.post("/admin/api/users", json={"email": "big@example.com", "balance": balance})
@@ -160,7 +162,7 @@ async def test_a_user_created_past_the_ceiling_or_below_zero_is_400_and_not_crea
     assert await admin_gateway.services.accounts.find_user("big@example.com") is None
 
 
-async def test_a_top_up_past_the_ceiling_is_400_and_changes_nothing(admin_gateway: Gateway) -> None:
+async def test_a_top_up_past_the_ceiling_is_400_and_changes_nothing(admin_gateway: RunningGateway) -> None:
     admin = admin_gateway.client
     created = await admin.post("/admin/api/users", json={"email": "rich@example.com", "balance": CEILING})
     assert created.status_code == 201, created.text
@@ -177,7 +179,7 @@ async def test_a_top_up_past_the_ceiling_is_400_and_changes_nothing(admin_gatewa
     assert [u["balance"] for u in listed if u["id"] == user["id"]] == [CEILING]
 
 
-async def test_the_admin_api_renders_balances_and_usage_at_the_ceiling(admin_gateway: Gateway) -> None:
+async def test_the_admin_api_renders_balances_and_usage_at_the_ceiling(admin_gateway: RunningGateway) -> None:
     admin = admin_gateway.client
     accounts, store = admin_gateway.services.accounts, admin_gateway.services.billing.store
     key, _ = await accounts.create_key("whale@example.com")

@@ -22,14 +22,14 @@ from core import ChatRequest, ContentDelta, LedgerEntry, ProviderEvent, estimate
 from core.testing.fake_upstream import FakeUpstream, Scenario, ToolCallSpec
 from plugins.openai_compat import wire
 from providers.mock import MockProvider
-from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
+from tests.conftest import PRICED_MODELS, RunningGateway, deepseek_config
 from tests.conftest import settled as settled_ledger
 
 
 class Client:
     """A gateway with a funded key, and the official SDK pointed at it."""
 
-    def __init__(self, gateway: Gateway, key: str, user_id: int) -> None:
+    def __init__(self, gateway: RunningGateway, key: str, user_id: int) -> None:
         self.gateway = gateway
         self.key = key
         self.user_id = user_id
@@ -57,7 +57,7 @@ async def client(
     fake_deepseek: FakeUpstream, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
 ) -> AsyncIterator[Client]:
     config = write_config(deepseek_config(fake_deepseek.url, extra="max_retries = 0") + PRICED_MODELS)
-    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     key, secret = await gateway.services.accounts.create_key("api@example.com")
     await gateway.services.billing.top_up(key.user_id, 100_000_000)
     client = Client(gateway, secret, key.user_id)
@@ -560,7 +560,7 @@ async def test_a_slow_first_token_gets_keep_alive_comments(
         deepseek_config(fake_deepseek.url) + PRICED_MODELS,
         replace={"[surfaces.openai_compat]\n": "[surfaces.openai_compat]\nkeepalive_interval = 0.1\n"},
     )
-    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     key, secret = await gateway.services.accounts.create_key("slow@example.com")
     await gateway.services.billing.top_up(key.user_id, 100_000_000)
     fake_deepseek.scenario = Scenario(first_token_delay=0.5, content="Finally.")
@@ -587,7 +587,7 @@ async def test_a_body_over_the_limit_is_413_in_openai_shape(
         deepseek_config(fake_deepseek.url) + PRICED_MODELS,
         replace={'host = "127.0.0.1"\n': 'host = "127.0.0.1"\nmax_body_bytes = 2000\n'},
     )
-    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     _, secret = await gateway.services.accounts.create_key("big@example.com")
     body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x" * 5000}]}
     response = await gateway.client.post(
@@ -623,7 +623,7 @@ async def test_a_provider_breaking_its_contract_is_a_503_that_shows_no_internals
             '[models.mock-chat]\nprovider = "mock"', '[models.mock-chat]\nprovider = "broken"'
         )
     )
-    gateway: Gateway = await gateway_factory(config, extra_plugins=[plugin])
+    gateway: RunningGateway = await gateway_factory(config, extra_plugins=[plugin])
     key, secret = await gateway.services.accounts.create_key("broken@example.com")
     await gateway.services.billing.top_up(key.user_id, 10_000_000)
     body = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}], "stream": stream}

@@ -14,7 +14,7 @@ import pytest
 from core import LedgerEntry, RateLimits
 from core.testing.fake_upstream import FakeUpstream, Scenario
 from plugins.openai_compat import wire
-from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
+from tests.conftest import PRICED_MODELS, RunningGateway, deepseek_config
 from tests.plugins.test_openai_limits import through_two_workers
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -23,18 +23,18 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 @pytest.fixture
 async def gateway(
     fake_deepseek: FakeUpstream, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
-) -> Gateway:
+) -> RunningGateway:
     return await gateway_factory(write_config(deepseek_config(fake_deepseek.url) + PRICED_MODELS))  # type: ignore[no-any-return,misc]
 
 
-async def complete(gateway: Gateway, secret: str, *models: str) -> None:
+async def complete(gateway: RunningGateway, secret: str, *models: str) -> None:
     """One whole completion per model, one after the other, through the openai SDK."""
     async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:
         for model in models:
             await sdk.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
 
 
-async def funded_key(gateway: Gateway, balance: int, **limits: int) -> tuple[int, str]:
+async def funded_key(gateway: RunningGateway, balance: int, **limits: int) -> tuple[int, str]:
     key, secret = await gateway.services.accounts.create_key("busy@example.com")
     await gateway.services.billing.top_up(key.user_id, balance)
     if limits:
@@ -43,7 +43,7 @@ async def funded_key(gateway: Gateway, balance: int, **limits: int) -> tuple[int
 
 
 async def ledger_until(
-    gateway: Gateway, user_id: int, done: Callable[[list[LedgerEntry]], bool]
+    gateway: RunningGateway, user_id: int, done: Callable[[list[LedgerEntry]], bool]
 ) -> list[LedgerEntry]:
     async with asyncio.timeout(5):
         while not done(entries := await gateway.services.billing.store.list_ledger(user_id)):  # noqa: ASYNC110
@@ -52,7 +52,7 @@ async def ledger_until(
 
 
 async def test_a_busy_key_runs_on_one_lease_and_every_request_is_charged_exactly(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     assert gateway.services.billing.leases is not None  # the SQLite store offers leases
     gateway.services.billing.leases.idle = 0.2
@@ -98,7 +98,7 @@ async def test_a_busy_key_runs_on_one_lease_and_every_request_is_charged_exactly
 
 
 async def test_a_client_that_leaves_mid_stream_under_a_lease_pays_for_what_it_got(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     user_id, secret = await funded_key(gateway, 10**12)
     fake_deepseek.scenario = Scenario(tokens=200, token_delay=0.05)
@@ -121,7 +121,7 @@ async def test_a_client_that_leaves_mid_stream_under_a_lease_pays_for_what_it_go
 
 
 async def test_shutdown_posts_every_charge_and_releases_every_lease(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     user_id, secret = await funded_key(gateway, 10**12)
     await complete(gateway, secret, *["deepseek-chat"] * 3)
@@ -136,7 +136,7 @@ async def test_shutdown_posts_every_charge_and_releases_every_lease(
 
 
 async def test_a_lease_a_dead_process_left_is_given_back_by_the_sweep(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     user_id, secret = await funded_key(gateway, 10**12)
     await complete(gateway, secret, "deepseek-chat")
@@ -154,7 +154,7 @@ async def test_a_lease_a_dead_process_left_is_given_back_by_the_sweep(
 
 
 async def test_a_balance_too_small_for_a_lease_is_admitted_request_by_request(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     user_id, secret = await funded_key(gateway, 20_000_000)  # two or three worst cases, not 64
     await complete(gateway, secret, "deepseek-chat")
@@ -172,7 +172,7 @@ def test_two_workers_with_leases_share_one_limit(write_config: Callable[..., Pat
 
 
 async def test_a_lease_nobody_takes_from_is_released_when_idle(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     billing = gateway.services.billing
     assert billing.leases is not None
@@ -193,7 +193,7 @@ async def test_a_lease_nobody_takes_from_is_released_when_idle(
 
 
 async def test_the_next_lease_is_posted_before_the_first_runs_out(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     user_id, secret = await funded_key(gateway, 10**12, requests_per_minute=1000, concurrent_requests=400)
     body = {"model": "deepseek-chat", "messages": MESSAGES}
@@ -206,7 +206,7 @@ async def test_the_next_lease_is_posted_before_the_first_runs_out(
 
 
 async def test_each_charge_names_its_own_model_under_a_shared_lease(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     user_id, secret = await funded_key(gateway, 10**12)
     await complete(gateway, secret, "deepseek-chat", "deepseek-reasoner", "deepseek-chat")

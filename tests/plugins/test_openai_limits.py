@@ -15,7 +15,7 @@ from core import RateLimits
 from core.testing.fake_upstream import FakeUpstream, Scenario
 from plugins.openai_compat import Options
 from plugins.openai_compat.answers import duration
-from tests.conftest import Gateway, chatgate, deepseek_config
+from tests.conftest import RunningGateway, chatgate, deepseek_config
 
 MODELS = """
 [models.deepseek-chat]
@@ -25,7 +25,7 @@ BODY = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hi"}
 
 
 class Keyed:
-    def __init__(self, gateway: Gateway, key_id: int, secret: str) -> None:
+    def __init__(self, gateway: RunningGateway, key_id: int, secret: str) -> None:
         self.gateway = gateway
         self.key_id = key_id
         self.secret = secret
@@ -47,7 +47,7 @@ async def keyed(
         deepseek_config(fake_deepseek.url) + MODELS,
         replace={"[surfaces.openai_compat]\n": "[surfaces.openai_compat]\nrequests_per_minute = 5\n"},
     )
-    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     key, secret = await gateway.services.accounts.create_key("limited@example.com")
     return Keyed(gateway, key.id, secret)
 

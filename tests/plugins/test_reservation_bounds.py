@@ -23,7 +23,7 @@ from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.tokens import estimate_tokens
 from core.types import ChatMessage, ChatRequest
 from plugins.openai_compat import wire
-from tests.conftest import Gateway, deepseek_config
+from tests.conftest import RunningGateway, deepseek_config
 
 CAP = 64
 MODEL = f"""
@@ -47,7 +47,7 @@ RUNAWAY = Scenario(ignore_max_tokens=True, tokens=2000)
 class Holder:
     """A key holder of a gateway in front of the fake DeepSeek."""
 
-    def __init__(self, gateway: Gateway, key: str, user_id: int) -> None:
+    def __init__(self, gateway: RunningGateway, key: str, user_id: int) -> None:
         self.gateway = gateway
         self.key = key
         self.user_id = user_id
@@ -92,7 +92,7 @@ async def holder(
     plugin = getattr(request, "param", "deepseek")
     provider = provider.replace('plugin = "deepseek"', f'plugin = "{plugin}"')
     config = write_config(provider + MODEL, replace={"[surfaces.topic_chat]\n": TOPICS})
-    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     key, secret = await gateway.services.accounts.create_key("bound@example.com")
     holder = Holder(gateway, secret, key.user_id)
     yield holder

@@ -17,7 +17,7 @@ from core import RateLimits
 from core.hookspecs import hookimpl
 from core.search import WebResult, WebSearch
 from core.testing.fake_upstream import FakeUpstream, Scenario
-from tests.conftest import PRICED_MODELS, Gateway, deepseek_config
+from tests.conftest import PRICED_MODELS, RunningGateway, deepseek_config
 
 CATALOG = """[surfaces.topic_chat]
 max_message_chars = 100
@@ -37,7 +37,7 @@ FUNDS = 100_000_000
 class User:
     """One key holder talking to the topic-chat API."""
 
-    def __init__(self, gateway: Gateway, key: str, user_id: int) -> None:
+    def __init__(self, gateway: RunningGateway, key: str, user_id: int) -> None:
         self.gateway = gateway
         self.key = key
         self.id = user_id
@@ -83,7 +83,7 @@ def topic_config(fake_deepseek: FakeUpstream, write_config: Callable[..., Path])
     return write
 
 
-async def user_on(gateway: Gateway, email: str, funds: int = FUNDS) -> User:
+async def user_on(gateway: RunningGateway, email: str, funds: int = FUNDS) -> User:
     key, secret = await gateway.services.accounts.create_key(email)
     if funds:
         await gateway.services.billing.top_up(key.user_id, funds)
@@ -91,17 +91,19 @@ async def user_on(gateway: Gateway, email: str, funds: int = FUNDS) -> User:
 
 
 @pytest.fixture
-async def gateway(topic_config: Callable[..., Path], gateway_factory: Callable[..., object]) -> Gateway:
+async def gateway(
+    topic_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> RunningGateway:
     return await gateway_factory(topic_config())  # type: ignore[no-any-return,misc]
 
 
 @pytest.fixture
-async def alice(gateway: Gateway) -> User:
+async def alice(gateway: RunningGateway) -> User:
     return await user_on(gateway, "alice@example.com")
 
 
 @pytest.fixture
-async def bob(gateway: Gateway) -> User:
+async def bob(gateway: RunningGateway) -> User:
     return await user_on(gateway, "bob@example.com")
 
 
@@ -377,7 +379,7 @@ async def test_a_web_search_plugin_puts_its_results_into_the_context(
 ) -> None:
     plugin = SimpleNamespace(__name__="library_search", register_web_search=hookimpl(lambda: [LibrarySearch]))
     config = topic_config('\n[web_search]\nplugin = "library"\n')
-    gateway: Gateway = await gateway_factory(config, extra_plugins=[plugin])  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(config, extra_plugins=[plugin])  # type: ignore[assignment,misc]
     alice = await user_on(gateway, "alice@example.com")
     created = await alice.topic()
     _, meta = await alice.send(created["id"], "tides", enableGoogleResults=True)
@@ -404,7 +406,7 @@ ENDPOINTS = [
 ]
 
 
-async def test_every_endpoint_needs_a_key(gateway: Gateway) -> None:
+async def test_every_endpoint_needs_a_key(gateway: RunningGateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.url) as anonymous:
         extra = [("GET", "/chat/topic", None), ("POST", "/chat/topic", {}), ("GET", "/chat/series", None)]
         for method, path, body in [*ENDPOINTS, *extra]:
@@ -446,7 +448,7 @@ async def test_another_users_topics_and_messages_are_404_everywhere(
 
 
 async def test_replies_are_charged_and_an_empty_balance_is_403(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     rich = await user_on(gateway, "rich@example.com")
     created = await rich.topic()
@@ -478,7 +480,7 @@ async def test_replies_are_charged_and_an_empty_balance_is_403(
 # --- rate limits ---
 
 
-async def limited_user(gateway: Gateway, email: str, **limits: int) -> User:
+async def limited_user(gateway: RunningGateway, email: str, **limits: int) -> User:
     user = await user_on(gateway, email)
     [key] = await gateway.services.accounts.list_keys(user.id)
     await gateway.services.accounts.set_limits(key.id, RateLimits(**limits))
@@ -493,7 +495,7 @@ def assert_limited(response: httpx.Response, what: str) -> None:
 
 
 async def test_topic_messages_count_against_their_keys_requests_per_minute(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     user = await limited_user(gateway, "counted@example.com", requests_per_minute=2)
     created = await user.topic()
@@ -526,7 +528,7 @@ async def test_the_summaries_of_a_key_holders_topic_are_that_keys_usage(
         deepseek_config(fake_deepseek.url, extra="max_retries = 0") + small,
         replace={"[surfaces.topic_chat]\n": CATALOG},
     )
-    gateway: Gateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
     user = await user_on(gateway, "long@example.com")
     [key] = await gateway.services.accounts.list_keys(user.id)
     created = await user.topic()
@@ -546,7 +548,7 @@ async def test_the_summaries_of_a_key_holders_topic_are_that_keys_usage(
 
 
 async def test_topic_and_v1_requests_of_a_key_share_one_count(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     user = await limited_user(gateway, "shared@example.com", requests_per_minute=2)
     created = await user.topic()
@@ -569,7 +571,7 @@ async def test_the_configured_default_limits_hold_for_topic_chat_too(
     path = topic_config()  # every key's defaults are set where /v1's are
     limited = "[surfaces.openai_compat]\nconcurrent_requests = 1\n"
     path.write_text(path.read_text().replace("[surfaces.openai_compat]\n", limited))
-    gateway: Gateway = await gateway_factory(path)  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(path)  # type: ignore[assignment,misc]
     user = await user_on(gateway, "slow@example.com")
     created = await user.topic()
     fake_deepseek.scenario = Scenario(content=" ".join(f"w{i}" for i in range(300)), token_delay=0.01)
@@ -632,7 +634,7 @@ async def test_regenerate_searches_the_web_for_the_question_not_the_old_reply(
     topic_config: Callable[..., Path], gateway_factory: Callable[..., object], fake_deepseek: FakeUpstream
 ) -> None:
     plugin = SimpleNamespace(__name__="library_search", register_web_search=hookimpl(lambda: [LibrarySearch]))
-    gateway: Gateway = await gateway_factory(  # type: ignore[assignment,misc]
+    gateway: RunningGateway = await gateway_factory(  # type: ignore[assignment,misc]
         topic_config('\n[web_search]\nplugin = "library"\n'), extra_plugins=[plugin]
     )
     alice = await user_on(gateway, "alice@example.com")

@@ -11,7 +11,7 @@ import pytest
 
 from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.types import ContentDelta
-from tests.conftest import ADMIN_HEADERS, FAKE_DEEPSEEK_KEY, WITH_ADMIN, Gateway, deepseek_config
+from tests.conftest import ADMIN_HEADERS, FAKE_DEEPSEEK_KEY, WITH_ADMIN, RunningGateway, deepseek_config
 from tests.core.test_generations import start_reply
 
 MODELS = """
@@ -28,7 +28,7 @@ provider = "deepseek"
 @pytest.fixture
 async def gateway(
     fake_deepseek: FakeUpstream, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
-) -> Gateway:
+) -> RunningGateway:
     config = write_config(
         deepseek_config(fake_deepseek.url, extra="max_retries = 0") + MODELS, replace=WITH_ADMIN
     )
@@ -36,7 +36,7 @@ async def gateway(
 
 
 async def test_a_reply_from_deepseek_is_stored_with_its_reasoning_and_usage(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(reasoning="Think.", content="Answer.")
     generation = await start_reply(gateway.services, "Hello?", model="deepseek-reasoner")
@@ -50,7 +50,7 @@ async def test_a_reply_from_deepseek_is_stored_with_its_reasoning_and_usage(
 
 
 async def test_interrupting_a_reply_disconnects_the_upstream_within_100_ms(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(tokens=200, token_delay=0.2)
     generation = await start_reply(gateway.services, "Tell me a long story", model="deepseek-chat")
@@ -68,7 +68,7 @@ async def test_interrupting_a_reply_disconnects_the_upstream_within_100_ms(
 
 
 async def test_an_upstream_failure_keeps_the_question_and_marks_the_reply(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     fake_deepseek.scenario = Scenario(status=402)
     generation = await start_reply(gateway.services, "Are you there?", model="deepseek-chat")
@@ -83,7 +83,7 @@ async def test_an_upstream_failure_keeps_the_question_and_marks_the_reply(
 
 
 async def test_healthz_describes_the_provider_without_its_key(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     health = (await gateway.client.get("/healthz", headers=ADMIN_HEADERS)).json()
     assert health["providers"]["deepseek"] == {

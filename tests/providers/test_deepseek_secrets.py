@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from core.testing.fake_upstream import FakeUpstream, Scenario
-from tests.conftest import ADMIN_HEADERS, PRICED_MODELS, WITH_ADMIN, Gateway, chatgate, free_port
+from tests.conftest import ADMIN_HEADERS, PRICED_MODELS, WITH_ADMIN, RunningGateway, chatgate, free_port
 
 KEY = "sk-Qz7vLw2RkX9mTb4Np8Hc"
 PASSWORD = "hunter2-Xq9Lp7Zr"
@@ -56,8 +56,8 @@ async def start(
     providers: str,
     caplog: pytest.LogCaptureFixture,
     models: str = PRICED_MODELS,
-) -> tuple[Gateway, str]:
-    gateway: Gateway = await gateway_factory(write_config(providers + models, replace=WITH_ADMIN))  # type: ignore[assignment,misc]
+) -> tuple[RunningGateway, str]:
+    gateway: RunningGateway = await gateway_factory(write_config(providers + models, replace=WITH_ADMIN))  # type: ignore[assignment,misc]
     # Litestar's logging set-up at start replaces the root logger's handlers, caplog's among them.
     logging.getLogger().addHandler(caplog.handler)
     key, secret = await gateway.services.accounts.create_key("caller@example.com")
@@ -66,7 +66,7 @@ async def start(
 
 
 async def failure(
-    gateway: Gateway, secret: str, model: str = "deepseek-chat", **extra: Any
+    gateway: RunningGateway, secret: str, model: str = "deepseek-chat", **extra: Any
 ) -> openai.APIStatusError:
     """What the SDK raises for a chat completion the upstream refuses."""
     async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0) as sdk:

@@ -41,7 +41,7 @@ from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.testing.store_suite import OpenStore, StoreConformance
 from plugins.openai_compat import wire
 from stores.sqlite import SqliteOptions, SqliteStore
-from tests.conftest import PRICED_MODELS, Gateway, deepseek_config, settled
+from tests.conftest import PRICED_MODELS, RunningGateway, deepseek_config, settled
 
 LEASE_METHODS = {"charge_lease", "shrink_lease", "release_lease"}
 
@@ -186,7 +186,7 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 @pytest.fixture
 async def gateway(
     fake_deepseek: FakeUpstream, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
-) -> Gateway:
+) -> RunningGateway:
     config = write_config(
         deepseek_config(fake_deepseek.url) + PRICED_MODELS,
         replace={'plugin = "sqlite"': 'plugin = "leaseless"'},
@@ -194,7 +194,7 @@ async def gateway(
     return await gateway_factory(config, extra_plugins=[PLUGIN])  # type: ignore[no-any-return,misc]
 
 
-async def funded_key(gateway: Gateway, balance: int, **limits: int) -> tuple[int, str]:
+async def funded_key(gateway: RunningGateway, balance: int, **limits: int) -> tuple[int, str]:
     key, secret = await gateway.services.accounts.create_key("plain@example.com")
     await gateway.services.billing.top_up(key.user_id, balance)
     if limits:
@@ -202,7 +202,7 @@ async def funded_key(gateway: Gateway, balance: int, **limits: int) -> tuple[int
     return key.user_id, secret
 
 
-async def completions(gateway: Gateway, secret: str, count: int) -> list[int]:
+async def completions(gateway: RunningGateway, secret: str, count: int) -> list[int]:
     """``count`` concurrent /v1/chat/completions of one key: their status codes."""
     headers = {"Authorization": f"Bearer {secret}"}
     body = {"model": "deepseek-chat", "messages": MESSAGES}
@@ -213,7 +213,7 @@ async def completions(gateway: Gateway, secret: str, count: int) -> list[int]:
 
 
 async def test_a_busy_key_is_admitted_request_by_request_and_charged_exactly_once(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     billing = gateway.services.billing
     assert isinstance(billing.store, LeaselessStore)
@@ -242,7 +242,7 @@ async def test_a_busy_key_is_admitted_request_by_request_and_charged_exactly_onc
 
 
 async def test_a_keys_requests_per_minute_hold_under_a_burst(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     user_id, secret = await funded_key(gateway, 10**12, requests_per_minute=5)
     statuses = await completions(gateway, secret, 12)
@@ -253,7 +253,7 @@ async def test_a_keys_requests_per_minute_hold_under_a_burst(
 
 
 async def held_and_refused(
-    gateway: Gateway, fake: FakeUpstream, secret: str, count: int, held: int
+    gateway: RunningGateway, fake: FakeUpstream, secret: str, count: int, held: int
 ) -> list[int]:
     """``count`` concurrent completions against an upstream that stalls every reply: the statuses
     of the ``count - held`` that were answered (refused) while ``held`` stayed admitted, in
@@ -278,7 +278,7 @@ async def held_and_refused(
         fake.scenario = Scenario()
 
 
-async def test_a_keys_concurrent_requests_hold(gateway: Gateway, fake_deepseek: FakeUpstream) -> None:
+async def test_a_keys_concurrent_requests_hold(gateway: RunningGateway, fake_deepseek: FakeUpstream) -> None:
     user_id, secret = await funded_key(gateway, 10**12, concurrent_requests=2)
     statuses = await held_and_refused(gateway, fake_deepseek, secret, 6, held=2)
     assert statuses == [429] * 4
@@ -287,7 +287,7 @@ async def test_a_keys_concurrent_requests_hold(gateway: Gateway, fake_deepseek: 
 
 
 async def test_the_balance_floor_holds_across_concurrent_requests(
-    gateway: Gateway, fake_deepseek: FakeUpstream
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
 ) -> None:
     billing = gateway.services.billing
     route = gateway.services.catalog.route("deepseek-chat")
