@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from contextlib import aclosing
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 from ..errors import ContextTooLong, InsufficientBalance, ProviderError, RateLimitExceeded, Unavailable
 from ..records import Conversation, ConversationPatch, Message
+from ..reply import End, ReplyRun
 from ..store import Store
-from ..tokens import OutputMeter, estimate_prompt_tokens, estimate_tokens
-from ..types import ChatMessage, ChatRequest, ContentDelta, Finish, Usage
+from ..tokens import estimate_prompt_tokens, estimate_tokens
+from ..types import ChatMessage, ChatRequest
 from .billing import Billing, Quota
 from .catalog import Route
 from .context import fit_context
@@ -172,36 +173,30 @@ class Memory:
         reservation = await self.billing.reserve(
             conversation.user_id, route, request, key_id=None if quota else key_id, quota=quota
         )
-        started = time.monotonic()
-        text: list[str] = []
-        usage: Usage | None = None
-        outcome = "summary_error"
-        try:
-            meter = OutputMeter(route.output_tokens(request))
-            async with aclosing(route.stream(request)) as events:
-                async for event in events:
-                    # Past what was reserved (an upstream ignoring max_tokens): stop reading, keep the text.
-                    if (admitted := meter.admit(event)) is None:
-                        break
-                    if isinstance(admitted, ContentDelta):
-                        text.append(admitted.text)
-                    elif isinstance(admitted, Finish):
-                        usage = admitted.usage
-                    if meter.over:
-                        break
-            outcome = "summary"
-        finally:
-            if usage is None:
-                produced = estimate_tokens("".join(text)) if text else 0
-                usage = Usage(prompt_tokens=reservation.prompt_tokens, completion_tokens=produced)
-            latency_ms = round((time.monotonic() - started) * 1000)
-            # Settled even when the caller was interrupted meanwhile: the tokens were spent.
-            settle = self.billing.settle(reservation, usage, outcome=outcome, latency_ms=latency_ms)
-            await asyncio.shield(settle)
-        folded = "".join(text).strip()
+        run = _Fold(self.billing, route, request, reservation, time.monotonic())
+        end = await run.pump()
+        # Settled even when the caller was interrupted meanwhile: the tokens were spent.
+        await asyncio.shield(run.settle(run.usage()))
+        if end == "cancelled":
+            raise asyncio.CancelledError  # the caller was cancelled (a newer question): so is this
+        if run.error is not None:
+            raise run.error
+        folded = run.content.strip()
         if not folded:
             raise Unavailable(f"provider {route.provider.instance!r} answered an empty summary")
         return folded
+
+
+class _Fold(ReplyRun):
+    """One summary call: billed like a reply (ledger outcome ``summary``), its text kept."""
+
+    outcomes: ClassVar[Mapping[End, str]] = {
+        "complete": "summary",
+        "cancelled": "summary_error",
+        "error": "summary_error",
+    }
+    log = log
+    require_finish = False  # the text it produced is the summary, finished or not
 
 
 def _fold_request(route: Route, instructions: str, summary: str, lines: list[str]) -> ChatRequest:
