@@ -98,7 +98,11 @@ class OpenAICompatibleOptions(msgspec.Struct, kw_only=True, forbid_unknown_field
     backoff: float = 0.5
     max_backoff: float = 8.0
     max_retry_after: float = 60.0
-    max_connections: int = 100
+    max_connections: int = 0
+    """Upstream connections at once (streams included); 0: no cap. A cap queues every stream
+    past it while the server has room (100, aiohttp's default, held 256 paced streams to 42%
+    of a bare proxy's rate): what bounds them is the server's own ``max_connections`` and the
+    keys' ``concurrent_requests``. Set one for an upstream that refuses more."""
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -110,8 +114,8 @@ class OpenAICompatibleOptions(msgspec.Struct, kw_only=True, forbid_unknown_field
         for field in ("max_retries", "backoff", "max_backoff", "max_retry_after"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} to be >= 0")
-        if self.max_connections < 1:
-            raise ValueError("max_connections to be >= 1")
+        if self.max_connections < 0:
+            raise ValueError("max_connections to be >= 0 (0: no cap)")
         # A key read from a CRLF .env file ends in "\r": strip it rather than fail on every request.
         self.api_key = self.api_key.strip()
         if not self.api_key.isprintable():

@@ -189,7 +189,7 @@ def test_registers_deepseek_and_openai_compatible() -> None:
         ({"base_url": "api.deepseek.com"}, "base_url to start with http"),
         ({"idle_timeout": 0}, "idle_timeout to be > 0"),
         ({"max_retries": -1}, "max_retries to be >= 0"),
-        ({"max_connections": 0}, "max_connections to be >= 1"),
+        ({"max_connections": -1}, "max_connections to be >= 0"),
         ({"headers": {"Authorization": "Bearer x"}}, "headers not to set Authorization"),
     ],
 )

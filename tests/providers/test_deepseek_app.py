@@ -7,8 +7,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
+from core import RateLimits
 from core.testing.fake_upstream import FakeUpstream, Scenario
 from core.types import ContentDelta
 from tests.conftest import ADMIN_HEADERS, FAKE_DEEPSEEK_KEY, WITH_ADMIN, RunningGateway, deepseek_config
@@ -93,3 +95,40 @@ async def test_healthz_describes_the_provider_without_its_key(
         "api_key": "set",
     }
     assert FAKE_DEEPSEEK_KEY not in str(health)
+
+
+async def test_no_default_pool_queues_streams_the_server_can_carry(
+    gateway: RunningGateway, fake_deepseek: FakeUpstream
+) -> None:
+    """150 concurrent streams (past aiohttp's default pool of 100) are all upstream at once."""
+    key, secret = await gateway.services.accounts.create_key("many@example.com")
+    await gateway.services.billing.top_up(key.user_id, 10**12)
+    await gateway.services.billing.store.set_api_key_limits(
+        key.id, RateLimits(requests_per_minute=0, tokens_per_minute=0, concurrent_requests=0)
+    )
+    fake_deepseek.scenario = Scenario(stall_after=1)  # every stream stays open after its first token
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {"Authorization": f"Bearer {secret}"}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=gateway.url, limits=limits, timeout=60) as client:
+
+        async def stream() -> None:
+            async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as answer:
+                async for _ in answer.aiter_bytes():
+                    pass
+
+        tasks = [asyncio.ensure_future(stream()) for _ in range(150)]
+        try:
+            async with asyncio.timeout(60):  # a bound for a capped pool, not a timing expectation
+                while fake_deepseek.active_streams < 150:
+                    assert not any(task.done() for task in tasks), [t.exception() for t in tasks if t.done()]
+                    await asyncio.sleep(0.05)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    async with asyncio.timeout(30):  # the clients left: every upstream stream is closed
+        while True:
+            if fake_deepseek.active_streams == 0:
+                break
+            await asyncio.sleep(0.05)
