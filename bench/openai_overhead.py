@@ -80,7 +80,6 @@ path = "{db}"
 plugin = "deepseek"
 base_url = "{upstream}"
 api_key = "{key}"
-max_connections = 256
 
 [providers.deepseek.aliases]
 deepseek-chat = {{ model = "deepseek-v4-flash", extra_body = {{ thinking = {{ type = "disabled" }} }} }}
