@@ -24,7 +24,6 @@ from pathlib import Path
 
 from openai_overhead import (
     BODY,
-    GATEWAY,
     UPSTREAM_BODY,
     UPSTREAM_KEY,
     Run,
@@ -39,23 +38,17 @@ from openai_overhead import (
     stop,
     wait_for,
 )
+from openai_overhead import CONFIG as OVERHEAD_CONFIG
 
 TOKENS, TOKEN_DELAY = 20, 0.02
 MASTER = "sk-bare-bench"
+# openai_overhead's chatgate, the key's limits off (0) and room for every caller's connection.
 CONFIG = (
-    GATEWAY
-    + """
-[models.deepseek-chat]
-provider = "deepseek"
-input_price = 0.3
-output_price = 1.2
-
-[surfaces.openai_compat]
-requests_per_minute = 0
-tokens_per_minute = 0
-concurrent_requests = 0
-"""
+    OVERHEAD_CONFIG.replace("requests_per_minute = 1000000", "requests_per_minute = 0")
+    .replace("tokens_per_minute = 1000000000", "tokens_per_minute = 0")
+    .replace("concurrent_requests = 1000", "concurrent_requests = 0")
 ).replace("workers = 1\n", "workers = 1\nmax_connections = 4096\n")
+assert CONFIG.count(" = 0\n") == 3, "openai_overhead's CONFIG changed its limits"
 
 
 class PeakRss:
