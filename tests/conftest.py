@@ -21,6 +21,7 @@ from core.app import create_app
 from core.config import load_config
 from core.testing.fake_upstream import FakeUpstream
 from core.testing.gateway import RunningGateway, serving
+from tests.postgres import postgres  # noqa: F401 - a fixture
 
 BASE_CONFIG = """\
 [server]
