@@ -6,7 +6,9 @@ transaction, each inside a savepoint of its own: one commit (one set of file
 locks, one write of each touched page) and one wake-up of the event loop
 serve the whole group, which is what keeps SQLite off the critical path at
 high concurrency. At concurrency 1 a group is one call, and its transaction
-is its own: no savepoint (two statements fewer per call).
+is its own: no savepoint (two statements fewer per call). A group that writes
+first takes its turn on the lock file that chatgate's processes queue on
+(:mod:`.write_lock`), so SQLite's write lock is free when it asks for it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
+
+from .write_lock import WriteLock
 
 log = logging.getLogger("chatgate.stores.sqlite")
 
@@ -55,6 +59,7 @@ class SqliteWorker:
 
     def __init__(self, name: str = "chatgate-sqlite") -> None:
         self.db: sqlite3.Connection | None = None
+        self.write_lock: WriteLock | None = None  # taken by each group that writes, when set
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
@@ -109,9 +114,25 @@ class SqliteWorker:
         if db is None:
             error = sqlite3.ProgrammingError("the store is closed")
             return [(call, None, error) for call in group]
+        writes = any(c.mode == "write" for c in group)
+        lock = self.write_lock if writes else None
+        if lock is None:
+            return self._transaction(db, group, "BEGIN IMMEDIATE" if writes else "BEGIN")
+        try:
+            lock.acquire()
+        except OSError as exc:
+            return [(call, None, exc) for call in group]
+        try:
+            return self._transaction(db, group, "BEGIN IMMEDIATE")
+        finally:
+            lock.release()  # once the group's transaction has ended, before any answer
+
+    def _transaction(
+        self, db: sqlite3.Connection, group: list[_Call], begin: str
+    ) -> list[tuple[_Call, Any, BaseException | None]]:
         outcomes: list[tuple[_Call, Any, BaseException | None]] = []
         try:
-            db.execute("BEGIN IMMEDIATE" if any(c.mode == "write" for c in group) else "BEGIN")
+            db.execute(begin)
         except sqlite3.Error as exc:
             return [(call, None, exc) for call in group]
         if len(group) == 1:  # the transaction is the call's own: no savepoint needed
