@@ -12,6 +12,7 @@ notice. ``core.testing`` holds the conformance suites and the fake upstream.
 __version__ = "0.1.0"
 
 from .bodies import decode_body
+from .cluster import MAX_SIGNAL_BYTES, ClusterStore, Receiver
 from .config import ModelConfig
 from .credentials import Redactor, bearer_matches, url_credentials, without_credentials
 from .errors import (
@@ -28,6 +29,7 @@ from .errors import (
     InvalidEmail,
     NotAllowed,
     NotFound,
+    OutOfStanding,
     Problem,
     ProviderError,
     RateLimited,
@@ -42,6 +44,7 @@ from .errors import (
     UpstreamBalanceExhausted,
 )
 from .hookspecs import hookimpl
+from .limits import COUNTED_KINDS, DAY_MS, IN_FLIGHT_MS, OPEN_KINDS, WINDOW_MS, refuse_past
 from .locks import KeyedLock
 from .money import MAX_BALANCE, MICRO, format_amount, parse_amount
 from .pages import web_page
@@ -75,7 +78,7 @@ from .services.catalog import Route
 from .services.completions import Completion
 from .services.conversations import Transcript
 from .services.generations import Generation, Outcome
-from .store import LeaseStore, Store
+from .store import COPIED_COLUMNS, CopyableStore, LeaseStore, Store, StoreTotals
 from .streaming import PACE, ReplyStream
 from .surface import Surface
 from .tokens import estimate_prompt_tokens, estimate_tokens, is_cjk
@@ -93,11 +96,18 @@ from .types import (
 )
 
 __all__ = [
+    "COPIED_COLUMNS",
+    "COUNTED_KINDS",
+    "DAY_MS",
     "EMAIL",
+    "IN_FLIGHT_MS",
     "MAX_BALANCE",
+    "MAX_SIGNAL_BYTES",
     "MICRO",
+    "OPEN_KINDS",
     "PACE",
     "PROVIDER_ERRORS",
+    "WINDOW_MS",
     "ApiKey",
     "AuthenticationFailed",
     "BadRequest",
@@ -106,6 +116,7 @@ __all__ = [
     "ChatMessage",
     "ChatRequest",
     "ChatgateError",
+    "ClusterStore",
     "Completion",
     "ConfigError",
     "Conflict",
@@ -113,6 +124,7 @@ __all__ = [
     "ContextTooLong",
     "Conversation",
     "ConversationPatch",
+    "CopyableStore",
     "Finish",
     "FinishReason",
     "Generation",
@@ -135,6 +147,7 @@ __all__ = [
     "NoOptions",
     "NotAllowed",
     "NotFound",
+    "OutOfStanding",
     "Outcome",
     "Payer",
     "Plugin",
@@ -148,6 +161,7 @@ __all__ = [
     "RateLimits",
     "RateUse",
     "ReasoningDelta",
+    "Receiver",
     "Redactor",
     "Reply",
     "ReplyStream",
@@ -155,6 +169,7 @@ __all__ = [
     "Services",
     "Store",
     "StoreError",
+    "StoreTotals",
     "Superseded",
     "Surface",
     "Timeout",
@@ -183,6 +198,7 @@ __all__ = [
     "is_cjk",
     "normalize_email",
     "parse_amount",
+    "refuse_past",
     "url_credentials",
     "utcnow",
     "web_page",

@@ -160,6 +160,12 @@ def create_app(
             # The detail (paths, hosts) is for the operator's log, not for anonymous callers.
             log.warning("health check: the store did not answer: %s: %s", type(exc).__name__, exc)
             store_health.update(ok=False, error=f"{type(exc).__name__}; see the server log")
+        generations = services.generations
+        if generations.cluster is not None and generations.instance is not None:
+            store_health["instance"] = generations.instance
+            if store_health["ok"] and (standing := generations.cluster.standing()) is not None:
+                # Fail closed, and say so: the proxy stops sending requests here meanwhile.
+                store_health.update(ok=False, error=f"out of standing: {standing}")
         body: dict[str, Any] = {
             "status": "ok" if store_health["ok"] else "unavailable",
             "version": __version__,

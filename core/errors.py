@@ -25,6 +25,7 @@ Exception tree::
         ├── UpstreamBalanceExhausted  402 upstream: the operator's account is empty
         ├── RateLimited            429, retryable, ``retry_after`` seconds when known
         ├── Unavailable            5xx, connection failures, malformed answers; retryable
+        │   └── OutOfStanding      503: this process cannot prove to the others it is alive
         └── Timeout                no answer within the configured time; retryable
 """
 
@@ -204,6 +205,13 @@ class Unavailable(ProviderError):
     status = 503
     code = "upstream_unavailable"
     retryable = True
+
+
+class OutOfStanding(Unavailable):
+    """This process lost its standing among those sharing the store (:mod:`core.cluster`), so it
+    admits nothing (fail closed): another instance will answer. Not the upstream's fault."""
+
+    code = "gateway_unavailable"
 
 
 class Timeout(ProviderError):

@@ -1,14 +1,19 @@
 """The store interface: what a storage backend promises.
 
 :class:`Store` is what every backend writes; :class:`LeaseStore` adds leases, an
-optional capability that takes the store off the path of a busy key's requests.
-The records it keeps are in :mod:`core.records`.
+optional capability that takes the store off the path of a busy key's requests;
+:class:`CopyableStore` another, which lets ``chatgate store copy`` move everything
+to a store of another kind. The records it keeps are in :mod:`core.records`.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
+from typing import Any, ClassVar
+
+import msgspec
 
 from .plugin import Plugin
 from .records import (
@@ -319,3 +324,147 @@ class LeaseStore(Store):
         a released lease changes nothing and returns it; an entry that is no lease
         raises :class:`~core.errors.StoreError`.
         """
+
+
+COPIED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "users": ("id", "email", "balance", "created_at"),
+    "api_keys": (
+        "id",
+        "user_id",
+        "name",
+        "prefix",
+        "key_hash",
+        "created_at",
+        "revoked_at",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "concurrent_requests",
+    ),
+    "ledger": (
+        "id",
+        "user_id",
+        "amount",
+        "balance_after",
+        "kind",
+        "key_id",
+        "model",
+        "provider",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_ms",
+        "outcome",
+        "note",
+        "created_at",
+        "updated_at",
+        "requests",
+    ),
+    "rate_window": ("key_id", "second", "requests", "tokens"),
+    "conversations": (
+        "id",
+        "user_id",
+        "kind",
+        "name",
+        "favorite",
+        "series_id",
+        "summary",
+        "summary_until",
+        "created_at",
+        "updated_at",
+        "revision",
+    ),
+    "messages": (
+        "id",
+        "conversation_id",
+        "role",
+        "content",
+        "reasoning",
+        "status",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "error",
+        "created_at",
+        "updated_at",
+        "ledger_id",
+        "revision",
+    ),
+}
+"""What :class:`CopyableStore` copies: each table's columns, tables in copy order (a row
+refers only to rows of tables before its own).
+
+Values are ``int``, ``str`` or None, but for times (every column whose name ends in
+``_at``: timezone-aware UTC datetimes, millisecond precision) and ``favorite`` (a
+``bool``). ``users.balance`` is the balance as stored, without what open leases hold
+(see :class:`LeaseStore`). ``rate_window`` holds each key's requests and tokens per
+whole second (Unix time) of its sliding minute. A store may keep more columns than
+these (which process owns an entry, say): they are not copied, and loaded rows get
+their defaults.
+"""
+
+
+class StoreTotals(msgspec.Struct, frozen=True):
+    """What a store holds, in numbers that a faithful copy keeps.
+
+    ``rows``: rows per table of :data:`COPIED_COLUMNS`; ``balances``: the sum of
+    ``users.balance`` as stored; ``ledger``: the sum of the ledger's amounts (micro-credits).
+    """
+
+    rows: dict[str, int]
+    balances: int
+    ledger: int
+
+
+class CopyableStore(Store):
+    """A store whose whole content can be copied into another one, ids and all.
+
+    Copying is optional. ``chatgate store copy`` (:func:`core.store_copy.copy_store`)
+    moves an operator from one store to another (SQLite to PostgreSQL) when both are
+    copyable: it dumps each table of :data:`COPIED_COLUMNS` from one, in order, and
+    loads it into the other, which must be empty; API keys, balances, conversations and
+    their ids then work unchanged. It is meant for stores nobody serves from while it
+    runs.
+
+    Promises beyond :class:`Store`:
+
+    - :meth:`dump` and :meth:`load` carry rows as column -> value dicts with exactly the
+      columns :data:`COPIED_COLUMNS` lists, typed as it says, so any two copyable stores
+      can exchange them;
+    - :meth:`load` stores the rows as they are: the same ids, times, balances and
+      revisions (no trigger or default rewrites a copied value);
+    - after :meth:`after_load`, rows the store creates take ids above every row loaded,
+      and above the ids the source ever gave out (:meth:`last_ids`), so an id a client
+      kept from a deleted conversation still never lands on someone else's.
+    """
+
+    TABLES: ClassVar[tuple[str, ...]] = tuple(COPIED_COLUMNS)
+    """The tables copied, in copy order."""
+
+    @abc.abstractmethod
+    def dump(self, table: str) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every row of ``table`` (one of :attr:`TABLES`), in batches, ordered by its key
+        (``id``; ``rate_window``: ``key_id``, ``second``)."""
+
+    @abc.abstractmethod
+    async def load(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` (as :meth:`dump` gives them) into ``table`` as they are, in one transaction.
+
+        Rows of the tables before ``table`` that these refer to are loaded already.
+        """
+
+    @abc.abstractmethod
+    async def is_empty(self) -> bool:
+        """Whether no table of :attr:`TABLES` has a row."""
+
+    @abc.abstractmethod
+    async def last_ids(self) -> dict[str, int]:
+        """For each table of :attr:`TABLES` with an ``id``, the highest id it ever gave a row
+        (0: none), counting rows deleted since; at least the highest id it holds."""
+
+    @abc.abstractmethod
+    async def after_load(self, last_ids: Mapping[str, int]) -> None:
+        """Make rows created from now on take ids above every row loaded and above
+        ``last_ids`` (the source's :meth:`last_ids`; a table missing from it: 0)."""
+
+    @abc.abstractmethod
+    async def totals(self) -> StoreTotals:
+        """Row counts and money sums of what the store holds, as of one moment."""

@@ -9,6 +9,7 @@ one, the tests that need it skip, unless ``CHATGATE_REQUIRE_POSTGRES`` is set
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import os
 import secrets
@@ -40,7 +41,7 @@ def _with_database(dsn: str, database: str) -> str:
     return f"{base}/{database}"
 
 
-async def _admin(sql: str) -> None:
+async def _execute(sql: str) -> None:
     conn = await asyncpg.connect(ADMIN_DSN, timeout=5)
     try:
         await conn.execute(sql)
@@ -48,12 +49,18 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
+def _admin(sql: str) -> None:
+    # On a thread of its own: the fixture may be set up from inside a running event loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, _execute(sql)).result()
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Database]:
     """A throwaway database on the local server, dropped at the end of the run."""
     name = f"chatgate_test_{os.getpid()}_{secrets.token_hex(3)}"
     try:
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+        _admin(f'CREATE DATABASE "{name}"')
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         if os.environ.get("CHATGATE_REQUIRE_POSTGRES"):
             raise RuntimeError(f"PostgreSQL is required at {ADMIN_DSN}: {exc}") from exc
@@ -61,4 +68,4 @@ def postgres() -> Iterator[Database]:
     try:
         yield Database(_with_database(ADMIN_DSN, name))
     finally:
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

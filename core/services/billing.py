@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -19,7 +20,7 @@ from decimal import Decimal
 import msgspec
 
 from ..config import ModelConfig
-from ..errors import ContextTooLong
+from ..errors import ContextTooLong, OutOfStanding
 from ..records import LedgerDraft, LedgerEntry, LedgerSettlement, Message, RateLimits, RateUse, UsageDay
 from ..store import LeaseStore, Store
 from ..tokens import estimate_request_tokens, estimate_tokens
@@ -100,6 +101,8 @@ class Billing:
         self.models = models
         self._giving_back: set[asyncio.Future[LedgerEntry]] = set()
         self.leases = Leases(store) if isinstance(store, LeaseStore) else None
+        self.standing: Callable[[], str | None] | None = None
+        """Set once this process joined a cluster store: why it may not admit now, or None."""
 
     async def aclose(self) -> None:
         """Post the charges of requests admitted under leases and release the leases."""
@@ -163,6 +166,9 @@ class Billing:
             InsufficientBalance: the balance cannot cover it; nothing was written.
             ContextTooLong: the request cannot fit the model's context; nothing was written.
         """
+        if self.standing is not None and (why := self.standing()) is not None:
+            # Fail closed: others may be taking over what this process holds (core.cluster).
+            raise OutOfStanding(f"this gateway instance admits nothing just now: {why}; retry shortly")
         if quota is not None:
             return await self._reserve_unpriced(user_id, route, request, quota)
         prompt = self.prompt_tokens(route, request)

@@ -23,8 +23,9 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from ..cluster import ClusterStore
 from ..errors import ProviderError
 from ..locks import KeyedLock
 from ..records import Message, MessagePatch, MessageStatus, utcnow
@@ -36,6 +37,13 @@ from .catalog import Route
 
 STALE_RESERVATION = timedelta(hours=1)
 """A reservation older than this, held by no reply, outlived any request (total_timeout is 15 min)."""
+
+RECOVER_EVERY = 1.0
+"""Seconds between looks for processes that died (with a cluster store): what they left is taken over."""
+
+HANDOVER_TIMEOUT = 2.0
+"""How long a newer request waits for another process to stop and persist the reply it interrupts
+(a process that died meanwhile is found by the next look for dead ones)."""
 
 log = logging.getLogger("chatgate.generations")
 
@@ -189,9 +197,20 @@ class Generations:
         self._running: dict[int, Generation] = {}
         self._exclusive = KeyedLock()  # one start or interrupt at a time per conversation
         self._ticker: asyncio.Task[None] | None = None
+        # With a cluster store, processes sharing it act as one: a reply running in another one
+        # is interrupted by a signal, and what a dead one left is taken over (core.cluster).
+        self.cluster = store if isinstance(store, ClusterStore) else None
+        self.instance: str | None = None
+        self._handovers: dict[int, asyncio.Event] = {}  # replies another process was asked to stop
+        self._signalled: set[asyncio.Task[Any]] = set()
+        self._standing: str | None = None
 
     async def start(self) -> None:
-        """Mark replies orphaned by a crash as interrupted and start persisting."""
+        """Join the processes sharing the store, take over what crashed ones left (replies
+        marked interrupted, their charges settled) and start persisting."""
+        if self.cluster is not None:
+            self.instance = await self.cluster.join(self._on_signal)
+            self.billing.standing = self.cluster.standing
         await self.sweep()
         self._ticker = asyncio.create_task(self._tick(), name="chatgate-generation-ticker")
 
@@ -244,13 +263,86 @@ class Generations:
             generation.task = asyncio.create_task(producing, name=f"chatgate-gen-{message_id}")
             return generation
 
-    async def interrupt(self, conversation_id: int) -> bool:
-        """Stop the conversation's running generation, if any, and wait until it is persisted."""
+    async def interrupt(self, conversation_id: int, *, stored: Message | None = None) -> bool:
+        """Stop the conversation's running generation, if any, and wait until it is persisted.
+
+        ``stored`` is the conversation's reply the store shows ``generating``, if the caller
+        read one: when it does not run here, the process running it is asked to stop it
+        (with a cluster store), and this waits until that one persisted it (at most
+        :data:`HANDOVER_TIMEOUT`).
+        """
         async with self._exclusive.hold(conversation_id):
-            return await self._interrupt_locked(conversation_id)
+            if await self._interrupt_locked(conversation_id):
+                return True
+        if stored is None or stored.status != "generating" or self.cluster is None:
+            return False
+        return await self._interrupt_elsewhere(conversation_id, stored.id)
+
+    async def _interrupt_elsewhere(self, conversation_id: int, message_id: int) -> bool:
+        assert self.cluster is not None
+        stopped = self._handovers.setdefault(message_id, asyncio.Event())
+        try:
+            await self.cluster.signal(f"interrupt {conversation_id} {message_id}")
+            async with asyncio.timeout(HANDOVER_TIMEOUT):
+                await stopped.wait()
+            return True
+        except TimeoutError:
+            log.warning("reply %d did not stop within %.0f s of the signal", message_id, HANDOVER_TIMEOUT)
+            return False
+        finally:
+            self._handovers.pop(message_id, None)
+
+    def _on_signal(self, message: str) -> None:
+        """Another process's signal: stop a reply running here, or hear that one stopped."""
+        verb, *args = message.split()
+        try:
+            numbers = [int(arg) for arg in args]
+        except ValueError:
+            numbers = []
+        if verb == "interrupt" and len(numbers) == 2:
+            conversation_id, message_id = numbers
+            generation = self._running.get(conversation_id)
+            if generation is not None and generation.message_id == message_id:
+                task = asyncio.create_task(self._stop_for_peer(conversation_id, message_id))
+                self._signalled.add(task)
+                task.add_done_callback(self._signalled.discard)
+        elif verb == "stopped" and len(numbers) == 1:
+            stopped = self._handovers.get(numbers[0])
+            if stopped is not None:
+                stopped.set()
+
+    async def _stop_for_peer(self, conversation_id: int, message_id: int) -> None:
+        assert self.cluster is not None
+        try:
+            await self.interrupt(conversation_id)
+            await self.cluster.signal(f"stopped {message_id}")
+        except Exception:
+            log.exception("could not stop reply %d for another process", message_id)
+
+    async def recover(self) -> int:
+        """Take over what processes that died left (with a cluster store): their replies are
+        marked interrupted and settled, their reservations and leases settled."""
+        if self.cluster is None:
+            return 0
+        replies, entries = await self.cluster.recover()
+        for reply in replies:
+            await self.billing.settle_abandoned(reply)
+            if (stopped := self._handovers.get(reply.id)) is not None:
+                stopped.set()  # whoever waits for it to stop: it did, with its process
+        for entry in entries:
+            await self.billing.settle_stale(entry)
+        if replies or entries:
+            log.warning(
+                "took over what a stopped process left: %d reply(ies) marked interrupted, %d"
+                " reservation(s) and lease(s) settled",
+                len(replies),
+                len(entries),
+            )
+        return len(replies) + len(entries)
 
     async def sweep(self) -> int:
         """Mark replies a crashed process stopped writing as interrupted, and settle their charges."""
+        recovered = await self.recover()
         now = utcnow()
         orphans = await self.store.interrupt_stale_generations(now - timedelta(seconds=self.stale_after))
         for reply in orphans:
@@ -264,7 +356,7 @@ class Generations:
             await self.billing.settle_stale(entry)
         if stale:
             log.warning("settled %d reservation(s) a stopped process left unsettled", len(stale))
-        return len(orphans) + len(stale)
+        return recovered + len(orphans) + len(stale)
 
     async def _interrupt_locked(self, conversation_id: int) -> bool:
         generation = self._running.get(conversation_id)
@@ -325,10 +417,18 @@ class Generations:
 
     async def _tick(self) -> None:
         heartbeat = self.stale_after / 3
-        swept_at = time.monotonic()
+        swept_at = recovered_at = time.monotonic()
         while True:
             await asyncio.sleep(self.flush_interval)
             now = time.monotonic()
+            if self.cluster is not None:
+                self._watch_standing()
+                if now - recovered_at >= RECOVER_EVERY and self._standing is None:
+                    recovered_at = now
+                    try:
+                        await self.recover()
+                    except Exception:
+                        log.exception("could not take over what stopped processes left")
             due = [
                 generation
                 for generation in self._running.values()
@@ -359,3 +459,14 @@ class Generations:
             except Exception:
                 generation._dirty = True  # try again next tick; the final write carries everything anyway
                 log.exception("could not persist partial reply %d", generation.message_id)
+
+    def _watch_standing(self) -> None:
+        """Out of standing, others will take over this process's replies: stop them first."""
+        assert self.cluster is not None
+        standing = self.cluster.standing()
+        if standing is not None and self._standing is None:
+            for conversation_id in list(self._running):
+                task = asyncio.create_task(self.interrupt(conversation_id))
+                self._signalled.add(task)
+                task.add_done_callback(self._signalled.discard)
+        self._standing = standing

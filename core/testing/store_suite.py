@@ -103,13 +103,9 @@ def ledger_total(entries: list[LedgerEntry]) -> int:
     return sum(entry.amount for entry in entries)
 
 
-class StoreConformance:
-    """Tests every store must pass: the behaviour :class:`~core.store.Store` promises.
-
-    Where the interface leaves a choice, the suite pins it down: creating a
-    row for a missing user raises NotFound; ``balance_after`` of a settled
-    entry is the user's balance right after the settlement.
-    """
+class OpensStores:
+    """What every suite of stores shares: ``connect_store``, which opens store instances on
+    the test's database through the subclass's ``open_store`` and closes them at teardown."""
 
     @pytest_asyncio.fixture
     async def connect_store(self, open_store: OpenStore) -> AsyncIterator[OpenStore]:
@@ -124,6 +120,15 @@ class StoreConformance:
         yield connect
         for store in opened:
             await store.aclose()
+
+
+class StoreConformance(OpensStores):
+    """Tests every store must pass: the behaviour :class:`~core.store.Store` promises.
+
+    Where the interface leaves a choice, the suite pins it down: creating a
+    row for a missing user raises NotFound; ``balance_after`` of a settled
+    entry is the user's balance right after the settlement.
+    """
 
     @pytest_asyncio.fixture
     async def store(self, connect_store: OpenStore) -> Store:

@@ -103,7 +103,8 @@ class Chats:
         async with self.starting.hold(user.id):
             conversation = await services.conversations.latest(user.id, KIND)
             if conversation is not None:
-                await services.generations.interrupt(conversation.id)
+                elsewhere = await services.conversations.running_elsewhere(conversation)
+                await services.generations.interrupt(conversation.id, stored=elsewhere)
                 # Read again after the interrupt: it may have stored a partial reply.
                 current = await services.conversations.get(user.id, conversation.id)
                 if await services.conversations.messages(current):

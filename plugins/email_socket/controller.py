@@ -24,6 +24,7 @@ from core import (
     ContentDelta,
     ContextTooLong,
     Generation,
+    OutOfStanding,
     RateLimitExceeded,
     ReasoningDelta,
     ReplyStream,
@@ -116,6 +117,8 @@ def exception_handlers(limit: int) -> ExceptionHandlersMap:
             return failure(403, str(exc))
         if isinstance(exc, Unsupported):
             return failure(415, str(exc))
+        if isinstance(exc, OutOfStanding):  # fail closed: another instance answers meanwhile
+            return failure(503, str(exc))
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return failure(500, f"internal error ({type(exc).__name__}); the server log has the details")
 

@@ -24,6 +24,7 @@ from core import (
     ContextTooLong,
     Finish,
     InsufficientBalance,
+    OutOfStanding,
     ProviderError,
     ProviderEvent,
     RateLimitExceeded,
@@ -200,6 +201,8 @@ class ChatCompletions:
             return rate_limited(exc, limits)
         except InsufficientBalance as exc:
             return error(403, str(exc), "insufficient_quota", "insufficient_user_quota")
+        except OutOfStanding as exc:  # fail closed; the SDKs retry a 503, and the next may land elsewhere
+            return error(503, str(exc), "server_error", exc.code, headers={"Retry-After": "1"})
         except ContextTooLong as exc:
             message = (
                 f"This model's maximum context length is {route.config.context_tokens} tokens. However, "

@@ -25,7 +25,12 @@ import asyncpg
 import msgspec
 
 from core import (
+    COUNTED_KINDS,
+    DAY_MS,
+    IN_FLIGHT_MS,
     MAX_BALANCE,
+    OPEN_KINDS,
+    WINDOW_MS,
     BalanceTooLarge,
     InsufficientBalance,
     LedgerDraft,
@@ -35,17 +40,12 @@ from core import (
     RateLimits,
     RateUse,
     StoreError,
+    refuse_past,
     utcnow,
 )
 
 from .rows import balance_of, by_id, found, record
 
-COUNTED = ("reservation", "lease", "charge")
-"""Ledger kinds that count against a key's rate limits."""
-
-WINDOW_MS = 60_000  # the sliding minute of rate limits
-IN_FLIGHT_MS = 15 * 60_000  # an older unsettled reservation belongs to a crashed process
-DAY_MS = 24 * 3600_000  # the window of tokens_per_day
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MS = timedelta(milliseconds=1)
 
@@ -69,7 +69,7 @@ def _user_lock(user_id: int) -> int:
 
 
 async def admit(
-    conn: asyncpg.Connection, draft: LedgerDraft, limits: RateLimits, floor: int
+    conn: asyncpg.Connection, draft: LedgerDraft, limits: RateLimits, floor: int, owner: str | None
 ) -> tuple[LedgerEntry, RateUse]:
     assert draft.key_id is not None
     await conn.execute("SELECT pg_advisory_xact_lock($1)", _key_lock(draft.key_id))
@@ -92,8 +92,8 @@ async def admit(
     oldest = now // 1000 if oldest is None else oldest
     reset = max(0.0, (oldest * 1000 + WINDOW_MS - now) / 1000)
     use = RateUse(requests, tokens, concurrent, reset, reset)
-    _refuse_past(limits, use)
-    entry = await _post(conn, draft, floor, now)
+    refuse_past(limits, use)
+    entry = await _post(conn, draft, floor, now, owner)
     if stale:  # about once a second per busy key, not once a request; after the user's row (order 4)
         await conn.execute(
             "DELETE FROM rate_window WHERE key_id = $1 AND second < $2", draft.key_id, first_second
@@ -101,19 +101,13 @@ async def admit(
     return entry, use
 
 
-def _refuse_past(limits: RateLimits, use: RateUse) -> None:
-    for limit, used, retry in (
-        ("requests_per_minute", use.requests, use.requests_reset),
-        ("tokens_per_minute", use.tokens, use.tokens_reset),
-        ("concurrent_requests", use.concurrent, 1.0),
-    ):
-        allowed = getattr(limits, limit)
-        if allowed is not None and used > allowed:
-            raise RateLimitExceeded(limit, allowed, retry, use)
-
-
 async def admit_keyless(
-    conn: asyncpg.Connection, draft: LedgerDraft, limits: RateLimits, floor: int, tokens_per_day: int | None
+    conn: asyncpg.Connection,
+    draft: LedgerDraft,
+    limits: RateLimits,
+    floor: int,
+    tokens_per_day: int | None,
+    owner: str | None,
 ) -> tuple[LedgerEntry, RateUse]:
     await conn.execute("SELECT pg_advisory_xact_lock($1)", _user_lock(draft.user_id))
     now = now_ms()
@@ -138,11 +132,11 @@ async def admit_keyless(
     oldest_ms = now if oldest is None else (oldest - EPOCH) // MS
     reset = max(0.0, (oldest_ms + WINDOW_MS - now) / 1000)
     use = RateUse(requests, tokens, concurrent, reset, reset)
-    _refuse_past(limits, use)
+    refuse_past(limits, use)
     if tokens_per_day is not None and int(day) >= tokens_per_day:
         retry = await _day_frees(conn, draft, now, tokens_per_day)
         raise RateLimitExceeded("tokens_per_day", tokens_per_day, retry, use)
-    return await _post(conn, draft, floor, now), use
+    return await _post(conn, draft, floor, now, owner), use
 
 
 async def _day_frees(conn: asyncpg.Connection, draft: LedgerDraft, now: int, tokens_per_day: int) -> float:
@@ -162,18 +156,22 @@ async def _day_frees(conn: asyncpg.Connection, draft: LedgerDraft, now: int, tok
     return DAY_MS / 1000
 
 
-async def post_ledger(conn: asyncpg.Connection, draft: LedgerDraft, floor: int | None) -> LedgerEntry:
-    return await _post(conn, draft, floor, now_ms())
+async def post_ledger(
+    conn: asyncpg.Connection, draft: LedgerDraft, floor: int | None, owner: str | None
+) -> LedgerEntry:
+    return await _post(conn, draft, floor, now_ms(), owner)
 
 
 _INSERT_LEDGER = (
-    f"INSERT INTO ledger ({', '.join(LedgerDraft.__struct_fields__)}, balance_after, created_at, updated_at)"
-    f" VALUES ({', '.join(f'${n}' for n in range(1, len(LedgerDraft.__struct_fields__) + 4))})"
+    f"INSERT INTO ledger ({', '.join(LedgerDraft.__struct_fields__)}, balance_after, created_at, updated_at,"
+    f" owner) VALUES ({', '.join(f'${n}' for n in range(1, len(LedgerDraft.__struct_fields__) + 5))})"
 )
 _LEDGER_COLUMNS = ", ".join(LedgerEntry.__struct_fields__)
 
 
-async def _post(conn: asyncpg.Connection, draft: LedgerDraft, floor: int | None, now: int) -> LedgerEntry:
+async def _post(
+    conn: asyncpg.Connection, draft: LedgerDraft, floor: int | None, now: int, owner: str | None
+) -> LedgerEntry:
     # The floor and ceiling checks and the move in one conditional statement: concurrent
     # charges re-check the WHERE against the committed balance, so none can overdraw.
     moved = None
@@ -196,9 +194,14 @@ async def _post(conn: asyncpg.Connection, draft: LedgerDraft, floor: int | None,
         raise InsufficientBalance(balance, draft.amount)
     stamp = moment(now)
     entry_id = await conn.fetchval(
-        _INSERT_LEDGER + " RETURNING id", *msgspec.structs.astuple(draft), moved, stamp, stamp
+        _INSERT_LEDGER + " RETURNING id",
+        *msgspec.structs.astuple(draft),
+        moved,
+        stamp,
+        stamp,
+        owner if draft.kind in OPEN_KINDS else None,  # what stays open belongs to its process (core.cluster)
     )
-    if draft.key_id is not None and draft.kind in COUNTED:
+    if draft.key_id is not None and draft.kind in COUNTED_KINDS:
         await _count(conn, draft.key_id, now, draft.requests, draft.prompt_tokens + draft.completion_tokens)
     d = draft
     return LedgerEntry(
@@ -236,8 +239,8 @@ async def settle_ledger(conn: asyncpg.Connection, entry_id: int, settlement: Led
     )
     if key_id is not None:
         # The minute the entry was counted in now counts what it really used.
-        was = kind in COUNTED
-        counts = settlement.kind in COUNTED
+        was = kind in COUNTED_KINDS
+        counts = settlement.kind in COUNTED_KINDS
         tokens = (settlement.prompt_tokens + settlement.completion_tokens) * counts
         tokens -= (prompt_tokens + completion_tokens) * was
         await _count(conn, key_id, (created_at - EPOCH) // MS, counts - was, tokens)
@@ -291,7 +294,7 @@ async def charge_lease(
         "UPDATE ledger SET amount = $1, updated_at = $2 WHERE id = $3", min(0, left), stamp, lease_id
     )
     await conn.executemany(
-        _INSERT_LEDGER, [(*msgspec.structs.astuple(c), balance, stamp, stamp) for c in charges]
+        _INSERT_LEDGER, [(*msgspec.structs.astuple(c), balance, stamp, stamp, None) for c in charges]
     )
     if key_id is not None:
         used = sum(charge.prompt_tokens + charge.completion_tokens for charge in charges)

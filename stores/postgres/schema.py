@@ -55,13 +55,15 @@ MIGRATIONS: list[str] = [
         note text,
         created_at timestamptz NOT NULL,
         updated_at timestamptz NOT NULL,
-        requests bigint NOT NULL DEFAULT 1
+        requests bigint NOT NULL DEFAULT 1,
+        owner text
     );
     CREATE INDEX ledger_user ON ledger (user_id, id);
     CREATE INDEX ledger_key ON ledger (key_id, created_at) WHERE key_id IS NOT NULL;
     CREATE INDEX ledger_in_flight ON ledger (key_id, created_at) WHERE kind IN ('reservation', 'lease');
     CREATE INDEX ledger_leases ON ledger (user_id) WHERE kind = 'lease';
     CREATE INDEX ledger_keyless ON ledger (user_id, created_at) WHERE key_id IS NULL;
+    CREATE INDEX ledger_owner ON ledger (owner) WHERE kind IN ('reservation', 'lease');
     -- A key's sliding minute as per-second counts (see stores/sqlite/schema.py, migration 5).
     CREATE TABLE rate_window (
         key_id bigint NOT NULL,
@@ -98,12 +100,24 @@ MIGRATIONS: list[str] = [
         created_at timestamptz NOT NULL,
         updated_at timestamptz NOT NULL,
         ledger_id bigint REFERENCES ledger (id),
-        revision bigint NOT NULL DEFAULT 0
+        revision bigint NOT NULL DEFAULT 0,
+        owner text
     );
     CREATE INDEX messages_conversation ON messages (conversation_id, id);
     CREATE INDEX messages_revision ON messages (conversation_id, revision);
     CREATE INDEX messages_generating ON messages (updated_at) WHERE status = 'generating';
     CREATE INDEX messages_ledger ON messages (ledger_id) WHERE ledger_id IS NOT NULL;
+    CREATE INDEX messages_owner ON messages (owner) WHERE status = 'generating';
+    -- Processes serving from this schema (core.cluster). One is alive while its session holds
+    -- the advisory lock (the schema's lock space, id); heartbeat_at is for the operator's eye.
+    CREATE TABLE instances (
+        id integer PRIMARY KEY,
+        pid integer NOT NULL,
+        host text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE SEQUENCE instances_id AS integer;
     -- Every write to a message moves its conversation's revision and stamps the message with
     -- it. The conversation's row lock orders writers, so revisions commit in order.
     CREATE FUNCTION chatgate_stamp_message() RETURNS trigger LANGUAGE plpgsql AS $$

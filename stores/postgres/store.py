@@ -12,8 +12,9 @@ and migrated under an advisory lock on a connection of its own
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -21,9 +22,12 @@ import asyncpg
 import msgspec
 
 from core import (
+    MAX_SIGNAL_BYTES,
     ApiKey,
+    ClusterStore,
     Conversation,
     ConversationPatch,
+    CopyableStore,
     LeaseStore,
     LedgerDraft,
     LedgerEntry,
@@ -34,12 +38,14 @@ from core import (
     NotFound,
     RateLimits,
     RateUse,
+    Receiver,
     StoreError,
+    StoreTotals,
     UsageDay,
     User,
 )
 
-from . import ledger
+from . import cluster, copying, ledger
 from .rows import all_of, assigned, balance_of, by_id, first, found, insert, record, update, write_one
 from .schema import migrate
 
@@ -91,7 +97,7 @@ class PostgresOptions(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError(f"connect_timeout_s to be > 0 (it is {self.connect_timeout_s})")
 
 
-class PostgresStore(LeaseStore):
+class PostgresStore(LeaseStore, CopyableStore, ClusterStore):
     """Keeps everything in one PostgreSQL database, shared by any number of processes.
 
     Promises beyond :class:`~core.store.LeaseStore`: admission is exact across
@@ -111,6 +117,7 @@ class PostgresStore(LeaseStore):
         self.options: PostgresOptions = options
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
+        self._membership: cluster.Membership | None = None
 
     def describe(self) -> dict[str, Any]:
         # Never the DSN itself: it may carry a password.
@@ -123,11 +130,8 @@ class PostgresStore(LeaseStore):
             if self._pool is not None:
                 return
             options = self.options
-            settings = {"search_path": f'"{options.schema}"', "application_name": f"chatgate {self.instance}"}
             try:
-                conn = await asyncpg.connect(
-                    options.dsn, timeout=options.connect_timeout_s, server_settings=settings
-                )
+                conn = await self._connect()
                 try:
                     await migrate(conn, options.schema)
                 finally:
@@ -138,7 +142,7 @@ class PostgresStore(LeaseStore):
                     max_size=options.pool_size,
                     timeout=options.connect_timeout_s,
                     statement_cache_size=options.statement_cache_size,
-                    server_settings=settings,
+                    server_settings=self._settings(),
                 )
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise StoreError(
@@ -146,8 +150,21 @@ class PostgresStore(LeaseStore):
                     "check [store] dsn and that the server is up"
                 ) from exc
 
+    def _settings(self) -> dict[str, str]:
+        return {"search_path": f'"{self.options.schema}"', "application_name": f"chatgate {self.instance}"}
+
+    async def _connect(self) -> asyncpg.Connection:
+        """A connection of its own, outside the pool."""
+        options = self.options
+        return await asyncpg.connect(
+            options.dsn, timeout=options.connect_timeout_s, server_settings=self._settings()
+        )
+
     async def aclose(self) -> None:
         async with self._opening:
+            membership, self._membership = self._membership, None
+            if membership is not None:
+                await membership.close()
             pool, self._pool = self._pool, None
             if pool is not None:
                 await pool.close()
@@ -241,14 +258,14 @@ class PostgresStore(LeaseStore):
     ) -> tuple[LedgerEntry, RateUse]:
         if draft.key_id is None:
             return await self._write(
-                lambda conn: ledger.admit_keyless(conn, draft, limits, floor, tokens_per_day)
+                lambda conn: ledger.admit_keyless(conn, draft, limits, floor, tokens_per_day, self._owner())
             )
         if tokens_per_day is not None:
             raise ValueError("tokens_per_day applies to usage without a key only")
-        return await self._write(lambda conn: ledger.admit(conn, draft, limits, floor))
+        return await self._write(lambda conn: ledger.admit(conn, draft, limits, floor, self._owner()))
 
     async def post_ledger(self, draft: LedgerDraft, *, floor: int | None = 0) -> LedgerEntry:
-        return await self._write(lambda conn: ledger.post_ledger(conn, draft, floor))
+        return await self._write(lambda conn: ledger.post_ledger(conn, draft, floor, self._owner()))
 
     async def settle_ledger(self, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
         return await self._write(lambda conn: ledger.settle_ledger(conn, entry_id, settlement))
@@ -374,6 +391,8 @@ class PostgresStore(LeaseStore):
         return message
 
     async def append_messages(self, conversation_id: int, drafts: list[MessageDraft]) -> list[Message]:
+        owner = self._owner()
+
         async def append(conn: asyncpg.Connection) -> list[Message]:
             # Lock the conversation first, then read the clock: appends to it take their ids
             # and times in one order, whatever process makes them.
@@ -387,6 +406,8 @@ class PostgresStore(LeaseStore):
             appended = []
             for draft in drafts:
                 values = {**msgspec.structs.asdict(draft), "conversation_id": conversation_id}
+                if draft.status == "generating":  # a reply being generated belongs to its process
+                    values["owner"] = owner
                 row = await insert(conn, "messages", {**values, "created_at": now, "updated_at": now})
                 appended.append(record(Message, row))
             return appended
@@ -395,6 +416,8 @@ class PostgresStore(LeaseStore):
 
     async def update_message(self, message_id: int, patch: MessagePatch) -> Message:
         values = {**assigned(patch), "updated_at": _now()}
+        if values.get("status") == "generating":  # a reply generated again belongs to this process
+            values["owner"] = self._owner()
 
         async def change(conn: asyncpg.Connection) -> Message:
             return record(
@@ -419,6 +442,74 @@ class PostgresStore(LeaseStore):
         )
         messages = await self._write(lambda conn: all_of(conn, Message, sql, _now(), updated_before))
         return sorted(messages, key=lambda m: m.id)
+
+    # processes acting as one (what makes this a ClusterStore)
+
+    async def join(self, receiver: Receiver) -> str:
+        if self._membership is not None:
+            raise StoreError("this store instance already joined")
+        self._pool_or_fail()
+        membership = cluster.Membership(self._connect, self.options.schema, receiver)
+        try:
+            instance = await membership.start()
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreError(f"cannot join the PostgreSQL store: {exc}") from exc
+        self._membership = membership
+        return instance
+
+    async def signal(self, message: str) -> None:
+        membership = self._membership
+        if membership is None:
+            raise StoreError("join before signalling")
+        if len(message.encode()) > MAX_SIGNAL_BYTES:
+            raise ValueError(f"a signal is at most {MAX_SIGNAL_BYTES} bytes")
+        payload = f"{membership.instance}|{message}"
+        await self._read(lambda conn: conn.execute("SELECT pg_notify($1, $2)", membership.channel, payload))
+
+    async def recover(self) -> tuple[list[Message], list[LedgerEntry]]:
+        membership = self._membership
+        if membership is None:
+            raise StoreError("join before recovering")
+        replies: list[Message] = []
+        entries: list[LedgerEntry] = []
+        for instance in await self._read(lambda conn: cluster.dead_instances(conn, membership.space)):
+            left = await self._write(functools.partial(cluster.take_over, instance=instance, now=_now()))
+            if left is not None:
+                replies += left[0]
+                entries += left[1]
+        return replies, entries
+
+    def standing(self) -> str | None:
+        return (
+            "this process has not joined the store" if self._membership is None else self._membership.standing
+        )
+
+    def _owner(self) -> str | None:
+        # Read at each write: after losing standing a process joins again under a new id.
+        return None if self._membership is None else self._membership.instance
+
+    # copying whole tables (what makes this a CopyableStore)
+
+    async def dump(self, table: str) -> AsyncIterator[list[dict[str, Any]]]:
+        after: tuple[Any, ...] | None = None
+        while rows := await self._read(functools.partial(copying.dump_batch, table=table, after=after)):
+            yield rows
+            after = tuple(rows[-1][column] for column in copying.key_of(table))
+
+    async def load(self, table: str, rows: list[dict[str, Any]]) -> None:
+        await self._write(functools.partial(copying.load, table=table, rows=rows))
+
+    async def is_empty(self) -> bool:
+        return await self._read(copying.is_empty, snapshot=True)
+
+    async def last_ids(self) -> dict[str, int]:
+        return await self._read(copying.last_ids, snapshot=True)
+
+    async def after_load(self, last_ids: Mapping[str, int]) -> None:
+        await self._write(functools.partial(copying.after_load, last=last_ids))
+
+    async def totals(self) -> StoreTotals:
+        return await self._read(copying.totals, snapshot=True)
 
     # plumbing
 

@@ -18,21 +18,27 @@ def create_conversation(db: sqlite3.Connection, values: dict[str, Any]) -> Conve
     return record(Conversation, insert(db, "conversations", {**values, "created_at": now, "updated_at": now}))
 
 
-def append_message(db: sqlite3.Connection, conversation_id: int, draft: MessageDraft) -> Message:
+def append_message(
+    db: sqlite3.Connection, conversation_id: int, draft: MessageDraft, owner: str | None = None
+) -> Message:
     now = now_ms()  # under the write lock, so timestamps follow ids across processes too
     bumped = fetch(
         db, "UPDATE conversations SET updated_at = ? WHERE id = ? RETURNING id", (now, conversation_id)
     )
     found(bumped, "conversation", conversation_id)
     values = {**msgspec.structs.asdict(draft), "conversation_id": conversation_id}
+    if draft.status == "generating":  # a reply being generated belongs to its process (core.cluster)
+        values["owner"] = owner
     row = insert(db, "messages", {**values, "created_at": now, "updated_at": now})
     return message(db, row["id"])
 
 
 def append_messages(
-    db: sqlite3.Connection, conversation_id: int, drafts: list[MessageDraft]
+    db: sqlite3.Connection, conversation_id: int, drafts: list[MessageDraft], owner: str | None = None
 ) -> list[Message]:
-    return [append_message(db, conversation_id, draft) for draft in drafts]  # one transaction: all or none
+    return [
+        append_message(db, conversation_id, draft, owner) for draft in drafts
+    ]  # one transaction: all or none
 
 
 def message(db: sqlite3.Connection, message_id: int) -> Message:

@@ -15,7 +15,12 @@ from typing import Any
 import msgspec
 
 from core import (
+    COUNTED_KINDS,
+    DAY_MS,
+    IN_FLIGHT_MS,
     MAX_BALANCE,
+    OPEN_KINDS,
+    WINDOW_MS,
     BalanceTooLarge,
     InsufficientBalance,
     LedgerDraft,
@@ -25,20 +30,14 @@ from core import (
     RateLimits,
     RateUse,
     StoreError,
+    refuse_past,
 )
 
 from .rows import EPOCH, MS, balance_of, by_id, found, now_ms
 
-COUNTED = ("reservation", "lease", "charge")
-"""Ledger kinds that count against a key's rate limits."""
-
-WINDOW_MS = 60_000  # the sliding minute of rate limits
-IN_FLIGHT_MS = 15 * 60_000  # an older unsettled reservation belongs to a crashed process
-DAY_MS = 24 * 3600_000  # the window of tokens_per_day
-
 
 def admit(
-    db: sqlite3.Connection, draft: LedgerDraft, limits: RateLimits, floor: int
+    db: sqlite3.Connection, draft: LedgerDraft, limits: RateLimits, floor: int, owner: str | None = None
 ) -> tuple[LedgerEntry, RateUse]:
     now = now_ms()
     # Whole seconds that lie entirely within the last minute. One statement reads the
@@ -62,25 +61,17 @@ def admit(
     oldest = now // 1000 if oldest is None else oldest
     reset = max(0.0, (oldest * 1000 + WINDOW_MS - now) / 1000)
     use = RateUse(requests, tokens, concurrent, reset, reset)
-    _refuse_past(limits, use)
-    return _post(db, draft, floor, now), use
-
-
-def _refuse_past(limits: RateLimits, use: RateUse) -> None:
-    """Raise :class:`RateLimitExceeded` for the first of ``limits`` that ``use`` (counting the
-    request being admitted) passes."""
-    for limit, used, retry in (
-        ("requests_per_minute", use.requests, use.requests_reset),
-        ("tokens_per_minute", use.tokens, use.tokens_reset),
-        ("concurrent_requests", use.concurrent, 1.0),
-    ):
-        allowed = getattr(limits, limit)
-        if allowed is not None and used > allowed:
-            raise RateLimitExceeded(limit, allowed, retry, use)
+    refuse_past(limits, use)
+    return _post(db, draft, floor, now, owner), use
 
 
 def admit_keyless(
-    db: sqlite3.Connection, draft: LedgerDraft, limits: RateLimits, floor: int, tokens_per_day: int | None
+    db: sqlite3.Connection,
+    draft: LedgerDraft,
+    limits: RateLimits,
+    floor: int,
+    tokens_per_day: int | None,
+    owner: str | None = None,
 ) -> tuple[LedgerEntry, RateUse]:
     # Usage without a key is counted from the user's keyless entries themselves (index
     # ledger_keyless): no rate_window rows, and the day's tokens need the entries anyway.
@@ -101,11 +92,11 @@ def admit_keyless(
     concurrent += draft.requests
     reset = max(0.0, ((now if oldest is None else oldest) + WINDOW_MS - now) / 1000)
     use = RateUse(requests, tokens, concurrent, reset, reset)
-    _refuse_past(limits, use)
+    refuse_past(limits, use)
     if tokens_per_day is not None and day >= tokens_per_day:
         retry = _day_frees(db, draft, now, tokens_per_day)
         raise RateLimitExceeded("tokens_per_day", tokens_per_day, retry, use)
-    return _post(db, draft, floor, now), use
+    return _post(db, draft, floor, now, owner), use
 
 
 def _day_frees(db: sqlite3.Connection, draft: LedgerDraft, now: int, tokens_per_day: int) -> float:
@@ -124,11 +115,15 @@ def _day_frees(db: sqlite3.Connection, draft: LedgerDraft, now: int, tokens_per_
     return DAY_MS / 1000
 
 
-def post_ledger(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None) -> LedgerEntry:
-    return _post(db, draft, floor, now_ms())
+def post_ledger(
+    db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, owner: str | None = None
+) -> LedgerEntry:
+    return _post(db, draft, floor, now_ms(), owner)
 
 
-def _post(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, now: int) -> LedgerEntry:
+def _post(
+    db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, now: int, owner: str | None = None
+) -> LedgerEntry:
     # The floor and ceiling checks and the move in one statement (a charge is held to the floor
     # unless it is None, a credit to the ceiling); only a refusal reads the balance again, for
     # its message (NotFound for a missing user).
@@ -147,9 +142,11 @@ def _post(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, now: in
             raise BalanceTooLarge(balance, draft.amount)
         raise InsufficientBalance(balance, draft.amount)
     after = moved[0][0]
-    values = (*msgspec.structs.astuple(draft), after, now, now)
+    # Only what stays open belongs to the process that posted it (core.cluster).
+    owner = owner if draft.kind in OPEN_KINDS else None
+    values = (*msgspec.structs.astuple(draft), after, now, now, owner)
     [(entry_id,)] = db.execute(_INSERT_LEDGER, values).fetchall()
-    if draft.key_id is not None and draft.kind in COUNTED:
+    if draft.key_id is not None and draft.kind in COUNTED_KINDS:
         _count(db, draft.key_id, now, draft.requests, draft.prompt_tokens + draft.completion_tokens)
     stamp = EPOCH + now * MS
     d = draft  # the entry is what was inserted: no need to read it back
@@ -160,8 +157,8 @@ def _post(db: sqlite3.Connection, draft: LedgerDraft, floor: int | None, now: in
 
 
 _INSERT_LEDGER = (
-    f"INSERT INTO ledger ({', '.join(LedgerDraft.__struct_fields__)}, balance_after, created_at, updated_at)"
-    f" VALUES ({', '.join('?' * (len(LedgerDraft.__struct_fields__) + 3))}) RETURNING id"
+    f"INSERT INTO ledger ({', '.join(LedgerDraft.__struct_fields__)}, balance_after, created_at, updated_at,"
+    f" owner) VALUES ({', '.join('?' * (len(LedgerDraft.__struct_fields__) + 4))}) RETURNING id"
 )
 _LEDGER_COLUMNS = ", ".join(LedgerEntry.__struct_fields__)
 _SETTLE_LEDGER = (
@@ -194,8 +191,8 @@ def settle_ledger(db: sqlite3.Connection, entry_id: int, settlement: LedgerSettl
     [row] = db.execute(_SETTLE_LEDGER, values).fetchall()
     if key_id is not None:
         # The minute the entry was counted in now counts what it really used.
-        was = kind in COUNTED
-        now = settlement.kind in COUNTED
+        was = kind in COUNTED_KINDS
+        now = settlement.kind in COUNTED_KINDS
         tokens = (settlement.prompt_tokens + settlement.completion_tokens) * now
         tokens -= (prompt_tokens + completion_tokens) * was
         _count(db, key_id, created_at, now - was, tokens)
@@ -245,7 +242,7 @@ def charge_lease(
         "UPDATE users SET balance = balance - ? WHERE id = ? RETURNING balance", (max(0, left), user_id)
     ).fetchall()
     db.execute("UPDATE ledger SET amount = ?, updated_at = ? WHERE id = ?", (min(0, left), now, lease_id))
-    db.executemany(_INSERT_CHARGE, [(*msgspec.structs.astuple(c), balance, now, now) for c in charges])
+    db.executemany(_INSERT_CHARGE, [(*msgspec.structs.astuple(c), balance, now, now, None) for c in charges])
     if key_id is not None:
         # The lease counted its requests when it was posted; their tokens are now known.
         used = sum(charge.prompt_tokens + charge.completion_tokens for charge in charges)

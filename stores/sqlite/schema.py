@@ -161,6 +161,29 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX ledger_keyless ON ledger (user_id, created_at) WHERE key_id IS NULL;
     """,
+    # 10: processes sharing the file as one server (core.cluster): who joined, and which of
+    # them owns each reservation, lease and reply being generated, so that whoever finds an
+    # owner dead takes over exactly what it left. (owner joins messages_changed's list.)
+    """
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        started_at INTEGER NOT NULL
+    );
+    ALTER TABLE ledger ADD COLUMN owner TEXT;
+    ALTER TABLE messages ADD COLUMN owner TEXT;
+    CREATE INDEX ledger_owner ON ledger (owner) WHERE kind IN ('reservation', 'lease');
+    CREATE INDEX messages_owner ON messages (owner) WHERE status = 'generating';
+    DROP TRIGGER messages_changed;
+    CREATE TRIGGER messages_changed AFTER UPDATE OF conversation_id, role, content, reasoning, status, model,
+            prompt_tokens, completion_tokens, error, created_at, updated_at, ledger_id, owner
+            ON messages BEGIN
+        UPDATE conversations SET revision = revision + 1 WHERE id = NEW.conversation_id;
+        UPDATE messages SET revision = (SELECT revision FROM conversations WHERE id = NEW.conversation_id)
+            WHERE id = NEW.id;
+    END;
+    """,
 ]
 """Forward migrations; applying ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
 

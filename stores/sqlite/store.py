@@ -8,18 +8,21 @@ and calls that queue up together share one transaction (group commit), each
 atomic in a savepoint of its own (a call alone is its transaction's only call
 and needs none). (An async driver that hopped to its thread per statement spent
 more time hopping than SQLite spent working.) Groups that write start with
-``BEGIN IMMEDIATE`` so that processes sharing the file queue on SQLite's write
-lock (waiting up to ``busy_timeout_ms``) instead of deadlocking while upgrading
-a read lock. The schema moves forward through :data:`.schema.MIGRATIONS`,
-tracked in ``PRAGMA user_version``.
+``BEGIN IMMEDIATE``, so that processes sharing the file wait for SQLite's
+write lock instead of deadlocking while upgrading a read lock, and before that
+take their turn on ``<path>-lock`` (:mod:`.write_lock`): SQLite alone lets a
+writer wait past any timeout while the others write. The schema moves forward
+through :data:`.schema.MIGRATIONS`, tracked in ``PRAGMA user_version``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,10 +30,13 @@ from typing import Any, TypeVar
 import msgspec
 
 from core import (
+    MAX_SIGNAL_BYTES,
     MICRO,
     ApiKey,
+    ClusterStore,
     Conversation,
     ConversationPatch,
+    CopyableStore,
     LeaseStore,
     LedgerDraft,
     LedgerEntry,
@@ -40,15 +46,18 @@ from core import (
     MessagePatch,
     RateLimits,
     RateUse,
+    Receiver,
     StoreError,
+    StoreTotals,
     UsageDay,
     User,
 )
 
-from . import accounts, conversations, ledger
+from . import accounts, cluster, conversations, copying, ledger
 from .rows import EPOCH, MS, all_of, assigned, by_id, fetch, first, now_ms, to_ms, update_one, write_one
 from .schema import migrate, schema_version
 from .worker import SqliteWorker
+from .write_lock import WriteLock
 
 _T = TypeVar("_T")
 
@@ -57,8 +66,10 @@ class SqliteOptions(msgspec.Struct, forbid_unknown_fields=True):
     """Options of the sqlite store.
 
     ``path`` is the database file, relative to the working directory; every
-    worker must name the same file. ``busy_timeout_ms`` is how long a write
-    waits for another process's write lock before failing.
+    worker must name the same file. chatgate's processes take turns to
+    write, queued on ``<path>-lock`` beside it (:mod:`.write_lock`), without
+    a time limit; ``busy_timeout_ms`` is how long a write waits for another
+    program holding SQLite's write lock (the ``sqlite3`` shell) before failing.
     """
 
     path: str = "chatgate.db"
@@ -74,7 +85,7 @@ class SqliteOptions(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError(f"busy_timeout_ms to be >= 0 (it is {self.busy_timeout_ms})")
 
 
-class SqliteStore(LeaseStore):
+class SqliteStore(LeaseStore, CopyableStore, ClusterStore):
     """Keeps everything in one SQLite file, safe to share between worker processes.
 
     Promises beyond :class:`~core.store.LeaseStore`: WAL journal, foreign keys on,
@@ -96,6 +107,8 @@ class SqliteStore(LeaseStore):
         self._worker: SqliteWorker | None = None
         self._reader: SqliteWorker | None = None
         self._opening = asyncio.Lock()
+        self._owner: str | None = None  # this process's instance id, once it joined
+        self._mailbox: cluster.Mailbox | None = None
 
     # lifecycle
 
@@ -128,10 +141,18 @@ class SqliteStore(LeaseStore):
             self._worker, self._reader = worker, reader
 
     def _attach(self, worker: SqliteWorker) -> None:
-        worker.db = self._connect()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = WriteLock(self.path.with_name(self.path.name + "-lock"))
+        try:
+            # Opening may switch the journal mode and migrate: writes, so it takes its turn too.
+            with lock:
+                worker.db = self._connect()
+        except BaseException:
+            lock.close()
+            raise
+        worker.write_lock = lock
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
             db.row_factory = sqlite3.Row
@@ -156,7 +177,9 @@ class SqliteStore(LeaseStore):
         The switch needs an exclusive lock and SQLite may refuse it at once
         instead of waiting out ``busy_timeout`` (workers opening a fresh file
         together); the mode is stored in the file, so the first to succeed
-        settles it for all.
+        settles it for all. chatgate's own processes switch in turn (they hold
+        :mod:`.write_lock`), so this waits only for other programs: an older
+        chatgate, the ``sqlite3`` shell.
         """
         deadline = time.monotonic() + self.options.busy_timeout_ms / 1000
         while True:
@@ -170,6 +193,13 @@ class SqliteStore(LeaseStore):
 
     async def aclose(self) -> None:
         async with self._opening:
+            if self._mailbox is not None:
+                # Leaving: what it owned ended with its replies and leases (the services close first).
+                self._mailbox.close()
+                self._mailbox = None
+                with contextlib.suppress(StoreError, sqlite3.Error):
+                    await self._write(cluster.leave, self._owner)
+                self._owner = None
             workers = [w for w in (self._reader, self._worker) if w is not None]
             self._worker = self._reader = None
             for worker in workers:
@@ -237,13 +267,13 @@ class SqliteStore(LeaseStore):
         self, draft: LedgerDraft, limits: RateLimits, *, floor: int = 0, tokens_per_day: int | None = None
     ) -> tuple[LedgerEntry, RateUse]:
         if draft.key_id is None:
-            return await self._write(ledger.admit_keyless, draft, limits, floor, tokens_per_day)
+            return await self._write(ledger.admit_keyless, draft, limits, floor, tokens_per_day, self._owner)
         if tokens_per_day is not None:
             raise ValueError("tokens_per_day applies to usage without a key only")
-        return await self._write(ledger.admit, draft, limits, floor)
+        return await self._write(ledger.admit, draft, limits, floor, self._owner)
 
     async def post_ledger(self, draft: LedgerDraft, *, floor: int | None = 0) -> LedgerEntry:
-        return await self._write(ledger.post_ledger, draft, floor)
+        return await self._write(ledger.post_ledger, draft, floor, self._owner)
 
     async def settle_ledger(self, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
         return await self._write(ledger.settle_ledger, entry_id, settlement)
@@ -345,13 +375,15 @@ class SqliteStore(LeaseStore):
     # messages
 
     async def append_message(self, conversation_id: int, draft: MessageDraft) -> Message:
-        return await self._write(conversations.append_message, conversation_id, draft)
+        return await self._write(conversations.append_message, conversation_id, draft, self._owner)
 
     async def append_messages(self, conversation_id: int, drafts: list[MessageDraft]) -> list[Message]:
-        return await self._write(conversations.append_messages, conversation_id, drafts)
+        return await self._write(conversations.append_messages, conversation_id, drafts, self._owner)
 
     async def update_message(self, message_id: int, patch: MessagePatch) -> Message:
         values = {**assigned(patch), "updated_at": now_ms()}
+        if values.get("status") == "generating":  # a reply generated again belongs to this process
+            values["owner"] = self._owner
         return await self._write(conversations.update_message, message_id, values)
 
     async def get_message(self, message_id: int) -> Message:
@@ -369,6 +401,67 @@ class SqliteStore(LeaseStore):
         cutoff = -((EPOCH - updated_before) // MS)
         messages = await self._write(conversations.interrupt_stale, cutoff)
         return sorted(messages, key=lambda m: m.id)
+
+    # processes acting as one (what makes this a ClusterStore)
+
+    async def join(self, receiver: Receiver) -> str:
+        if self._mailbox is not None:
+            raise StoreError("this store instance already joined")
+        instance = secrets.token_hex(8)
+        # Bound before it is listed: a peer never finds a listed instance that was never alive.
+        self._mailbox = cluster.Mailbox(self.path, instance, receiver)
+        await self._write(cluster.register, instance, now_ms())
+        self._owner = instance
+        return instance
+
+    async def signal(self, message: str) -> None:
+        mailbox = self._mailbox
+        if mailbox is None:
+            raise StoreError("join before signalling")
+        if len(message.encode()) > MAX_SIGNAL_BYTES:
+            raise ValueError(f"a signal is at most {MAX_SIGNAL_BYTES} bytes")
+        for instance in await self._read(cluster.members):
+            if instance != self._owner:
+                mailbox.send(instance, message)
+
+    async def recover(self) -> tuple[list[Message], list[LedgerEntry]]:
+        replies: list[Message] = []
+        entries: list[LedgerEntry] = []
+        for instance in await self._read(cluster.members):
+            if instance == self._owner or cluster.alive(self.path, instance):
+                continue
+            left = await self._write(cluster.take_over, instance, now_ms())
+            if left is not None:
+                replies += left[0]
+                entries += left[1]
+        return replies, entries
+
+    def standing(self) -> str | None:
+        # The socket that proves this process alive lives as long as the process.
+        return None if self._mailbox is not None else "this process has not joined the store"
+
+    # copying whole tables (what makes this a CopyableStore)
+
+    async def dump(self, table: str) -> AsyncIterator[list[dict[str, Any]]]:
+        after: tuple[Any, ...] | None = None
+        while rows := await self._read(copying.dump_batch, table, after):
+            yield rows
+            after = tuple(rows[-1][column] for column in copying.key_of(table))
+
+    async def load(self, table: str, rows: list[dict[str, Any]]) -> None:
+        await self._write(copying.load, table, rows)
+
+    async def is_empty(self) -> bool:
+        return await self._read(copying.is_empty)
+
+    async def last_ids(self) -> dict[str, int]:
+        return await self._read(copying.last_ids)
+
+    async def after_load(self, last_ids: Mapping[str, int]) -> None:
+        await self._write(copying.after_load, last_ids)
+
+    async def totals(self) -> StoreTotals:
+        return await self._read(copying.totals)
 
     # plumbing
 
@@ -392,6 +485,14 @@ class SqliteStore(LeaseStore):
 
 
 def _detach(worker: SqliteWorker) -> None:
-    if worker.db is not None:
-        worker.db.close()
-        worker.db = None
+    lock, worker.write_lock = worker.write_lock, None
+    try:
+        if worker.db is not None:
+            # The last connection to close checkpoints and removes the WAL file, under an
+            # exclusive lock that a process opening meanwhile would fail on: in turn too.
+            with lock or contextlib.nullcontext():
+                worker.db.close()
+            worker.db = None
+    finally:
+        if lock is not None:
+            lock.close()

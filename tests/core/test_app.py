@@ -70,7 +70,13 @@ async def test_healthz_reports_store_providers_and_surfaces_without_secrets(
     body = response.json()
     assert body["status"] == "ok"
     # Exactly these fields: no options (where secrets live), no filesystem paths.
-    assert body["store"] == {"plugin": "sqlite", "ok": True}
+    # ... and which of the processes sharing the store answered (core.cluster).
+    assert body["store"] == {
+        "plugin": "sqlite",
+        "ok": True,
+        "instance": gateway.services.generations.instance,
+    }
+    assert isinstance(body["store"]["instance"], str)
     assert body["providers"] == {"mock": {"plugin": "mock", "models": ["mock-chat", "mock-reasoner"]}}
     assert body["surfaces"] == ["openai_compat", "email_socket", "topic_chat"]
     assert "sk-very-secret-value" not in response.text

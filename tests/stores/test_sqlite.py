@@ -17,6 +17,7 @@ import pytest
 
 from core import LedgerDraft, MessageDraft, RateLimits, Store, utcnow
 from core.errors import StoreError
+from core.testing.cluster_suite import ClusterConformance, Vanish
 from core.testing.store_suite import LeaseConformance, OpenStore
 from stores.sqlite import SqliteStore, register_stores
 from stores.sqlite.schema import LATEST_VERSION, MIGRATIONS, migrate
@@ -84,7 +85,7 @@ async def test_pragmas(store: SqliteStore) -> None:
 
 
 async def test_fresh_database_is_at_latest_version(store: SqliteStore, tmp_path: Path) -> None:
-    assert LATEST_VERSION == len(MIGRATIONS) == 9
+    assert LATEST_VERSION == len(MIGRATIONS) == 10
     assert await user_version(tmp_path / "chatgate.db") == LATEST_VERSION
 
 
@@ -303,3 +304,25 @@ async def test_every_message_column_but_revision_moves_the_revision(store: Sqlit
     columns = {c.strip() for c in watched.split(",")}
     [*table] = await store._read(lambda db: db.execute("PRAGMA table_info(messages)").fetchall())
     assert columns == {row["name"] for row in table} - {"id", "revision"}
+
+
+class TestSqliteCluster(ClusterConformance):
+    @pytest.fixture
+    def open_store(self, tmp_path: Path) -> OpenStore:
+        async def open_store() -> Store:
+            store = sqlite_store(tmp_path / "chatgate.db")
+            await store.open()
+            return store
+
+        return open_store
+
+    @pytest.fixture
+    def vanish(self) -> Vanish:
+        async def vanish(store: Store) -> None:
+            # As a killed process: its socket closes, nothing is written on the way out.
+            assert isinstance(store, SqliteStore)
+            assert store._mailbox is not None
+            store._mailbox.close()
+            store._mailbox = None
+
+        return vanish
