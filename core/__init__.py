@@ -12,7 +12,7 @@ notice. ``core.testing`` holds the conformance suites and the fake upstream.
 __version__ = "0.1.0"
 
 from .bodies import decode_body
-from .cluster import MAX_SIGNAL_BYTES, ClusterStore, Receiver
+from .cluster import MAX_SIGNAL_BYTES, ClusterStore, Receiver, StandingWatcher
 from .config import ModelConfig
 from .credentials import Redactor, bearer_matches, url_credentials, without_credentials
 from .errors import (
@@ -167,6 +167,7 @@ __all__ = [
     "ReplyStream",
     "Route",
     "Services",
+    "StandingWatcher",
     "Store",
     "StoreError",
     "StoreTotals",

@@ -168,11 +168,13 @@ class Store(Plugin, abc.ABC):
 
     @abc.abstractmethod
     async def stale_reservations(self, created_before: datetime) -> list[LedgerEntry]:
-        """Reservations created before ``created_before`` that no message holds, oldest first.
+        """Reservations created before ``created_before`` that no reply being generated holds,
+        oldest first.
 
         A request without a conversation (the OpenAI-compatible API) settles its
-        own reservation; one still unsettled long after any request could run
-        was left by a process that died, and whoever finds it settles it.
+        own reservation, and so does a reply when it ends; one still unsettled long
+        after any request could run was left by a process that died (or that died
+        while it settled another's), and whoever finds it settles it.
         """
 
     @abc.abstractmethod

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -100,6 +100,7 @@ class Generation(ReplyRun):
         self._write_lock = asyncio.Lock()
         self._dirty = False
         self._written_at = time.monotonic()
+        self._revision = 0  # the conversation's revision at this reply's last flush (0: none yet)
 
     async def follow(self, pace: float = 0.0) -> AsyncIterator[ProviderEvent]:
         """Every event of this generation from its start, then live until it ends (``pace``: as
@@ -203,13 +204,13 @@ class Generations:
         self.instance: str | None = None
         self._handovers: dict[int, asyncio.Event] = {}  # replies another process was asked to stop
         self._signalled: set[asyncio.Task[Any]] = set()
-        self._standing: str | None = None
+        self._recovery: asyncio.Future[int] | None = None
 
     async def start(self) -> None:
         """Join the processes sharing the store, take over what crashed ones left (replies
         marked interrupted, their charges settled) and start persisting."""
         if self.cluster is not None:
-            self.instance = await self.cluster.join(self._on_signal)
+            self.instance = await self.cluster.join(self._on_signal, self._on_standing)
             self.billing.standing = self.cluster.standing
         await self.sweep()
         self._ticker = asyncio.create_task(self._tick(), name="chatgate-generation-ticker")
@@ -221,6 +222,8 @@ class Generations:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        if self._recovery is not None:  # a take-over under way settles what it took
+            await asyncio.gather(self._recovery, return_exceptions=True)
 
     def current(self, conversation_id: int) -> Generation | None:
         """The generation running for a conversation, if any."""
@@ -303,9 +306,7 @@ class Generations:
             conversation_id, message_id = numbers
             generation = self._running.get(conversation_id)
             if generation is not None and generation.message_id == message_id:
-                task = asyncio.create_task(self._stop_for_peer(conversation_id, message_id))
-                self._signalled.add(task)
-                task.add_done_callback(self._signalled.discard)
+                self._background(self._stop_for_peer(conversation_id, message_id))
         elif verb == "stopped" and len(numbers) == 1:
             stopped = self._handovers.get(numbers[0])
             if stopped is not None:
@@ -314,10 +315,26 @@ class Generations:
     async def _stop_for_peer(self, conversation_id: int, message_id: int) -> None:
         assert self.cluster is not None
         try:
-            await self.interrupt(conversation_id)
+            async with self._exclusive.hold(conversation_id):
+                generation = self._running.get(conversation_id)
+                if generation is not None and generation.message_id == message_id:  # not a newer one
+                    await self._interrupt_locked(conversation_id)
             await self.cluster.signal(f"stopped {message_id}")
         except Exception:
             log.exception("could not stop reply %d for another process", message_id)
+
+    async def _recover_shielded(self) -> None:
+        # What recover() took over is forgotten by the store once taken: its settlements must
+        # not be cut short by a stopping ticker (aclose waits for them instead).
+        if self.cluster is None or self.cluster.standing() is not None:
+            return
+        self._recovery = asyncio.ensure_future(self.recover())
+        try:
+            await asyncio.shield(self._recovery)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("could not take over what stopped processes left")
 
     async def recover(self) -> int:
         """Take over what processes that died left (with a cluster store): their replies are
@@ -326,11 +343,17 @@ class Generations:
             return 0
         replies, entries = await self.cluster.recover()
         for reply in replies:
-            await self.billing.settle_abandoned(reply)
             if (stopped := self._handovers.get(reply.id)) is not None:
                 stopped.set()  # whoever waits for it to stop: it did, with its process
+            try:
+                await self.billing.settle_abandoned(reply)
+            except Exception:  # the others still get settled; the stale sweep finds this one
+                log.exception("could not settle the reservation of reply %d a stopped process left", reply.id)
         for entry in entries:
-            await self.billing.settle_stale(entry)
+            try:
+                await self.billing.settle_stale(entry)
+            except Exception:
+                log.exception("could not settle entry %d a stopped process left", entry.id)
         if replies or entries:
             log.warning(
                 "took over what a stopped process left: %d reply(ies) marked interrupted, %d"
@@ -421,14 +444,9 @@ class Generations:
         while True:
             await asyncio.sleep(self.flush_interval)
             now = time.monotonic()
-            if self.cluster is not None:
-                self._watch_standing()
-                if now - recovered_at >= RECOVER_EVERY and self._standing is None:
-                    recovered_at = now
-                    try:
-                        await self.recover()
-                    except Exception:
-                        log.exception("could not take over what stopped processes left")
+            if self.cluster is not None and now - recovered_at >= RECOVER_EVERY:
+                recovered_at = now
+                await self._recover_shielded()
             due = [
                 generation
                 for generation in self._running.values()
@@ -452,21 +470,46 @@ class Generations:
             generation._dirty = False
             generation._written_at = now
             try:
-                await self.store.update_message(
+                written = await self.store.update_message(
                     generation.message_id,
                     MessagePatch(content=generation.content, reasoning=generation.reasoning),
                 )
             except Exception:
                 generation._dirty = True  # try again next tick; the final write carries everything anyway
                 log.exception("could not persist partial reply %d", generation.message_id)
+                return
+            last, generation._revision = generation._revision, written.revision
+        if self.cluster is not None and last and written.revision > last + 1:
+            # Someone else wrote to the conversation since this reply's last flush: if it was a
+            # newer message, a signal that should have stopped this reply never came (two
+            # questions at once on two processes; a lost datagram): stop it now.
+            try:
+                changed = await self.store.changed_messages(generation.conversation_id, last)
+            except Exception:  # the next jump looks again
+                log.exception("could not read conversation %d", generation.conversation_id)
+                return
+            if any(message.id > generation.message_id for message in changed):
+                log.warning("reply %d was superseded in another process; stopping it", generation.message_id)
+                self._background(self._stop_superseded(generation))
 
-    def _watch_standing(self) -> None:
-        """Out of standing, others will take over this process's replies: stop them first."""
+    async def _stop_superseded(self, generation: Generation) -> None:
+        async with self._exclusive.hold(generation.conversation_id):
+            if self._running.get(generation.conversation_id) is generation:
+                await self._interrupt_locked(generation.conversation_id)
+
+    def _on_standing(self, standing: str | None) -> None:
+        """Out of standing, others will take over what this process owns: stop its replies and
+        retire its leases now, before they do. Back, it runs under its new instance id."""
         assert self.cluster is not None
-        standing = self.cluster.standing()
-        if standing is not None and self._standing is None:
-            for conversation_id in list(self._running):
-                task = asyncio.create_task(self.interrupt(conversation_id))
-                self._signalled.add(task)
-                task.add_done_callback(self._signalled.discard)
-        self._standing = standing
+        if standing is None:
+            self.instance = self.cluster.instance_id()
+            return
+        if self.billing.leases is not None:
+            self.billing.leases.retire_all()
+        for conversation_id in list(self._running):
+            self._background(self.interrupt(conversation_id))
+
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._signalled.add(task)
+        task.add_done_callback(self._signalled.discard)

@@ -35,7 +35,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from ..errors import InsufficientBalance, RateLimitExceeded
+from ..errors import InsufficientBalance, RateLimitExceeded, StoreError
 from ..records import LedgerDraft, LedgerEntry, RateLimits, RateUse
 from ..store import LeaseStore
 
@@ -43,6 +43,10 @@ log = logging.getLogger("chatgate.billing")
 
 MAX_SIZE = 64
 """The most requests one lease stands for."""
+
+MAX_WAITS = 32
+"""The most leases one request waits to be posted (others of a burst taking each) before the
+store admits it alone."""
 
 RETRY_SECONDS = 1.0
 """How long after a failed write of charges (or a release) it is tried again."""
@@ -140,7 +144,7 @@ class Leases:
         """
         assert draft.key_id is not None
         key_id, prompt = draft.key_id, draft.prompt_tokens
-        waited = False
+        waited = 0  # leases posted while this request waited
         while True:
             now = time.monotonic()
             lease = self._current.get(key_id)
@@ -160,7 +164,7 @@ class Leases:
                     if lease.requests * 2 < lease.entry.requests and now - lease.posted < self.idle:
                         self._posted(draft, limits, worst_case, balance)
                     return lease, use
-                if lease.requests > 0 or waited:
+                if lease.requests > 0:
                     # A request bigger than what is left (or than a lease just posted for it):
                     # the store admits it alone; the lease stays for the others.
                     return None
@@ -170,14 +174,17 @@ class Leases:
                 if following is not None:
                     self._current[key_id] = following
                     continue
-            if waited or self._alone_until.get(key_id, 0.0) > now:
+            if waited > MAX_WAITS or self._alone_until.get(key_id, 0.0) > now:
                 return None
             posting = self._posted(draft, limits, worst_case, balance)
             if posting is None:
                 return None
             # Shielded: a lease posted for a caller who left is still this key's lease.
-            await asyncio.shield(posting)
-            waited = True  # once: a lease that cannot take this request is not posted again for it
+            if await asyncio.shield(posting) is None:
+                return None  # refused: the store decides request by request for a while
+            # A burst larger than a lease waits for the next one rather than going to the store
+            # one by one (each its own transaction on a store without group commit).
+            waited += 1
 
     def _posted(
         self, draft: LedgerDraft, limits: RateLimits, worst_case: int, balance: int | None
@@ -287,6 +294,15 @@ class Leases:
             lease.pending, lease.pending_tokens = [], 0
             try:
                 await self.store.charge_lease(lease.entry.id, charges, counted)
+            except StoreError as exc:
+                # Released by another process, which took it for a dead one's (this process lost
+                # its standing meanwhile): the charges go to the balance, as far as it covers them.
+                log.warning(
+                    "lease %d was released elsewhere (%s); charging its requests one by one",
+                    lease.entry.id,
+                    exc,
+                )
+                await self._charge_alone(charges)
             except Exception:
                 # Kept and tried again: a lease is released only after its charges.
                 log.exception(
@@ -312,6 +328,27 @@ class Leases:
                 self._open.add(lease)
                 log.exception("could not release lease %d; will retry", lease.entry.id)
                 self._retry(lease)
+
+    async def _charge_alone(self, charges: list[LedgerDraft]) -> None:
+        for charge in charges:
+            try:
+                await self.store.post_ledger(charge, floor=0)
+            except InsufficientBalance:
+                log.error(
+                    "could not charge %d for a request of key %s: the balance is spent",
+                    -charge.amount,
+                    charge.key_id,
+                )
+            except Exception:
+                log.exception("could not charge a request of key %s", charge.key_id)
+
+    def retire_all(self) -> None:
+        """Admit nothing more under the leases held now (this process lost its standing: others
+        may release them); requests running under them still post their charges."""
+        for lease in list(self._open):
+            self._retire(lease)
+        self._current.clear()
+        self._next.clear()
 
     def _retry(self, lease: Lease) -> None:
         def again() -> None:

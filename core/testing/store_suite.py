@@ -962,7 +962,9 @@ class StoreConformance(OpensStores):
         assert await store.usage_by_day(datetime.now(UTC) + timedelta(days=1)) == []
 
     @pytest.mark.asyncio
-    async def test_stale_reservations_are_the_unsettled_ones_no_reply_holds(self, store: Store) -> None:
+    async def test_stale_reservations_are_the_unsettled_ones_no_running_reply_holds(
+        self, store: Store
+    ) -> None:
         user, key_id = await self.keyed_user(store)
         free, _ = await store.admit(reservation(user, key_id), RateLimits())
         held, _ = await store.admit(reservation(user, key_id), RateLimits())
@@ -975,6 +977,14 @@ class StoreConformance(OpensStores):
         later = datetime.now(UTC) + timedelta(seconds=1)
         assert [e.id for e in await store.stale_reservations(later)] == [free.id]
         assert await store.stale_reservations(free.created_at) == []
+        # A reply that ended (or was marked interrupted) without settling holds it no more.
+        ended, _ = await store.admit(reservation(user, key_id), RateLimits())
+        reply = await store.append_message(
+            conversation.id, MessageDraft(role="assistant", status="generating", ledger_id=ended.id)
+        )
+        await store.update_message(reply.id, MessagePatch(status="interrupted"))
+        later = datetime.now(UTC) + timedelta(seconds=1)
+        assert [e.id for e in await store.stale_reservations(later)] == [free.id, ended.id]
 
 
 class LeaseConformance(StoreConformance):

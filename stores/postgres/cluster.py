@@ -26,6 +26,8 @@ import contextlib
 import logging
 import os
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -39,19 +41,54 @@ log = logging.getLogger("chatgate.store.postgres")
 BEAT = 1.0
 """Seconds between checks that the server still answers on the membership connection."""
 
+CHECK_TIMEOUT = 5.0
+"""How long a check may take before the connection counts as lost. Generous: liveness is the
+lock the session holds, and a busy server answering late is still holding it; dropping the
+session over a hiccup would hand this process's work to the others for nothing."""
+
+QUARANTINE = 3.0
+"""Seconds a process that lost its standing waits before joining again: by then its replies
+are stopped and its leases retired, and the others have had a look for what it left."""
+
+KEEPALIVE = {
+    # The server drops the session of a host that vanished (no FIN: a crash, a partition)
+    # within about five seconds instead of TCP's default two hours, releasing its lock.
+    "tcp_keepalives_idle": "2",
+    "tcp_keepalives_interval": "1",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "5000",
+    # The heartbeat's timestamp is for the operator's eye: it need not wait for a disk.
+    "synchronous_commit": "off",
+}
+"""Settings of the membership session (see :meth:`Membership._join`)."""
+
+_FAILURES = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
 
 class Membership:
-    """This process's place among those serving from one schema: its lock, its channel, its checks."""
+    """This process's place among those serving from one schema: its lock, its channel, its checks.
 
-    def __init__(self, connect: Any, schema: str, receiver: Receiver) -> None:
-        self._connect = connect  # () -> Awaitable[asyncpg.Connection], outside the pool
+    ``on_standing`` is called (in the event loop) with the reason the moment the process loses
+    its standing, and with None once it joined again (``instance`` is then its new id).
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[dict[str, str]], Awaitable[asyncpg.Connection]],
+        schema: str,
+        receiver: Receiver,
+        on_standing: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self._connect = connect  # a connection outside the pool, with these extra settings
         self.schema = schema
         self.channel = f"chatgate_{schema}"[:63]
         self._receiver = receiver
+        self._on_standing = on_standing
         self._conn: asyncpg.Connection | None = None
         self.instance: str | None = None
         self.space = 0  # the schema's advisory lock space (the first key of the two-key lock)
         self.standing: str | None = "not joined yet"
+        self._lost_at = 0.0
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
@@ -77,7 +114,7 @@ class Membership:
         self.standing = "left"
 
     async def _join(self) -> None:
-        conn = await self._connect()
+        conn = await self._connect(KEEPALIVE)
         try:
             self.space = await conn.fetchval(
                 "SELECT hashtext($1) & 2147483647", f"chatgate.instances:{self.schema}"
@@ -110,33 +147,48 @@ class Membership:
             self._lose("the connection that proves this process alive to PostgreSQL closed")
 
     def _lose(self, why: str) -> None:
-        if self.standing is None:
-            log.error("out of standing: %s; admitting nothing until it is back", why)
-            self.standing = why
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             conn.terminate()
+        if self.standing is None:
+            log.error("out of standing: %s; admitting nothing until it joins again", why)
+            self.standing = why
+            self._lost_at = time.monotonic()
+            if self._on_standing is not None:
+                self._on_standing(why)  # at once: replies stop and leases retire before anyone recovers
 
     async def _watching(self) -> None:
         while True:
             await asyncio.sleep(BEAT)
-            conn = self._conn
-            if conn is not None:
-                try:
-                    await conn.execute(
-                        "UPDATE instances SET heartbeat_at = now() WHERE id = $1",
-                        int(self.instance or 0),
-                        timeout=BEAT,
-                    )
-                    continue
-                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    self._lose(f"PostgreSQL did not answer the membership check ({type(exc).__name__})")
             try:
-                await self._join()
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("cannot join the store again yet: %s: %s", type(exc).__name__, exc)
-                continue
-            log.warning("joined the store again as instance %s; admitting again", self.instance)
+                await self._beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the watch must outlive anything: it is what rejoins
+                log.exception("the membership watch failed; trying again")
+
+    async def _beat(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            try:
+                await conn.execute(
+                    "UPDATE instances SET heartbeat_at = now() WHERE id = $1",
+                    int(self.instance or 0),
+                    timeout=CHECK_TIMEOUT,
+                )
+                return
+            except _FAILURES as exc:
+                self._lose(f"PostgreSQL did not answer the membership check ({type(exc).__name__})")
+        if time.monotonic() - self._lost_at < QUARANTINE:
+            return
+        try:
+            await self._join()
+        except _FAILURES as exc:
+            log.warning("cannot join the store again yet: %s: %s", type(exc).__name__, exc)
+            return
+        log.warning("joined the store again as instance %s; admitting again", self.instance)
+        if self._on_standing is not None:
+            self._on_standing(None)
 
 
 async def dead_instances(conn: asyncpg.Connection, space: int) -> list[int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
@@ -39,10 +40,12 @@ from core import (
     RateLimits,
     RateUse,
     Receiver,
+    StandingWatcher,
     StoreError,
     StoreTotals,
     UsageDay,
     User,
+    without_credentials,
 )
 
 from . import cluster, copying, ledger
@@ -50,6 +53,7 @@ from .rows import all_of, assigned, balance_of, by_id, first, found, insert, rec
 from .schema import migrate
 
 _T = TypeVar("_T")
+log = logging.getLogger("chatgate.store.postgres")
 _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _TRIES = 8
@@ -142,22 +146,28 @@ class PostgresStore(LeaseStore, CopyableStore, ClusterStore):
                     max_size=options.pool_size,
                     timeout=options.connect_timeout_s,
                     statement_cache_size=options.statement_cache_size,
+                    # asyncpg resets a connection it takes back (unlock all, close cursors, UNLISTEN,
+                    # RESET ALL): a round trip per call. Pooled connections here keep no session
+                    # state (locks are transaction-scoped, LISTEN has its own connection).
+                    reset=_keep,
                     server_settings=self._settings(),
                 )
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (TimeoutError, OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise StoreError(
-                    f"cannot open the PostgreSQL store at {_redacted(options.dsn)}: {exc}; "
+                    f"cannot open the PostgreSQL store at {without_credentials(options.dsn)}: {exc}; "
                     "check [store] dsn and that the server is up"
                 ) from exc
 
     def _settings(self) -> dict[str, str]:
         return {"search_path": f'"{self.options.schema}"', "application_name": f"chatgate {self.instance}"}
 
-    async def _connect(self) -> asyncpg.Connection:
-        """A connection of its own, outside the pool."""
+    async def _connect(self, settings: dict[str, str] | None = None) -> asyncpg.Connection:
+        """A connection of its own, outside the pool (with ``settings`` beside the usual ones)."""
         options = self.options
         return await asyncpg.connect(
-            options.dsn, timeout=options.connect_timeout_s, server_settings=self._settings()
+            options.dsn,
+            timeout=options.connect_timeout_s,
+            server_settings={**self._settings(), **(settings or {})},
         )
 
     async def aclose(self) -> None:
@@ -295,7 +305,8 @@ class PostgresStore(LeaseStore, CopyableStore, ClusterStore):
     async def stale_reservations(self, created_before: datetime) -> list[LedgerEntry]:
         sql = (
             "SELECT * FROM ledger WHERE kind IN ('reservation', 'lease') AND created_at < $1"
-            " AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.ledger_id = ledger.id) ORDER BY id"
+            " AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.ledger_id = ledger.id"
+            " AND messages.status = 'generating') ORDER BY id"
         )
         return await self._read(lambda conn: all_of(conn, LedgerEntry, sql, created_before))
 
@@ -445,11 +456,11 @@ class PostgresStore(LeaseStore, CopyableStore, ClusterStore):
 
     # processes acting as one (what makes this a ClusterStore)
 
-    async def join(self, receiver: Receiver) -> str:
+    async def join(self, receiver: Receiver, on_standing: StandingWatcher | None = None) -> str:
         if self._membership is not None:
             raise StoreError("this store instance already joined")
         self._pool_or_fail()
-        membership = cluster.Membership(self._connect, self.options.schema, receiver)
+        membership = cluster.Membership(self._connect, self.options.schema, receiver, on_standing)
         try:
             instance = await membership.start()
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -483,6 +494,9 @@ class PostgresStore(LeaseStore, CopyableStore, ClusterStore):
         return (
             "this process has not joined the store" if self._membership is None else self._membership.standing
         )
+
+    def instance_id(self) -> str | None:
+        return None if self._membership is None else self._membership.instance
 
     def _owner(self) -> str | None:
         # Read at each write: after losing standing a process joins again under a new id.
@@ -559,11 +573,11 @@ def _now() -> datetime:
     return ledger.moment(ledger.now_ms())
 
 
+async def _keep(conn: asyncpg.Connection) -> None:
+    """The pool's reset: nothing to undo."""
+
+
 def _observed(task: asyncio.Future[Any]) -> None:
-    # A shielded write whose caller left: its failure is logged by nobody else.
-    if not task.cancelled():
-        task.exception()
-
-
-def _redacted(dsn: str) -> str:
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
+    # A shielded write whose caller left: nobody else would see it fail.
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.debug("a store write failed after its caller left: %s: %s", type(error).__name__, error)

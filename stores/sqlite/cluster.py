@@ -1,19 +1,26 @@
 """Processes sharing one SQLite file as one server (:class:`core.cluster.ClusterStore`).
 
-Each process that joins binds a Unix datagram socket in Linux's abstract
-namespace, named for the database file and its instance id. The socket is both
-its liveness and its mailbox: the kernel frees the name the moment the process
-dies (``kill -9`` included), so a peer that cannot connect to it knows the
-process is gone; and a signal is one datagram to each peer's socket, delivered
-in about 0.1 ms (research/scale-out.md [M8]), with no polling and no write to
-the file. Every process of one SQLite file runs on one host, which is what
-makes a local socket enough. The ``instances`` table lists who joined, so a
-peer knows whom to signal and whom to check.
+Every process of one SQLite file runs on one host, which is what makes these
+enough:
+
+- **Liveness**: each process that joins holds an ``flock`` on a file of its own,
+  ``<database>-instances/<id>``; the kernel releases it the moment the process
+  dies (``kill -9`` included), so a peer that can take the lock knows the process
+  is gone. (A lock, not a socket name: containers sharing the file but not a
+  network namespace, or seeing it under other paths, still see each other.)
+- **Signals**: each binds a Unix datagram socket in Linux's abstract namespace,
+  named for the database file and its instance id; a signal is one datagram to
+  each peer's socket, delivered in about 0.1 ms (research/scale-out.md [M8]),
+  with no polling and no write to the file.
+
+The ``instances`` table lists who joined, so a peer knows whom to signal and whom
+to check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import socket
@@ -34,14 +41,51 @@ def address(path: Path, instance: str) -> str:
     return f"\0chatgate-{digest}-{instance}"
 
 
-def alive(path: Path, instance: str) -> bool:
-    """Whether the process that joined as ``instance`` still runs (its socket name is bound)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+def presence_file(path: Path, instance: str) -> Path:
+    return path.with_name(path.name + "-instances") / instance
+
+
+class Presence:
+    """The lock that tells the others this process (as ``instance``) is alive, held until
+    :meth:`close` or the process's end."""
+
+    def __init__(self, path: Path, instance: str) -> None:
+        self.file = presence_file(path, instance)
+        self.file.parent.mkdir(exist_ok=True)
+        self._fd: int | None = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            probe.connect(address(path, instance))
-        except OSError:  # ConnectionRefusedError: nobody holds the name any more
-            return False
-    return True
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new name: nobody holds it
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self, *, leave: bool = True) -> None:
+        """Release the lock (``leave``: and remove the file, as nobody needs to take over)."""
+        if self._fd is not None:
+            if leave:
+                self.file.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def alive(path: Path, instance: str) -> bool:
+    """Whether the process that joined as ``instance`` still runs (it holds its lock)."""
+    try:
+        fd = os.open(presence_file(path, instance), os.O_RDWR)
+    except FileNotFoundError:
+        return False  # it left, or a peer that took its leftovers over removed the file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if it was taken
+    return False
+
+
+def forget(path: Path, instance: str) -> None:
+    """Remove a dead instance's lock file (after its leftovers were taken over)."""
+    presence_file(path, instance).unlink(missing_ok=True)
 
 
 class Mailbox:

@@ -47,6 +47,7 @@ from core import (
     RateLimits,
     RateUse,
     Receiver,
+    StandingWatcher,
     StoreError,
     StoreTotals,
     UsageDay,
@@ -109,6 +110,7 @@ class SqliteStore(LeaseStore, CopyableStore, ClusterStore):
         self._opening = asyncio.Lock()
         self._owner: str | None = None  # this process's instance id, once it joined
         self._mailbox: cluster.Mailbox | None = None
+        self._presence: cluster.Presence | None = None
 
     # lifecycle
 
@@ -197,6 +199,9 @@ class SqliteStore(LeaseStore, CopyableStore, ClusterStore):
                 # Leaving: what it owned ended with its replies and leases (the services close first).
                 self._mailbox.close()
                 self._mailbox = None
+                if self._presence is not None:
+                    self._presence.close()
+                    self._presence = None
                 with contextlib.suppress(StoreError, sqlite3.Error):
                     await self._write(cluster.leave, self._owner)
                 self._owner = None
@@ -308,7 +313,8 @@ class SqliteStore(LeaseStore, CopyableStore, ClusterStore):
     async def stale_reservations(self, created_before: datetime) -> list[LedgerEntry]:
         sql = (
             "SELECT * FROM ledger WHERE kind IN ('reservation', 'lease') AND created_at < ?"
-            " AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.ledger_id = ledger.id) ORDER BY id"
+            " AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.ledger_id = ledger.id"
+            " AND messages.status = 'generating') ORDER BY id"
         )
         return await self._read(all_of, LedgerEntry, sql, (to_ms(created_before),))
 
@@ -404,13 +410,23 @@ class SqliteStore(LeaseStore, CopyableStore, ClusterStore):
 
     # processes acting as one (what makes this a ClusterStore)
 
-    async def join(self, receiver: Receiver) -> str:
+    async def join(self, receiver: Receiver, on_standing: StandingWatcher | None = None) -> str:
+        # A process cannot lose the file it runs beside: on_standing is never called.
         if self._mailbox is not None:
             raise StoreError("this store instance already joined")
         instance = secrets.token_hex(8)
-        # Bound before it is listed: a peer never finds a listed instance that was never alive.
-        self._mailbox = cluster.Mailbox(self.path, instance, receiver)
-        await self._write(cluster.register, instance, now_ms())
+        # Alive before it is listed: a peer never finds a listed instance that was never alive.
+        self._presence = cluster.Presence(self.path, instance)
+        try:
+            self._mailbox = cluster.Mailbox(self.path, instance, receiver)
+            await self._write(cluster.register, instance, now_ms())
+        except BaseException:
+            if self._mailbox is not None:
+                self._mailbox.close()
+                self._mailbox = None
+            self._presence.close()
+            self._presence = None
+            raise
         self._owner = instance
         return instance
 
@@ -431,10 +447,14 @@ class SqliteStore(LeaseStore, CopyableStore, ClusterStore):
             if instance == self._owner or cluster.alive(self.path, instance):
                 continue
             left = await self._write(cluster.take_over, instance, now_ms())
+            cluster.forget(self.path, instance)
             if left is not None:
                 replies += left[0]
                 entries += left[1]
         return replies, entries
+
+    def instance_id(self) -> str | None:
+        return self._owner
 
     def standing(self) -> str | None:
         # The socket that proves this process alive lives as long as the process.

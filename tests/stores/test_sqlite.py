@@ -324,5 +324,8 @@ class TestSqliteCluster(ClusterConformance):
             assert store._mailbox is not None
             store._mailbox.close()
             store._mailbox = None
+            assert store._presence is not None
+            store._presence.close(leave=False)  # the kernel releases a dead process's lock; the file stays
+            store._presence = None
 
         return vanish
