@@ -52,6 +52,8 @@ max_output_tokens = 4096
 
 [surfaces.email_socket]
 model = "deepseek-chat"
+requests_per_minute = 0             # the per-email quotas would stop the rounds
+tokens_per_day = 0
 """
 )
 RECORD_MESSAGES = 1000
@@ -71,19 +73,32 @@ async def wait_until(predicate: object, what: str, timeout: float = 10.0) -> Non
         await asyncio.sleep(0.001)
 
 
-async def interrupts(fake: FakeUpstream, url: str, count: int) -> list[float]:
-    """Seconds from each newer request's send to the upstream seeing the older reply's connection close."""
-    host, port = url.removeprefix("http://").split(":")
+async def interrupts(
+    fake: FakeUpstream,
+    url: str,
+    count: int,
+    newer_url: str | None = None,
+    token_delay: float = 0.002,
+    streaming: float = 0.02,
+) -> list[float]:
+    """Seconds from each newer request's send to the upstream seeing the older reply's connection close.
+
+    The older request goes to ``url``, the newer one to ``newer_url`` (another process on the same
+    store; default the same server). The older reply's tokens come ``token_delay`` apart and flow for
+    ``streaming`` seconds before the newer request is sent.
+    """
     headers = {"Content-Type": "application/json"}
+    host, port = url.removeprefix("http://").split(":")
     older = Connection(host, int(port), "/api/chat", headers)
+    host, port = (newer_url or url).removeprefix("http://").split(":")
     newer = Connection(host, int(port), "/api/chat", headers)
     latencies = []
     for i in range(count):
-        fake.script(Scenario(tokens=100_000, token_delay=0.002), Scenario(tokens=4))
+        fake.script(Scenario(tokens=100_000, token_delay=token_delay), Scenario(tokens=4))
         asked = len(fake.requests)
         running = asyncio.create_task(chat(older, "interrupt@bench.example", f"tell a long story {i}"))
         await wait_until(lambda asked=asked: len(fake.requests) > asked, "the long reply to start")
-        await asyncio.sleep(0.02)  # let tokens flow
+        await asyncio.sleep(streaming)  # let tokens flow
         sent = time.monotonic()
         interrupting = asyncio.create_task(chat(newer, "interrupt@bench.example", f"stop {i}"))
         closed = await fake.wait_for_disconnect(10)

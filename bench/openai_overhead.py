@@ -60,7 +60,7 @@ litellm_settings:
   telemetry: false
 """
 REPLY_TOKENS = 24
-BODY = {
+BODY: dict[str, object] = {
     "model": "deepseek-chat",
     "messages": [{"role": "user", "content": "Say hello in a few words."}],
 }
