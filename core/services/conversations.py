@@ -368,6 +368,7 @@ class Conversations:
                 reservation=reservation,
                 question_id=answers,
                 upstream=upstream,
+                revision=reply.revision,
             )
         except BaseException:
             # Cancelled before the reply took the stream over: the stored reply is swept and

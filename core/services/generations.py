@@ -239,6 +239,7 @@ class Generations:
         reservation: Reservation | None = None,
         question_id: int | None = None,
         upstream: Upstream | None = None,
+        revision: int = 0,
     ) -> Generation:
         """Start producing the reply stored as ``message_id``, interrupting the conversation's current one.
 
@@ -246,7 +247,9 @@ class Generations:
         and, when billing applies, reserved its cost; the generation settles
         the reservation whatever the outcome. With ``upstream`` (the request
         already sent for ``request``) it takes that stream over instead of
-        starting one.
+        starting one. ``revision`` is the reply's as the caller wrote it: a newer
+        message written by another process from then on stops the reply at its
+        next flush (0: from its first flush on).
         """
         async with self._exclusive.hold(conversation_id):
             await self._interrupt_locked(conversation_id)
@@ -261,6 +264,7 @@ class Generations:
                 billing=self.billing,
                 started=upstream.started,
             )
+            generation._revision = revision
             self._running[conversation_id] = generation
             producing = self._produce(generation, upstream)
             generation.task = asyncio.create_task(producing, name=f"chatgate-gen-{message_id}")
