@@ -152,12 +152,14 @@ class Store(Plugin, abc.ABC):
 
     @abc.abstractmethod
     async def settle_ledger(self, entry_id: int, settlement: LedgerSettlement) -> LedgerEntry:
-        """Replace an entry's amount and details, moving the balance by the difference, atomically.
+        """Replace a reservation's amount and details, moving the balance by the difference, atomically.
 
         Settlement never checks a floor: the tokens were already spent. The
         entry's ``balance_after`` becomes the balance right after the
-        settlement; settling an entry again moves the balance by the new
-        difference.
+        settlement. Only a reservation settles, once: an entry already settled
+        (or of any other kind) is returned as it is, so when two processes
+        settle one reservation (its own process, and one that took it for a
+        dead one's), the first settlement stands and the balance moves once.
         """
 
     @abc.abstractmethod

@@ -221,6 +221,8 @@ async def settle_ledger(conn: asyncpg.Connection, entry_id: int, settlement: Led
         entry_id,
     )
     amount, user_id, key_id, kind, prompt_tokens, completion_tokens, created_at = old
+    if kind != "reservation":  # settled already (locked above, so by a committed settlement): it stands
+        return await by_id(conn, LedgerEntry, "ledger", entry_id, "ledger entry")
     after = await conn.fetchval(
         "UPDATE users SET balance = balance + $1 WHERE id = $2 RETURNING balance",
         settlement.amount - amount,

@@ -183,6 +183,8 @@ def settle_ledger(db: sqlite3.Connection, entry_id: int, settlement: LedgerSettl
         entry_id,
     )
     amount, user_id, key_id, kind, prompt_tokens, completion_tokens, created_at = old
+    if kind != "reservation":  # settled already: the first settlement stands
+        return by_id(db, LedgerEntry, "ledger", entry_id, "ledger entry")
     [(after,)] = db.execute(
         "UPDATE users SET balance = balance + ? WHERE id = ? RETURNING balance",
         (settlement.amount - amount, user_id),
