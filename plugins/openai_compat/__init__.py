@@ -40,7 +40,9 @@ class OpenAICompatSurface(Surface):
     completions: ChatCompletions | None = None
 
     def direct_routes(self, services: Services) -> Mapping[str, ASGIApp]:
-        return {"/v1/chat/completions": self._completions(services)}
+        # Also without /v1, as DeepSeek's own base URL serves it (https://api.deepseek.com).
+        completions = self._completions(services)
+        return {"/v1/chat/completions": completions, "/chat/completions": completions}
 
     def _completions(self, services: Services) -> ChatCompletions:
         """The one raw ASGI app of ``/v1/chat/completions``, for the router and the front door."""

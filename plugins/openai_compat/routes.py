@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Request, get
+from litestar import Controller, Request, get, route
 from litestar.di import NamedDependency
 from litestar.handlers import ASGIRouteHandler, asgi
 from litestar.response import Response
@@ -39,7 +39,7 @@ class OpenAIController(Controller):
     path = "/"
     tags = ("openai",)
 
-    @get("/v1/models", summary="List models")
+    @get(["/v1/models", "/models"], summary="List models")
     async def list_models(
         self,
         services: NamedDependency[Services],
@@ -49,7 +49,7 @@ class OpenAIController(Controller):
         data = [model_object(name, options) for name in services.catalog.models]
         return Response({"object": "list", "data": data})
 
-    @get("/v1/models/{model_id:path}", summary="Retrieve a model")
+    @get(["/v1/models/{model_id:path}", "/models/{model_id:path}"], summary="Retrieve a model")
     async def retrieve_model(
         self,
         services: NamedDependency[Services],
@@ -61,6 +61,18 @@ class OpenAIController(Controller):
         if name not in services.catalog.models:
             raise Refused(404, f"The model '{name}' does not exist", "model_not_found", "model")
         return Response(model_object(name, options))
+
+    @route(
+        ["/v1", "/v1/{rest:path}"],
+        http_method=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        include_in_schema=False,
+    )
+    async def unknown_path(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        """Any other path under ``/v1``: 404 in OpenAI's own shape, so the SDKs show why (the
+        body OpenAI answers for a path under /v1 it does not serve, research/dialects.md C.2)."""
+        message = f"Invalid URL ({request.method} {request.url.path})"
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+        return Response(body, status_code=404)
 
     @get("/user/balance", summary="The caller's balance, in DeepSeek's shape")
     async def user_balance(

@@ -644,3 +644,56 @@ async def test_a_provider_breaking_its_contract_is_a_503_that_shows_no_internals
     charges = [e for e in await settled_ledger(gateway, key.user_id) if e.kind == "charge"]
     assert [c.outcome for c in charges] == ["error"]
     assert charges[0].completion_tokens == estimate_tokens("Half")  # what it produced is charged
+
+
+# --- paths ---
+
+
+async def test_deepseeks_base_url_without_v1_works_as_with_it(
+    client: Client, fake_deepseek: FakeUpstream
+) -> None:
+    """DeepSeek documents https://api.deepseek.com as a base URL: clients then call /chat/completions."""
+    fake_deepseek.scenario = Scenario(content="Hello without v1.")
+    sdk = openai.AsyncOpenAI(base_url=client.gateway.url, api_key=client.key, max_retries=0)
+    try:
+        answer = await sdk.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}]
+        )
+        assert answer.choices[0].message.content == "Hello without v1."
+        chunks = [
+            chunk.choices[0].delta.content or ""
+            async for chunk in await sdk.chat.completions.create(
+                model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}], stream=True
+            )
+            if chunk.choices
+        ]
+        assert "".join(chunks) == "Hello without v1."
+        assert [m.id for m in (await sdk.models.list()).data] == [
+            m.id for m in (await client.sdk.models.list()).data
+        ]
+        assert (await sdk.models.retrieve("deepseek-chat")).id == "deepseek-chat"
+    finally:
+        await sdk.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/v1/embeddingz"), ("GET", "/v1"), ("DELETE", "/v1/files/x")]
+)
+async def test_an_unknown_path_under_v1_is_404_in_openais_shape(
+    client: Client, method: str, path: str
+) -> None:
+    response = await client.gateway.client.request(
+        method, path, headers={"Authorization": f"Bearer {client.key}"}
+    )
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": {
+            "message": f"Invalid URL ({method} {path})",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    # The SDK shows that message instead of a bare 404.
+    with pytest.raises(openai.NotFoundError, match=r"Invalid URL \(POST /v1/embeddingz\)"):
+        await client.sdk.post("/embeddingz", cast_to=object, body={})
