@@ -31,6 +31,7 @@ from litestar.types import (
 from . import __version__
 from .bodies import nested_too_deeply
 from .config import Config, load_config
+from .cors import Cors
 from .credentials import bearer_matches
 from .hosts import HostCheck
 from .plugins import Plugins
@@ -60,6 +61,7 @@ class Gateway(Litestar):
 
     direct: Mapping[str, ASGIApp]
     hosts: HostCheck | None = None
+    cors: Cors | None = None
 
     async def __call__(
         self, scope: Scope | LifeSpanScope, receive: Receive | LifeSpanReceive, send: Send | LifeSpanSend
@@ -67,6 +69,10 @@ class Gateway(Litestar):
         if scope["type"] == ScopeType.HTTP:
             if self.hosts is not None and not self.hosts.admits(cast("HTTPScope", scope)):
                 return await self.hosts.refuse(cast("HTTPScope", scope), send)  # type: ignore[arg-type]
+            if self.cors is not None and (origin := self.cors.origin_of(cast("HTTPScope", scope))):
+                if self.cors.is_preflight(cast("HTTPScope", scope)):
+                    return await self.cors.preflight(cast("HTTPScope", scope), origin, send)  # type: ignore[arg-type]
+                send = self.cors.answering(origin, send)  # type: ignore[arg-type]
             app = self.direct.get(cast("HTTPScope", scope)["path"])
             if app is not None:
                 return await app(scope, receive, send)  # type: ignore[arg-type]  # http: not lifespan
@@ -204,6 +210,7 @@ def create_app(
     )
     app.direct = direct
     app.hosts = HostCheck.for_server(host or config.server.host, config.server.allowed_hosts)
+    app.cors = Cors(config.server.cors_origins) if config.server.cors_origins else None
     return app
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import msgspec
 
+from .cors import origin_problem
 from .errors import ConfigError, Problem
 from .hosts import host_pattern_problem
 
@@ -58,6 +59,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     subdomains; ``*``: any), against DNS rebinding. Empty: while listening on a loopback address
     only loopback names are served; otherwise any. Set: only these and loopback names, whatever
     the address."""
+    cors_origins: list[str] = []
+    """Web origins (``https://app.example.com``; ``*``: any) whose pages may call every API
+    route from a browser (CORS: preflights answered, ``Access-Control-Allow-Origin`` sent).
+    Empty: none, as browsers do by default."""
     forwarded_allow_ips: list[str] | str | None = None
     """The reverse proxies (IP addresses or CIDR networks, ``*`` for any) whose
     ``X-Forwarded-For`` / ``X-Forwarded-Proto`` give the client's address and scheme. Unset:
@@ -76,6 +81,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
             problem = host_pattern_problem(pattern)
             if problem:
                 raise ValueError(f"allowed_hosts entries to be {problem}")
+        for origin in self.cors_origins:
+            problem = origin_problem(origin)
+            if problem:
+                raise ValueError(f"cors_origins entries to be {problem}")
         if self.forwarded_allow_ips is not None:
             for entry in proxy_entries(self.forwarded_allow_ips):
                 if entry != "*" and not is_network(entry):
