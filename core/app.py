@@ -69,8 +69,9 @@ class Gateway(Litestar):
         if scope["type"] == ScopeType.HTTP:
             if self.hosts is not None and not self.hosts.admits(cast("HTTPScope", scope)):
                 return await self.hosts.refuse(cast("HTTPScope", scope), send)  # type: ignore[arg-type]
-            if self.cors is not None and (origin := self.cors.origin_of(cast("HTTPScope", scope))):
-                if self.cors.is_preflight(cast("HTTPScope", scope)):
+            if self.cors is not None:
+                origin = self.cors.origin_of(cast("HTTPScope", scope))
+                if origin is not None and self.cors.is_preflight(cast("HTTPScope", scope)):
                     return await self.cors.preflight(cast("HTTPScope", scope), origin, send)  # type: ignore[arg-type]
                 send = self.cors.answering(origin, send)  # type: ignore[arg-type]
             app = self.direct.get(cast("HTTPScope", scope)["path"])

@@ -76,18 +76,17 @@ class Cors:
         await send(end)
 
     @staticmethod
-    def answering(origin: bytes, send: Send) -> Send:
-        """``send``, adding the CORS headers to the response's start."""
+    def answering(origin: bytes | None, send: Send) -> Send:
+        """``send``, adding to the response's start the CORS headers for an allowed ``origin``,
+        and ``Vary: Origin`` to every answer (a shared cache must not hand one origin's answer
+        to another)."""
+        added = [(b"vary", b"origin")]
+        if origin is not None:
+            added += [(b"access-control-allow-origin", origin), (b"access-control-expose-headers", b"*")]
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
-                headers += [
-                    (b"access-control-allow-origin", origin),
-                    (b"access-control-expose-headers", b"*"),
-                    (b"vary", b"origin"),
-                ]
-                message = {**message, "headers": headers}
+                message = {**message, "headers": [*message.get("headers", ()), *added]}
             await send(message)
 
         return send_with_cors

@@ -16,6 +16,7 @@ Exception tree::
     ├── Conflict               the request does not fit the state it finds (409)
     ├── StoreError
     │   ├── NotFound           the row does not exist (or is not the caller's)
+    │   ├── LeaseReleased      charges posted to a lease already released
     │   ├── InsufficientBalance  a charge would take a balance below its floor
     │   ├── BalanceTooLarge    a credit would take a balance past the ceiling
     │   └── RateLimitExceeded  a request would pass its key's rate limits
@@ -95,6 +96,11 @@ class StoreError(ChatgateError):
 
 class NotFound(StoreError):
     """The requested row does not exist."""
+
+
+class LeaseReleased(StoreError):
+    """Charges were posted to a lease that was released (by another process, which took it
+    for a dead one's): they must go to the balance on their own."""
 
 
 class InsufficientBalance(StoreError):

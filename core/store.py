@@ -304,8 +304,8 @@ class LeaseStore(Store):
         tokens were spent: no floor). The key's rate window, which counted
         ``counted_tokens`` for these requests when the lease was posted, counts
         their real tokens instead (the requests themselves were counted then).
-        Returns the balance after. Raises :class:`~core.errors.StoreError` once
-        the lease was released.
+        Returns the balance after. Raises :class:`~core.errors.LeaseReleased`
+        (and posts nothing) once the lease was released.
         """
 
     @abc.abstractmethod

@@ -217,6 +217,7 @@ class Conversations:
                 payer=payer,
                 replacing=reply,
                 answers=question.id,
+                newest=messages[-1].id if messages else None,  # what follows the reply stays
             )
 
     async def edit_message(self, conversation: Conversation, message_id: int, content: str) -> Message:
@@ -300,6 +301,7 @@ class Conversations:
         replacing: Message | None = None,
         answers: int | None = None,
         reservation: Reservation | None = None,
+        newest: int | None = None,
     ) -> Generation:
         """Store ``question`` (when given) and a reply being generated for it, and start generating.
 
@@ -369,6 +371,7 @@ class Conversations:
                 question_id=answers,
                 upstream=upstream,
                 revision=reply.revision,
+                newest=max(reply.id, newest or 0),
             )
         except BaseException:
             # Cancelled before the reply took the stream over: the stored reply is swept and

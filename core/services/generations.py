@@ -101,6 +101,8 @@ class Generation(ReplyRun):
         self._dirty = False
         self._written_at = time.monotonic()
         self._revision = 0  # the conversation's revision at this reply's last flush (0: none yet)
+        self._newest = message_id  # the conversation's last message when the reply started
+        self._taken = False  # another process restarted this very message: leave it to that one
 
     async def follow(self, pace: float = 0.0) -> AsyncIterator[ProviderEvent]:
         """Every event of this generation from its start, then live until it ends (``pace``: as
@@ -240,6 +242,7 @@ class Generations:
         question_id: int | None = None,
         upstream: Upstream | None = None,
         revision: int = 0,
+        newest: int | None = None,
     ) -> Generation:
         """Start producing the reply stored as ``message_id``, interrupting the conversation's current one.
 
@@ -247,9 +250,11 @@ class Generations:
         and, when billing applies, reserved its cost; the generation settles
         the reservation whatever the outcome. With ``upstream`` (the request
         already sent for ``request``) it takes that stream over instead of
-        starting one. ``revision`` is the reply's as the caller wrote it: a newer
-        message written by another process from then on stops the reply at its
-        next flush (0: from its first flush on).
+        starting one. ``revision`` is the reply's as the caller wrote it, and
+        ``newest`` the conversation's last message then (default: the reply): a
+        message added after it by another process from then on, or the reply
+        itself rewritten by one, stops the reply at its next flush (revision 0:
+        from its first flush on).
         """
         async with self._exclusive.hold(conversation_id):
             await self._interrupt_locked(conversation_id)
@@ -265,6 +270,7 @@ class Generations:
                 started=upstream.started,
             )
             generation._revision = revision
+            generation._newest = message_id if newest is None else newest
             self._running[conversation_id] = generation
             producing = self._produce(generation, upstream)
             generation.task = asyncio.create_task(producing, name=f"chatgate-gen-{message_id}")
@@ -419,11 +425,13 @@ class Generations:
         # be written: the tokens were spent either way.
         async with generation._write_lock:
             generation.done = True
-            written, settled = await asyncio.gather(
-                self.store.update_message(generation.message_id, patch),
-                generation.settle(usage),
-                return_exceptions=True,
+            # A reply another process restarted in place is that one's now: read, not overwritten.
+            write = (
+                self.store.get_message(generation.message_id)
+                if generation._taken
+                else self.store.update_message(generation.message_id, patch)
             )
+            written, settled = await asyncio.gather(write, generation.settle(usage), return_exceptions=True)
         message: Message | None = None
         if isinstance(written, BaseException):
             log.error("could not persist the end of reply %d", generation.message_id, exc_info=written)
@@ -492,8 +500,16 @@ class Generations:
             except Exception:  # the next jump looks again
                 log.exception("could not read conversation %d", generation.conversation_id)
                 return
-            if any(message.id > generation.message_id for message in changed):
+            # Added after the reply began (edits of later messages are no newer question), or
+            # the reply itself written by someone else since this flush (restarted in place).
+            added = any(message.id > generation._newest for message in changed)
+            taken = any(
+                message.id == generation.message_id and message.revision != written.revision
+                for message in changed
+            )
+            if added or taken:
                 log.warning("reply %d was superseded in another process; stopping it", generation.message_id)
+                generation._taken = taken
                 self._background(self._stop_superseded(generation))
 
     async def _stop_superseded(self, generation: Generation) -> None:

@@ -35,7 +35,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from ..errors import InsufficientBalance, RateLimitExceeded, StoreError
+from ..errors import InsufficientBalance, LeaseReleased, RateLimitExceeded
 from ..records import LedgerDraft, LedgerEntry, RateLimits, RateUse
 from ..store import LeaseStore
 
@@ -116,6 +116,8 @@ class Leases:
         self._open: set[Lease] = set()
         self._dirty: set[Lease] = set()  # with charges to post, or retired and idle: to release
         self._flushing: asyncio.Task[None] | None = None
+        self._epoch = 0  # moves with retire_all: a lease posted before it admits nothing
+        self._charging: set[asyncio.Future[None]] = set()  # charges of released leases, retried
 
     @staticmethod
     def size(limits: RateLimits, prompt_tokens: int, worst_case: int, balance: int | None) -> int:
@@ -174,7 +176,7 @@ class Leases:
                 if following is not None:
                     self._current[key_id] = following
                     continue
-            if waited > MAX_WAITS or self._alone_until.get(key_id, 0.0) > now:
+            if waited >= MAX_WAITS or self._alone_until.get(key_id, 0.0) > now:
                 return None
             posting = self._posted(draft, limits, worst_case, balance)
             if posting is None:
@@ -216,6 +218,7 @@ class Leases:
             outcome="open",
             requests=size,
         )
+        epoch = self._epoch
         try:
             entry, use = await self.store.admit(lease_draft, limits)
         except (RateLimitExceeded, InsufficientBalance):
@@ -232,6 +235,10 @@ class Leases:
             # finished posting and wait on it again, and again, without ever yielding.
             self._posting.pop(draft.key_id, None)
         lease = Lease(entry, use, time.monotonic(), size, tokens, size * worst_case)
+        if epoch != self._epoch:  # retired while it was being posted: released, never used
+            self._open.add(lease)
+            self._retire(lease)
+            return None
         # Released if nobody takes from it (its caller may have left while it was posted).
         lease.idle_timer = asyncio.get_running_loop().call_later(self.idle, self._idle, lease)
         self._open.add(lease)
@@ -294,13 +301,11 @@ class Leases:
             lease.pending, lease.pending_tokens = [], 0
             try:
                 await self.store.charge_lease(lease.entry.id, charges, counted)
-            except StoreError as exc:
+            except LeaseReleased:
                 # Released by another process, which took it for a dead one's (this process lost
-                # its standing meanwhile): the charges go to the balance, as far as it covers them.
+                # its standing meanwhile): the charges go to the balance on their own.
                 log.warning(
-                    "lease %d was released elsewhere (%s); charging its requests one by one",
-                    lease.entry.id,
-                    exc,
+                    "lease %d was released elsewhere; charging its requests one by one", lease.entry.id
                 )
                 await self._charge_alone(charges)
             except Exception:
@@ -330,21 +335,27 @@ class Leases:
                 self._retry(lease)
 
     async def _charge_alone(self, charges: list[LedgerDraft]) -> None:
-        for charge in charges:
+        # No floor, as charge_lease has none: the tokens were spent. What fails is tried again.
+        for position, charge in enumerate(charges):
             try:
-                await self.store.post_ledger(charge, floor=0)
-            except InsufficientBalance:
-                log.error(
-                    "could not charge %d for a request of key %s: the balance is spent",
-                    -charge.amount,
-                    charge.key_id,
-                )
+                await self.store.post_ledger(charge, floor=None)
             except Exception:
-                log.exception("could not charge a request of key %s", charge.key_id)
+                log.exception("could not charge a request of key %s; will retry", charge.key_id)
+                rest = charges[position:]
+
+                def again(rest: list[LedgerDraft] = rest) -> None:
+                    task = asyncio.ensure_future(self._charge_alone(rest))
+                    self._charging.add(task)
+                    task.add_done_callback(self._charging.discard)
+
+                asyncio.get_running_loop().call_later(RETRY_SECONDS, again)
+                return
 
     def retire_all(self) -> None:
-        """Admit nothing more under the leases held now (this process lost its standing: others
-        may release them); requests running under them still post their charges."""
+        """Admit nothing more under the leases held now, or being posted now (this process lost
+        its standing: others may release them); requests running under them still post their
+        charges."""
+        self._epoch += 1
         for lease in list(self._open):
             self._retire(lease)
         self._current.clear()

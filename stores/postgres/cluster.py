@@ -41,10 +41,12 @@ log = logging.getLogger("chatgate.store.postgres")
 BEAT = 1.0
 """Seconds between checks that the server still answers on the membership connection."""
 
-CHECK_TIMEOUT = 5.0
-"""How long a check may take before the connection counts as lost. Generous: liveness is the
-lock the session holds, and a busy server answering late is still holding it; dropping the
-session over a hiccup would hand this process's work to the others for nothing."""
+CHECK_TIMEOUT = 2.0
+"""How long a check may take before the connection counts as lost. Not shorter: liveness is
+the lock the session holds, and a busy server answering late still holds it (a hiccup must
+not hand this process's work to the others for nothing). Not longer: with :data:`BEAT`, this
+process notices a partition (about 3 s) before the server ends its session and so frees its
+lock for the others (about 5 s: :data:`KEEPALIVE`), never after."""
 
 QUARANTINE = 3.0
 """Seconds a process that lost its standing waits before joining again: by then its replies

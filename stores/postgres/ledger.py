@@ -33,6 +33,7 @@ from core import (
     WINDOW_MS,
     BalanceTooLarge,
     InsufficientBalance,
+    LeaseReleased,
     LedgerDraft,
     LedgerEntry,
     LedgerSettlement,
@@ -284,7 +285,7 @@ async def charge_lease(
 ) -> int:
     lease = await _open_lease(conn, lease_id)
     if lease is None:
-        raise StoreError(f"lease {lease_id} was released: its charges must be posted before")
+        raise LeaseReleased(f"lease {lease_id} was released: its charges must be posted before")
     held, user_id, key_id, created_at = lease
     stamp = moment(now_ms())
     left = held - sum(charge.amount for charge in charges)  # held and charges are negative

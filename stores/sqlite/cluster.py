@@ -52,7 +52,8 @@ class Presence:
     def __init__(self, path: Path, instance: str) -> None:
         self.file = presence_file(path, instance)
         self.file.parent.mkdir(exist_ok=True)
-        self._fd: int | None = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o600)
+        # Readable by all: processes of other users sharing the file must be able to look.
+        self._fd: int | None = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new name: nobody holds it
         except BaseException:
@@ -71,9 +72,11 @@ class Presence:
 def alive(path: Path, instance: str) -> bool:
     """Whether the process that joined as ``instance`` still runs (it holds its lock)."""
     try:
-        fd = os.open(presence_file(path, instance), os.O_RDWR)
+        fd = os.open(presence_file(path, instance), os.O_RDONLY)  # flock needs no write access
     except FileNotFoundError:
         return False  # it left, or a peer that took its leftovers over removed the file
+    except PermissionError:
+        return True  # cannot tell: never take over what may be alive
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -23,6 +23,7 @@ from core import (
     WINDOW_MS,
     BalanceTooLarge,
     InsufficientBalance,
+    LeaseReleased,
     LedgerDraft,
     LedgerEntry,
     LedgerSettlement,
@@ -234,7 +235,7 @@ def charge_lease(
 ) -> int:
     lease = _open_lease(db, lease_id)
     if lease is None:
-        raise StoreError(f"lease {lease_id} was released: its charges must be posted before")
+        raise LeaseReleased(f"lease {lease_id} was released: its charges must be posted before")
     held, user_id, key_id, created_at = lease
     now = now_ms()
     left = held - sum(charge.amount for charge in charges)  # held and charges are negative

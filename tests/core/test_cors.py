@@ -67,6 +67,7 @@ async def test_answers_to_a_named_origin_carry_the_headers_streams_included(keye
     # No Origin, or another one: as before.
     plain = await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {secret}"})
     assert "access-control-allow-origin" not in plain.headers
+    assert plain.headers["vary"] == "origin"  # a shared cache keeps answers apart by origin
     other = await gateway.client.get("/v1/models", headers={**headers, "Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in other.headers
 

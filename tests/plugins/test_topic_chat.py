@@ -674,3 +674,34 @@ async def test_ids_that_are_not_plain_integers_are_400(alice: User, raw: str) ->
     assert response.json()["message"] == f"path parameter 'id' must be a positive integer, got {raw!r}"
     response = await alice.call("GET", f"/chat/topic?seriesId={raw}")
     assert response.json()["message"] == f"query parameter 'seriesId' must be a positive integer, got {raw!r}"
+
+
+async def test_editing_a_later_message_does_not_stop_a_reply_regenerated_in_place(
+    alice: User, fake_deepseek: FakeUpstream
+) -> None:
+    """The fence against a newer question (a reply superseded in another process) looks only at
+    messages added after the reply began: later messages edited meanwhile are no newer question."""
+    created = await alice.topic()
+    fake_deepseek.script(
+        Scenario(content="A1"),
+        Scenario(content="A2"),
+        Scenario(content=" ".join(f"w{i}" for i in range(120)), token_delay=0.01),
+    )
+    _, first = await alice.send(created["id"], "Q1")
+    _, second = await alice.send(created["id"], "Q2")
+    path = f"/chat/topic/{created['id']}/message"
+    pick = {"seriesId": 1, "modelId": 1, "enableMemory": True}
+    regenerating = asyncio.create_task(
+        alice.call("POST", f"{path}/{first['assistantMsgId']}/regenerate", pick)
+    )
+
+    async def growing() -> bool:
+        return "w3" in (await alice.messages(created["id"]))[1]["message"]
+
+    async with asyncio.timeout(10):
+        while not await growing():  # noqa: ASYNC110 - what the other request wrote, polled
+            await asyncio.sleep(0.02)
+    edited = await alice.call("PATCH", f"{path}/{second['userMsgId']}", {"message": "Q2, edited"})
+    assert edited.status_code == 200
+    reply, _ = split((await regenerating).text)
+    assert reply.endswith("w119")  # it ran to its end
