@@ -133,6 +133,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
     context_tokens: int = 16_384
     max_output_tokens: int = 4_096
     description: str = ""
+    vision: bool = False
+    """Whether the model takes images: a request with an image part for one that does not is
+    refused (400 naming the part), not sent on to fail upstream or lose the image."""
 
     def __post_init__(self) -> None:
         if self.input_price < 0 or self.output_price < 0:

@@ -194,6 +194,12 @@ class ChatCompletions:
         except UnknownModel:
             message = f"The model '{parsed.request.model}' does not exist or you do not have access to it."
             return error(404, message, "invalid_request_error", "model_not_found", "model")
+        if not route.config.vision and (image := wire.first_image(parsed.request)) is not None:
+            message = (
+                f"The model '{parsed.request.model}' does not take images (its [models] table sets no "
+                f"vision = true); remove the image part at '{image}'."
+            )
+            return error(400, message, "invalid_request_error", "image_not_supported", image)
         limits = self.options.limits_for(caller.key)
         try:
             completion = await services.completions.start(caller, route, parsed.request, limits)

@@ -182,8 +182,42 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
                 f"{where}.content",
                 "invalid_type",
             )
+        if isinstance(content, list):
+            _check_parts(content, f"{where}.content")
         out.append(_message(item, role, content, calls, where))
     return tuple(out)
+
+
+PART_TYPES = ("text", "image_url", "input_audio", "file", "refusal")
+"""The content part types of OpenAI's chat messages (refusal: in an assistant's)."""
+
+
+def _check_parts(parts: list[dict[str, Any]], where: str) -> None:
+    for j, part in enumerate(parts):
+        kind = part.get("type")
+        if kind is None:
+            raise Invalid(
+                f"Missing required parameter: '{where}[{j}].type'.",
+                f"{where}[{j}].type",
+                "missing_required_parameter",
+            )
+        if kind not in PART_TYPES:
+            supported = ", ".join(f"'{t}'" for t in PART_TYPES[:-1]) + f" and '{PART_TYPES[-1]}'"
+            raise Invalid(
+                f"Invalid value: {kind!r}. Supported values are: {supported}.",
+                f"{where}[{j}].type",
+                "invalid_value",
+            )
+
+
+def first_image(request: ChatRequest) -> str | None:
+    """Where the request's first image part is (``messages[i].content[j]``), or None."""
+    for i, message in enumerate(request.messages):
+        if isinstance(message.content, (list, tuple)):
+            for j, part in enumerate(message.content):
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    return f"messages[{i}].content[{j}]"
+    return None
 
 
 def _message(item: dict[str, Any], role: Any, content: Any, calls: Any, where: str) -> ChatMessage:

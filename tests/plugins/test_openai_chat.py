@@ -697,3 +697,64 @@ async def test_an_unknown_path_under_v1_is_404_in_openais_shape(
     # The SDK shows that message instead of a bare 404.
     with pytest.raises(openai.NotFoundError, match=r"Invalid URL \(POST /v1/embeddingz\)"):
         await client.sdk.post("/embeddingz", cast_to=object, body={})
+
+
+# --- content parts ---
+
+
+async def test_an_unknown_content_part_type_is_a_400_naming_it(
+    client: Client, fake_deepseek: FakeUpstream
+) -> None:
+    parts = [{"type": "text", "text": "Hi"}, {"type": "video_url", "video_url": {"url": "https://x"}}]
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": parts}]}
+    response = await client.post(body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "invalid_value",
+        "messages[0].content[1].type",
+    )
+    assert "'video_url'" in error["message"]
+    with pytest.raises(openai.BadRequestError, match="video_url"):
+        await client.sdk.chat.completions.create(**body)  # type: ignore[call-overload]
+    assert fake_deepseek.requests == []
+
+
+async def test_an_image_for_a_model_without_vision_is_a_400_not_dropped(
+    client: Client, fake_deepseek: FakeUpstream
+) -> None:
+    parts = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:,x"}},
+    ]
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": parts}]}
+    response = await client.post(body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("image_not_supported", "messages[0].content[1]")
+    assert "vision" in error["message"]
+    assert fake_deepseek.requests == []
+    assert [entry.kind for entry in await client.ledger()] == ["topup"]  # nothing reserved
+
+
+async def test_a_model_with_vision_takes_images(
+    fake_deepseek: FakeUpstream, write_config: Callable[..., Path], gateway_factory: Callable[..., object]
+) -> None:
+    models = PRICED_MODELS.replace(
+        "max_output_tokens = 4096\n", "max_output_tokens = 4096\nvision = true\n", 1
+    )
+    config = write_config(deepseek_config(fake_deepseek.url, extra="max_retries = 0") + models)
+    gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
+    key, secret = await gateway.services.accounts.create_key("eyes@example.com")
+    await gateway.services.billing.top_up(key.user_id, 100_000_000)
+    parts = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:,x"}},
+    ]
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": parts}]}
+    response = await gateway.client.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+    )
+    assert response.status_code == 200, response.text
+    assert fake_deepseek.requests[-1].body["messages"][0]["content"] == parts  # sent as it came

@@ -33,6 +33,7 @@ input_price = 1000
 output_price = 2000
 context_tokens = 4096
 max_output_tokens = {CAP}
+vision = true
 """
 TOPICS = """[surfaces.topic_chat]
 [[surfaces.topic_chat.series]]
