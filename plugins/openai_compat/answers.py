@@ -10,23 +10,11 @@ import math
 
 import msgspec
 
-from core import ProviderError, RateLimited, RateLimitExceeded, RateLimits, RateUse
+from core import Answer, ProviderError, RateLimited, RateLimitExceeded, RateLimits, RateUse, json_answer
 
 from . import wire
 
 _encode = msgspec.json.Encoder().encode
-
-
-class Answer(msgspec.Struct, frozen=True):
-    """A complete JSON answer: status, body and extra headers."""
-
-    status: int
-    body: bytes
-    headers: dict[str, str] = {}
-
-
-def json_answer(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Answer:
-    return Answer(status, _encode(body), headers or {})
 
 
 def error(

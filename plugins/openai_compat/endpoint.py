@@ -16,9 +16,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, cast
 
-from litestar.types import HTTPRequestEvent, HTTPResponseStartEvent, HTTPScope, Receive, Scope, Send
+from litestar.types import HTTPScope, Receive, Scope, Send
 
 from core import (
+    Answer,
+    BodyTooLarge,
+    ClientGone,
     Completion,
     ContentDelta,
     ContextTooLong,
@@ -34,10 +37,15 @@ from core import (
     Unauthenticated,
     UnknownModel,
     UnknownProvider,
+    json_answer,
+    read_body,
+    request_headers,
+    send_answer,
+    start_stream,
 )
 
 from . import wire
-from .answers import Answer, error, json_answer, provider_error, rate_headers, rate_limited, stream_error
+from .answers import error, provider_error, rate_headers, rate_limited, stream_error
 
 if TYPE_CHECKING:
     from .options import Options
@@ -47,57 +55,11 @@ log = logging.getLogger("chatgate.openai_compat")
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 _READ = frozenset({b"authorization", b"x-api-key", b"x-ai-provider", b"content-length"})
-_JSON = (b"content-type", b"application/json")
-_SSE = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
-
-
-class TooLarge(Exception):
-    """The request body is over the server's limit."""
-
-
-class Gone(Exception):
-    """The client left before its request was read."""
 
 
 def scope_headers(scope: Scope) -> dict[str, str]:
-    """The few request headers this endpoint reads (ASGI servers send names in lower case)."""
-    pairs = scope["headers"]
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in pairs if name in _READ}
-
-
-async def read_body(receive: Receive, limit: int, declared: str | None) -> bytes:
-    """The whole request body, refused as soon as it is known to pass ``limit`` bytes."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise Gone
-        request = cast("HTTPRequestEvent", message)  # an HTTP request receives nothing else
-        chunk = request.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge
-        chunks.append(chunk)
-        if not request.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def encode_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
-
-
-async def send_answer(send: Send, answer: Answer) -> None:
-    """A whole JSON answer: status line, headers and body, in one write."""
-    headers = [_JSON, (b"content-length", str(len(answer.body)).encode()), *encode_headers(answer.headers)]
-    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-    await send({"type": "http.response.body", "body": answer.body, "more_body": False})
+    """The few request headers this endpoint reads."""
+    return request_headers(scope, _READ)
 
 
 def render(reply: wire.Reply, event: ProviderEvent, usage: bool) -> bytes:
@@ -146,7 +108,7 @@ class ChatCompletions:
             return await send_answer(send, not_post(method))
         try:
             started = await self.start(scope, receive)
-        except Gone:
+        except ClientGone:
             return None
         except Exception as exc:
             # The router's exception handlers never see this path (see Gateway): answer for them.
@@ -180,7 +142,7 @@ class ChatCompletions:
             return error(401, str(exc), "invalid_request_error", code)
         try:
             raw = await read_body(receive, self.limit, headers.get("content-length"))
-        except TooLarge:
+        except BodyTooLarge:
             message = f"The request body is larger than this server's limit of {self.limit} bytes."
             return error(413, message, "invalid_request_error", "request_too_large")
         try:
@@ -247,12 +209,7 @@ class ChatCompletions:
             event, pending = None, True
         except ProviderError as exc:
             return await send_answer(send, provider_error(exc))
-        start: HTTPResponseStartEvent = {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [*_SSE, *encode_headers(headers)],
-        }
-        await send(start)
+        await start_stream(send, headers)
         reply = wire.Reply(completion.request.model)
         usage = parsed.include_usage
         out = wire.chunk(reply, {"role": "assistant", "content": ""}, usage=usage)

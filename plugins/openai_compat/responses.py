@@ -16,7 +16,9 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Response
 from litestar.types import ExceptionHandlersMap
 
-from .answers import Answer, error
+from core import Answer
+
+from .answers import error
 
 
 class Refused(Exception):
