@@ -16,6 +16,7 @@ from .asgi import (
     Answer,
     BodyTooLarge,
     ClientGone,
+    documented_route,
     encode_headers,
     json_answer,
     read_body,
@@ -59,10 +60,11 @@ from .errors import (
 from .hookspecs import hookimpl
 from .limits import COUNTED_KINDS, DAY_MS, IN_FLIGHT_MS, OPEN_KINDS, WINDOW_MS, refuse_past
 from .locks import KeyedLock
+from .model_list import model_list, model_object
 from .money import MAX_BALANCE, MICRO, format_amount, parse_amount
 from .pages import web_page
 from .plugin import NoOptions, Plugin
-from .provider import Provider, complete
+from .provider import EmbeddingsUnsupported, Provider, complete
 from .records import (
     ApiKey,
     Conversation,
@@ -90,15 +92,18 @@ from .services.billing import Payer, Quota
 from .services.catalog import Route
 from .services.completions import Completion
 from .services.conversations import Transcript
+from .services.embeddings import Embedder
 from .services.generations import Generation, Outcome
 from .store import COPIED_COLUMNS, CopyableStore, LeaseStore, Store, StoreTotals
 from .streaming import PACE, ReplyStream
 from .surface import Surface
-from .tokens import estimate_prompt_tokens, estimate_tokens, is_cjk
+from .tokens import estimate_prompt_tokens, estimate_request_tokens, estimate_tokens, is_cjk
 from .types import (
     ChatMessage,
     ChatRequest,
     ContentDelta,
+    EmbeddingRequest,
+    Embeddings,
     Finish,
     FinishReason,
     ProviderEvent,
@@ -142,6 +147,10 @@ __all__ = [
     "Conversation",
     "ConversationPatch",
     "CopyableStore",
+    "Embedder",
+    "EmbeddingRequest",
+    "Embeddings",
+    "EmbeddingsUnsupported",
     "Finish",
     "FinishReason",
     "Generation",
@@ -209,14 +218,18 @@ __all__ = [
     "bearer_matches",
     "complete",
     "decode_body",
+    "documented_route",
     "email_allowed",
     "encode_headers",
     "estimate_prompt_tokens",
+    "estimate_request_tokens",
     "estimate_tokens",
     "format_amount",
     "hookimpl",
     "is_cjk",
     "json_answer",
+    "model_list",
+    "model_object",
     "normalize_email",
     "parse_amount",
     "read_body",

@@ -12,10 +12,13 @@ ends the request quietly, a whole answer is one write.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import cast
+from typing import Any, cast
 
 import msgspec
-from litestar.types import HTTPRequestEvent, Receive, Scope, Send
+from litestar import HttpMethod, post, route
+from litestar.handlers import HTTPRouteHandler
+from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
+from litestar.types import ASGIApp, HTTPRequestEvent, Receive, Scope, Send
 
 _encode = msgspec.json.Encoder().encode
 _JSON = (b"content-type", b"application/json")
@@ -94,3 +97,60 @@ async def start_stream(send: Send, headers: dict[str, str]) -> None:
     await send(
         {"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *encode_headers(headers)]}
     )
+
+
+def documented_route(
+    paths: str | list[str],
+    app: ASGIApp,
+    *,
+    summary: str,
+    description: str,
+    tags: list[str],
+    body: Schema | None = None,
+) -> list[HTTPRouteHandler]:
+    """A ``POST`` route of the router that hands the request to the raw ``app``, and says in the
+    OpenAPI schema what it is.
+
+    A direct route (:meth:`~core.surface.Surface.direct_routes`) is answered before the router
+    and so is in no schema; mount this beside it, with the same app, so the schema lists the
+    endpoint and a path the front door does not take exactly (a trailing slash) is answered the
+    same way. ``body`` is the schema of the JSON request body (the app reads the body itself).
+    """
+
+    class Documented(Operation):
+        def to_schema(self) -> dict[str, Any]:
+            schema = super().to_schema()
+            if body is not None:
+                content = {"application/json": OpenAPIMediaType(schema=body)}
+                schema["requestBody"] = RequestBody(content=content, required=True).to_schema()
+            return schema
+
+    # Returning an ASGI app makes Litestar call it with the request's own scope, receive and
+    # send: the body is still unread, and the app answers every status itself (other methods
+    # too, in its surface's error shape: they reach it through the second, undocumented route).
+    @post(
+        paths,
+        summary=summary,
+        description=description,
+        tags=tags,
+        operation_class=Documented,
+        status_code=200,
+    )
+    async def forward() -> ASGIApp:
+        return app
+
+    @route(paths, http_method=OTHER_METHODS, include_in_schema=False, status_code=200)
+    async def forward_others() -> ASGIApp:
+        return app
+
+    return [forward, forward_others]
+
+
+OTHER_METHODS: list[HttpMethod] = [
+    HttpMethod.GET,
+    HttpMethod.HEAD,
+    HttpMethod.PUT,
+    HttpMethod.PATCH,
+    HttpMethod.DELETE,
+]
+"""What a raw endpoint answers (405) besides ``POST`` through the router (OPTIONS is Litestar's own)."""

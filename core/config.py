@@ -136,6 +136,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
     vision: bool = False
     """Whether the model takes images: a request with an image part for one that does not is
     refused (400 naming the part), not sent on to fail upstream or lose the image."""
+    kind: Literal["chat", "embedding"] = "chat"
+    """What the model does: ``chat`` (replies) or ``embedding`` (vectors, ``/v1/embeddings``; its
+    ``input_price`` is charged per input token). A request of the other kind is refused (400)."""
 
     def __post_init__(self) -> None:
         if self.input_price < 0 or self.output_price < 0:

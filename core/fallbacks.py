@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import ProviderError
 from .provider import Provider
-from .types import ChatRequest, ProviderEvent
+from .types import ChatRequest, EmbeddingRequest, Embeddings, ProviderEvent
 
 log = logging.getLogger("chatgate.fallbacks")
 
@@ -55,6 +55,18 @@ class Fallbacks(Provider):
                     exc,
                     self.chain[position + 1].instance,
                 )
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        # The same rule as replies: the next instance only after a retryable failure.
+        last = len(self.chain) - 1
+        for position, provider in enumerate(self.chain):
+            try:
+                return await provider.embed(request)
+            except ProviderError as exc:
+                if not exc.retryable or position == last:
+                    raise
+                log.warning("provider %r failed to embed (%s); falling back", provider.instance, exc)
+        raise AssertionError("unreachable: the last instance's failure is raised")
 
     def models(self) -> Sequence[str]:
         return self.chain[0].models()

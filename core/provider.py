@@ -6,10 +6,16 @@ import abc
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
-from .errors import Unavailable
+from .errors import BadRequest, Unavailable
 from .plugin import Plugin
 from .reply import Gathered, Reply
-from .types import ChatRequest, Finish, ProviderEvent
+from .types import ChatRequest, EmbeddingRequest, Embeddings, Finish, ProviderEvent
+
+
+class EmbeddingsUnsupported(BadRequest):
+    """The provider has no embeddings (the default of :meth:`Provider.embed`): a 400."""
+
+    code = "embeddings_not_supported"
 
 
 class Provider(Plugin, abc.ABC):
@@ -42,6 +48,20 @@ class Provider(Plugin, abc.ABC):
     def models(self) -> Sequence[str]:
         """Model names this instance serves without configuration (may be empty)."""
         return ()
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """Embed ``request.inputs``: one vector per input, in order, with the usage.
+
+        Optional capability: the default raises :class:`EmbeddingsUnsupported` (a 400 naming
+        the provider). A provider that has embeddings overrides it, and promises: vectors of
+        ``request.dimensions`` floats when that is set (or a :class:`~core.errors.BadRequest`
+        saying the model cannot), usage counting the input tokens, typed
+        :class:`~core.errors.ProviderError` subclasses only, and no work left running once cancelled.
+        """
+        raise EmbeddingsUnsupported(
+            f"provider {self.instance!r} ({self.name}) has no embeddings; "
+            f"route model {request.model!r} to a provider that has"
+        )
 
 
 async def complete(provider: Provider, request: ChatRequest) -> Reply:

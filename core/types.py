@@ -102,15 +102,25 @@ class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class ContentDelta(msgspec.Struct, frozen=True, tag="content"):
-    """A piece of the reply text."""
+    """A piece of the reply text.
+
+    ``logprobs`` (optional) holds the upstream's per-token log probability entries for this
+    piece's tokens, as OpenAI writes them (``{"token", "logprob", "bytes", "top_logprobs"}``),
+    passed on as they came; None when none were asked for or the upstream sent none.
+    ``system_fingerprint`` (optional, on every event type): the upstream's identifier of the
+    backend configuration that produced the reply, when it sent one (see :data:`ProviderEvent`).
+    """
 
     text: str
+    logprobs: tuple[dict[str, Any], ...] | None = None
+    system_fingerprint: str | None = None
 
 
 class ReasoningDelta(msgspec.Struct, frozen=True, tag="reasoning"):
     """A piece of the model's reasoning ("think")."""
 
     text: str
+    system_fingerprint: str | None = None
 
 
 class ToolCallDelta(msgspec.Struct, frozen=True, tag="tool_call", omit_defaults=True):
@@ -124,6 +134,7 @@ class ToolCallDelta(msgspec.Struct, frozen=True, tag="tool_call", omit_defaults=
     id: str | None = None
     name: str | None = None
     arguments: str = ""
+    system_fingerprint: str | None = None
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "insufficient_system_resource"]
@@ -134,7 +145,37 @@ class Finish(msgspec.Struct, frozen=True, tag="finish"):
 
     reason: FinishReason
     usage: Usage
+    system_fingerprint: str | None = None
 
 
 ProviderEvent = ContentDelta | ReasoningDelta | ToolCallDelta | Finish
-"""What a provider's stream yields: deltas, then exactly one :class:`Finish`."""
+"""What a provider's stream yields: deltas, then exactly one :class:`Finish`.
+
+Every event type has an optional ``system_fingerprint`` (default None). A provider whose
+upstream reports one sets it at least on the reply's first event and on its
+:class:`Finish` (``openai_compatible`` sets it on every event); consumers take the latest
+one seen, and one that never saw any invents none. Consumers that ignore it lose nothing.
+"""
+
+
+class EmbeddingRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A provider-neutral embeddings request (:meth:`core.Provider.embed`).
+
+    ``inputs`` are texts, or texts already tokenized (token ids), one vector each, in
+    order. ``dimensions`` asks for shorter vectors where the model can give them.
+    ``extra`` is passed upstream verbatim.
+    """
+
+    model: str
+    inputs: tuple[str | tuple[int, ...], ...]
+    dimensions: int | None = None
+    user: str | None = None
+    extra: dict[str, Any] = {}
+
+
+class Embeddings(msgspec.Struct, frozen=True):
+    """A provider's answer to an :class:`EmbeddingRequest`: one vector per input, in order,
+    and the usage (``prompt_tokens``; ``completion_tokens`` stays 0)."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    usage: Usage

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from core import Provider, hookimpl
+from core import EmbeddingRequest, Embeddings, EmbeddingsUnsupported, Provider, hookimpl
 
 from .openai_compatible import OpenAICompatibleOptions, OpenAICompatibleProvider
 
@@ -29,6 +29,14 @@ class DeepSeekProvider(OpenAICompatibleProvider):
     key_variable = "DEEPSEEK_API_KEY"
     sends_reasoning = True  # thinking mode refuses a tool-call turn without its reasoning
     output_limit_names = ("max_tokens",)  # DeepSeek's API documents no other name for it
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        # DeepSeek's API has no /embeddings (its documented endpoints are chat, FIM, models,
+        # balance): refuse here rather than send a request that can only 404.
+        raise EmbeddingsUnsupported(
+            f"provider {self.instance!r} is DeepSeek, which has no embeddings API; "
+            f"route model {request.model!r} to a provider that has (openai_compatible, mock)"
+        )
 
 
 @hookimpl

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
 import re
 from collections.abc import AsyncGenerator, Sequence
@@ -23,6 +24,8 @@ from core import (
     ChatMessage,
     ChatRequest,
     ContentDelta,
+    EmbeddingRequest,
+    Embeddings,
     Finish,
     FinishReason,
     Provider,
@@ -32,6 +35,7 @@ from core import (
     ReasoningDelta,
     Usage,
     estimate_prompt_tokens,
+    estimate_tokens,
     hookimpl,
     is_cjk,
 )
@@ -71,12 +75,16 @@ class MockOptions(msgspec.Struct, forbid_unknown_fields=True):
     fail_message: str = ""
     fail_after_tokens: int = 0
     retry_after: float | None = None
+    embedding_models: list[str] = msgspec.field(default_factory=lambda: ["mock-embedding"])
+    embedding_dimensions: int = 256
 
     def __post_init__(self) -> None:
         for field in ("first_token_delay", "token_delay", "fail_after_tokens", "retry_after"):
             value = getattr(self, field)
             if value is not None and value < 0:
                 raise ValueError(f"{field} to be >= 0 (it is {value})")
+        if not 1 <= self.embedding_dimensions <= 4096:
+            raise ValueError(f"embedding_dimensions to be 1 to 4096 (it is {self.embedding_dimensions})")
 
 
 class MockProvider(Provider):
@@ -92,7 +100,14 @@ class MockProvider(Provider):
         * usage counts one token per delta, so billing adds up exactly;
         * ``fail`` raises the configured :class:`~core.errors.ProviderError`,
           before the first token or after ``fail_after_tokens`` content tokens
-          (at the end of the reply if it is shorter).
+          (at the end of the reply if it is shorter);
+        * with ``logprobs`` true in the request, each content token carries a
+          deterministic OpenAI-style logprob entry, with ``top_logprobs``
+          alternatives; no ``system_fingerprint`` (it has no backend to name);
+        * ``embedding_models`` embed (:meth:`embed`): deterministic unit vectors
+          from a hash of the model and the input, ``embedding_dimensions`` long
+          or the ``dimensions`` asked (the first ones, renormalised), one usage
+          token per estimated input token; ``fail`` fails them too.
 
     ``tokens_streamed`` and ``active_streams`` count what the instance did, so
     tests can see that a closed or cancelled stream stopped working.
@@ -113,6 +128,28 @@ class MockProvider(Provider):
     def describe(self) -> dict[str, Any]:
         return {"plugin": self.name, "models": list(self.options.models)}
 
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        options = self.options
+        if request.model not in options.embedding_models:
+            served = ", ".join(options.embedding_models) or "none"
+            raise BadRequest(
+                f"model {request.model!r} is not an embedding model; this provider embeds with: {served}",
+                upstream_status=400,
+            )
+        native = options.embedding_dimensions
+        size = request.dimensions if request.dimensions is not None else native
+        if not 1 <= size <= native:
+            raise BadRequest(
+                f"dimensions must be 1 to {native} for model {request.model!r}, got {size}",
+                upstream_status=400,
+            )
+        await _pause(options.first_token_delay)
+        if options.fail:
+            raise self._failure()
+        vectors = tuple(_unit_vector(request.model, item, native, size) for item in request.inputs)
+        tokens = sum(len(i) if isinstance(i, tuple) else max(1, estimate_tokens(i)) for i in request.inputs)
+        return Embeddings(vectors, Usage(prompt_tokens=tokens))
+
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
         self._validate(request)
         options = self.options
@@ -125,7 +162,13 @@ class MockProvider(Provider):
             reasoning = split_tokens(compose_reasoning(topic, language, rng), rng)
         content = split_tokens(_cut_at_stop(compose_reply(topic, language, rng), request.stop), rng)
         events: list[ProviderEvent] = [ReasoningDelta(t) for t in reasoning]
-        events += [ContentDelta(t) for t in content]
+        if request.extra.get("logprobs") is True:
+            top = request.extra.get("top_logprobs")
+            chosen = random.Random(_seed(request) + b"logprobs")  # the reply is the same either way
+            count = top if isinstance(top, int) and not isinstance(top, bool) else 0
+            events += [ContentDelta(t, (_logprob(t, chosen, count),)) for t in content]
+        else:
+            events += [ContentDelta(t) for t in content]
 
         self.active_streams += 1
         try:
@@ -162,6 +205,11 @@ class MockProvider(Provider):
             self.active_streams -= 1
 
     def _validate(self, request: ChatRequest) -> None:
+        if request.model in self.options.embedding_models:
+            raise BadRequest(
+                f"model {request.model!r} is an embedding model: it makes vectors, not chat replies",
+                upstream_status=400,
+            )
         if request.model not in self.options.models:
             served = ", ".join(self.options.models) or "none"
             raise BadRequest(
@@ -195,6 +243,29 @@ async def _pause(seconds: float) -> None:
 def _seed(request: ChatRequest) -> bytes:
     payload = msgspec.json.encode([request.model, request.messages], order="deterministic")
     return hashlib.sha256(payload).digest()
+
+
+_ALTERNATIVES = (" the", " a", " it", " and", " to", " of", " in", " is", ",", ".")
+
+
+def _logprob(token: str, rng: random.Random, top: int) -> dict[str, Any]:
+    """An OpenAI-style logprob entry for ``token``, with ``top`` alternatives (the token first)."""
+    logprob = -round(rng.random() * 1.5, 6)
+    alternatives = [token, *(a for a in _ALTERNATIVES if a != token)][: max(0, top)]
+    ranked = [
+        {"token": alt, "logprob": round(logprob - 2.0 * rank, 6), "bytes": list(alt.encode())}
+        for rank, alt in enumerate(alternatives)
+    ]
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": ranked}
+
+
+def _unit_vector(model: str, item: str | tuple[int, ...], native: int, size: int) -> tuple[float, ...]:
+    """A deterministic vector of length 1 for ``item``: the first ``size`` of ``native`` values."""
+    seed = hashlib.sha256(msgspec.json.encode([model, item])).digest()
+    rng = random.Random(seed)
+    values = [rng.gauss(0.0, 1.0) for _ in range(native)][:size]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return tuple(v / norm for v in values)
 
 
 def _text_of(message: ChatMessage) -> str:

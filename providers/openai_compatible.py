@@ -24,6 +24,8 @@ from core import (
     BadRequest,
     ChatRequest,
     ContentDelta,
+    EmbeddingRequest,
+    Embeddings,
     Finish,
     FinishReason,
     Provider,
@@ -50,11 +52,13 @@ from .openai_wire import (
     Chunk,
     FunctionPart,
     decode_chunk,
+    decode_embeddings,
     encode,
     error_message,
     retry_after,
     snippet,
     usage_from,
+    vector_of,
     wire_messages,
 )
 from .sse import SSEDecoder
@@ -351,6 +355,88 @@ class OpenAICompatibleProvider(Provider):
                     body[field] = limit
         return body
 
+    # --- embeddings ---
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """``POST {base_url}/embeddings``, asking for floats; retried as a reply is (429, 5xx,
+        connection failures), within ``total_timeout`` an attempt."""
+        alias = self.options.aliases.get(request.model)
+        body: dict[str, Any] = {
+            "model": alias.model if alias else request.model,
+            "input": [list(item) if isinstance(item, tuple) else item for item in request.inputs],
+            "encoding_format": "float",
+        }
+        if request.dimensions is not None:
+            body["dimensions"] = request.dimensions
+        if request.user is not None:
+            body["user"] = request.user
+        for key, value in request.extra.items():
+            body.setdefault(key, value)
+        payload = encode(body)
+        attempt = 0
+        while True:
+            try:
+                return self._embeddings(await self._post_embeddings(payload), len(request.inputs))
+            except ProviderError as exc:
+                delay = self._retry_delay(attempt, exc) if exc.retryable else None
+                if delay is None or attempt >= self.options.max_retries:
+                    raise
+                attempt += 1
+                log.warning(
+                    "%s: %s; retry %d of %d in %.2f s",
+                    self.instance,
+                    exc,
+                    attempt,
+                    self.options.max_retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _post_embeddings(self, payload: bytes) -> bytes:
+        if self._client is None:
+            raise Unavailable(f"provider {self.instance!r} is not open (the app has not started)")
+        if self.needs_key and not self.options.api_key:
+            raise AuthenticationFailed(f"{self._who()} has no api_key: {self._key_hint()}")
+        started = asyncio.get_running_loop().time()
+        url = self.options.base_url.rstrip("/") + "/embeddings"
+        try:
+            async with asyncio.timeout(self.options.total_timeout):
+                async with self._client.post(
+                    url, data=payload, headers=_JSON, allow_redirects=False
+                ) as response:
+                    raw = await response.read()
+                    if response.status != 200:
+                        raise self._status_error(response, raw.decode("utf-8", errors="replace"))
+                    return raw
+        except aiohttp.ClientError as exc:
+            raise self._transport_error(exc, produced=False) from None
+        except TimeoutError:
+            raise self._timeout("no embeddings", started) from None
+
+    def _embeddings(self, raw: bytes, count: int) -> Embeddings:
+        what = "answered HTTP 200 with a body that is not an embeddings list"
+        try:
+            answer = decode_embeddings(raw)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise Unavailable(
+                f"{self._who()} {what} ({exc}): {self._redact(snippet(raw))}", upstream_status=200
+            ) from None
+        if answer.error is not None:
+            raise self._error_event(answer.error)
+        items = sorted(answer.data or (), key=lambda item: item.index)
+        if len(items) != count:
+            raise Unavailable(
+                f"{self._who()} answered {len(items)} vectors for {count} inputs", upstream_status=200
+            )
+        try:
+            vectors = tuple(vector_of(item.embedding) for item in items)
+        except ValueError as exc:
+            raise Unavailable(f"{self._who()} {what} ({exc})", upstream_status=200) from None
+        usage = answer.usage or {}
+        prompt = usage.get("prompt_tokens")
+        tokens = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) and prompt >= 0 else 0
+        return Embeddings(vectors, Usage(prompt_tokens=tokens))
+
     # --- one upstream request ---
 
     async def _open(self, body: bytes, streamed: bool) -> tuple[aiohttp.ClientResponse, float, str | None]:
@@ -398,18 +484,22 @@ class OpenAICompatibleProvider(Provider):
         message = choice.message
         assert message is not None
         events: list[ProviderEvent] = []
+        fingerprint = chunk.system_fingerprint
         thought = message.reasoning_content or message.reasoning
         if thought:
-            events.append(ReasoningDelta(thought))
+            events.append(ReasoningDelta(thought, fingerprint))
         if message.content:
-            events.append(ContentDelta(message.content))
+            entries = choice.logprobs.content if choice.logprobs is not None else None
+            logprobs = tuple(entries) if entries is not None else None
+            events.append(ContentDelta(message.content, logprobs, fingerprint))
         for position, call in enumerate(message.tool_calls or ()):
             function = call.function or FunctionPart()
-            events.append(ToolCallDelta(position, call.id, function.name, function.arguments or ""))
+            events.append(
+                ToolCallDelta(position, call.id, function.name, function.arguments or "", fingerprint)
+            )
         reason = FINISH_REASONS.get(choice.finish_reason or "stop", "stop")
-        events.append(
-            Finish(reason, self._usage(chunk.usage, request, [thought or "", message.content or ""]))
-        )
+        usage = self._usage(chunk.usage, request, [thought or "", message.content or ""])
+        events.append(Finish(reason, usage, fingerprint))
         return events
 
     def _first_answer(self, streamed: bool) -> float:
@@ -561,6 +651,7 @@ class _Reply:
         "chunked",
         "done",
         "error",
+        "fingerprint",
         "reason",
         "usage",
     )
@@ -574,6 +665,7 @@ class _Reply:
         self.reason: FinishReason | None = None
         self.usage: dict[str, Any] | None = None
         self.error: ProviderError | None = None  # raised once the events before it are out
+        self.fingerprint: str | None = None  # the upstream's system_fingerprint, once it sent one
 
     def feed(self, raw: bytes | None) -> list[ProviderEvent]:
         """The events of the next chunk of the body (``None``: the body ended)."""
@@ -597,33 +689,41 @@ class _Reply:
                 return events
             if chunk.usage:
                 self.usage = chunk.usage
+            if chunk.system_fingerprint is not None and chunk.system_fingerprint != self.fingerprint:
+                self.fingerprint = chunk.system_fingerprint  # one string for the reply's events
             if not chunk.choices:
                 self.chunked = self.chunked or chunk.usage is not None
                 continue
             self.chunked = True
             choice = chunk.choices[0]
             delta = choice.delta or choice.message
+            fingerprint = self.fingerprint
             if delta is not None:
                 thought = delta.reasoning_content or delta.reasoning
                 if thought:
                     self._produced.append(thought)
-                    events.append(ReasoningDelta(thought))
+                    events.append(ReasoningDelta(thought, fingerprint))
                 if delta.content:
                     self._produced.append(delta.content)
-                    events.append(ContentDelta(delta.content))
+                    entries = choice.logprobs.content if choice.logprobs is not None else None
+                    logprobs = tuple(entries) if entries is not None else None
+                    events.append(ContentDelta(delta.content, logprobs, fingerprint))
                 if delta.tool_calls:
                     for call in delta.tool_calls:
                         function = call.function or FunctionPart()
                         self._produced.append(function.arguments or "")
                         events.append(
-                            ToolCallDelta(call.index, call.id, function.name, function.arguments or "")
+                            ToolCallDelta(
+                                call.index, call.id, function.name, function.arguments or "", fingerprint
+                            )
                         )
             if choice.finish_reason:
                 self.reason = FINISH_REASONS.get(choice.finish_reason, "stop")
         return events
 
     def finish(self) -> Finish:
-        return Finish(self.reason or "stop", self._provider._usage(self.usage, self._request, self._produced))
+        usage = self._provider._usage(self.usage, self._request, self._produced)
+        return Finish(self.reason or "stop", usage, self.fingerprint)
 
     def cut(self) -> Unavailable:
         """The error of a body that ended before ``[DONE]``."""

@@ -7,7 +7,9 @@ it. Requests are encoded from core's types following DeepSeek's rules.
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,11 +39,18 @@ class Message(msgspec.Struct):
     tool_calls: list[ToolCallPart] | None = None
 
 
+class Logprobs(msgspec.Struct):
+    """A choice's ``logprobs``: the content tokens' entries, kept as the upstream wrote them."""
+
+    content: list[dict[str, Any]] | None = None
+
+
 class Choice(msgspec.Struct):
     index: int = 0
     delta: Message | None = None
     message: Message | None = None
     finish_reason: str | None = None
+    logprobs: Logprobs | None = None
 
 
 class Chunk(msgspec.Struct):
@@ -50,6 +59,38 @@ class Chunk(msgspec.Struct):
     choices: list[Choice] | None = None
     usage: dict[str, Any] | None = None
     error: Any = None
+    system_fingerprint: str | None = None
+
+
+class EmbeddingItem(msgspec.Struct):
+    """One vector of an embeddings answer: floats, or base64 of little-endian float32."""
+
+    embedding: list[float] | str
+    index: int = 0
+
+
+class EmbeddingAnswer(msgspec.Struct):
+    """An OpenAI-style ``/embeddings`` answer (or an error body)."""
+
+    data: list[EmbeddingItem] | None = None
+    usage: dict[str, Any] | None = None
+    error: Any = None
+
+
+decode_embeddings = msgspec.json.Decoder(EmbeddingAnswer).decode
+
+
+def vector_of(embedding: list[float] | str) -> tuple[float, ...]:
+    """A vector from its float list or its base64 (little-endian float32, as OpenAI encodes it).
+
+    Raises ValueError when the base64 is not whole float32 values.
+    """
+    if isinstance(embedding, list):
+        return tuple(embedding)
+    raw = base64.b64decode(embedding, validate=True)
+    if len(raw) % 4:
+        raise ValueError(f"{len(raw)} bytes are not whole float32 values")
+    return struct.unpack(f"<{len(raw) // 4}f", raw)
 
 
 decode_chunk = msgspec.json.Decoder(Chunk).decode

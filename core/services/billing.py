@@ -173,6 +173,41 @@ class Billing:
             return await self._reserve_unpriced(user_id, route, request, quota)
         prompt = self.prompt_tokens(route, request)
         worst_case = self.worst_case(route, request, prompt)
+        return await self._admit(user_id, route, prompt, worst_case, key_id, limits, balance)
+
+    async def reserve_input(
+        self,
+        user_id: int,
+        route: Route,
+        prompt_tokens: int,
+        *,
+        key_id: int | None,
+        limits: RateLimits | None = None,
+        balance: int | None = None,
+    ) -> Reservation:
+        """Hold the cost of ``prompt_tokens`` input tokens and no output (an embeddings
+        request), admitted as :meth:`reserve` admits a reply: within ``limits``, under a lease
+        when the store offers them, never overdrawing the balance.
+
+        Raises:
+            RateLimitExceeded: admitting the request would pass a limit; nothing was written.
+            InsufficientBalance: the balance cannot cover it; nothing was written.
+        """
+        if self.standing is not None and (why := self.standing()) is not None:
+            raise OutOfStanding(f"this gateway instance admits nothing just now: {why}; retry shortly")
+        worst_case = self.cost(route, prompt_tokens, 0)
+        return await self._admit(user_id, route, prompt_tokens, worst_case, key_id, limits, balance)
+
+    async def _admit(
+        self,
+        user_id: int,
+        route: Route,
+        prompt: int,
+        worst_case: int,
+        key_id: int | None,
+        limits: RateLimits | None,
+        balance: int | None,
+    ) -> Reservation:
         draft = LedgerDraft(
             user_id=user_id,
             amount=-worst_case,

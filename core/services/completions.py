@@ -20,7 +20,7 @@ import logging
 import time
 from collections import deque
 
-from ..records import RateLimits
+from ..records import LedgerEntry, RateLimits
 from ..reply import ReplyRun
 from ..types import ChatRequest, ProviderEvent
 from .accounts import Caller
@@ -136,6 +136,7 @@ class Completions:
     def __init__(self, billing: Billing) -> None:
         self.billing = billing
         self._running: set[asyncio.Task[None]] = set()
+        self._releasing: set[asyncio.Future[list[LedgerEntry | None]]] = set()
 
     async def aclose(self) -> None:
         """At shutdown: stop the replies still running and wait until every one is settled."""
@@ -158,6 +159,39 @@ class Completions:
         reservation = await self.billing.reserve(
             caller.user.id, route, request, key_id=key_id, limits=limits, balance=caller.user.balance
         )
+        return self._begin(route, request, reservation)
+
+    async def start_many(
+        self, caller: Caller, route: Route, request: ChatRequest, count: int, limits: RateLimits | None = None
+    ) -> list[Completion]:
+        """``count`` completions of the same request (OpenAI's ``n``), each reserved, settled and
+        charged on its own ledger entry; all or none.
+
+        Every reservation is made before any request goes upstream: when one is refused, the
+        ones made before it are released untouched (nothing charged; their entries say
+        ``not_sent``) and its refusal is raised, so a caller whose balance or limits cannot
+        cover all ``count`` never starts some of them.
+
+        Raises: what :meth:`start` raises.
+        """
+        key_id = caller.key.id if caller.key is not None else None
+        reservations: list[Reservation] = []
+        try:
+            for _ in range(count):
+                reservation = await self.billing.reserve(
+                    caller.user.id, route, request, key_id=key_id, limits=limits, balance=caller.user.balance
+                )
+                reservations.append(reservation)
+        except BaseException:  # a refusal, or the client gone: give back what was held
+            if reservations:
+                releases = asyncio.gather(*(self.billing.release(r) for r in reservations))
+                self._releasing.add(releases)
+                releases.add_done_callback(self._releasing.discard)
+                await asyncio.shield(releases)
+            raise
+        return [self._begin(route, request, reservation) for reservation in reservations]
+
+    def _begin(self, route: Route, request: ChatRequest, reservation: Reservation) -> Completion:
         completion = Completion(self.billing, route, request, reservation)
         # Tracked until settled: answers no longer wait for the ledger, shutdown does.
         self._running.add(completion._task)

@@ -414,6 +414,12 @@ class Conversations:
             raise NotFound(f"conversation {conversation_id} not found")
         return conversation
 
+    async def append(self, conversation: Conversation, drafts: tuple[MessageDraft, ...]) -> Messages:
+        """Append finished messages (no reply is generated) to ``conversation``, one the caller
+        got from :meth:`create` or :meth:`get`, so its owner was checked; all or none where the
+        store has transactions."""
+        return await self.store.append_messages(conversation.id, list(drafts))
+
     async def update(self, user_id: int, conversation_id: int, patch: ConversationPatch) -> Conversation:
         await self.get(user_id, conversation_id)
         return await self.store.update_conversation(conversation_id, patch)

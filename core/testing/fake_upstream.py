@@ -13,7 +13,9 @@ and choose how the next answers go with :class:`Scenario`::
             provider = MyProvider("mine", MyProvider.Options(base_url=fake.url, api_key=fake.api_key))
             ...  # open it, stream a reply; fake.requests holds what it received
 
-It serves ``POST /chat/completions`` (also under ``/v1``) and ``GET /models``.
+It serves ``POST /chat/completions`` (also under ``/v1``), ``GET /models`` and, playing a server that
+has them (DeepSeek has none), ``POST /embeddings``. Asked for ``logprobs`` (outside thinking mode), it
+sends deterministic per-token entries, ``top_logprobs`` alternatives each.
 A :class:`Scenario` scripts errors (any HTTP status, with ``Retry-After``),
 delays, keep-alive comments, stalls, cut or malformed streams, tool calls and
 reasoning; ``fake.requests``, ``fake.active_streams`` and ``fake.disconnects``
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import faulthandler
 import hashlib
@@ -47,6 +50,7 @@ import re
 import secrets
 import signal
 import string
+import struct
 import time
 import uuid
 from collections import deque
@@ -67,6 +71,9 @@ DEFAULT_MODELS = (
     "deepseek-reasoner",
 )
 MAX_TOKENS_LIMIT = 384_000  # V4's documented ceiling (research §1.2)
+DEFAULT_EMBEDDING_MODELS = ("text-embedding-fake",)
+"""What ``/embeddings`` serves (DeepSeek has no embeddings: these play another OpenAI-compatible server)."""
+EMBEDDING_DIMENSIONS = 64
 
 KEEPALIVE_EVENT = b": keep-alive\n\n"
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -81,6 +88,8 @@ _READ_SIZE = 64 * 1024
 _ROLES = ("system", "user", "assistant", "tool", "latest_reminder")
 # A fixed fingerprint: real DeepSeek sends one 32-hex value for long stretches of time.
 _FINGERPRINT = hashlib.md5(b"chatgate fake deepseek", usedforsecurity=False).hexdigest()
+FINGERPRINT = _FINGERPRINT
+"""The ``system_fingerprint`` the fake sends (unless a scenario says ``fingerprint=False``)."""
 _DESERIALIZE = "Failed to deserialize the JSON body into the target type: "
 _PARSE = "Failed to parse the request body as JSON: "
 _BAD_AUTH_FORMAT = "Authentication Fails (auth header format should be Bearer sk-...)"
@@ -157,6 +166,7 @@ class Scenario(msgspec.Struct, forbid_unknown_fields=True):
     json_for_stream: bool = False  # answer a stream=true request with the non-streamed JSON
     ignore_max_tokens: bool = False  # a misbehaving upstream: the whole reply, whatever max_tokens says
     completion_tokens: int | None = None  # report this many completion tokens, not the count sent
+    fingerprint: bool = True  # send system_fingerprint (DeepSeek always does; some servers never do)
 
 
 class Received(msgspec.Struct):
@@ -250,6 +260,8 @@ class _Plan:
     tool_call: tuple[str, str, list[str]] | None  # id, name, argument pieces (as sent)
     finish_reason: str
     usage: dict[str, Any]
+    logprobs: int | None = None  # the top_logprobs per token when logprobs were asked for
+    fingerprint: str | None = _FINGERPRINT
 
     @property
     def delta_events(self) -> int:
@@ -281,9 +293,13 @@ class FakeUpstream:
         host: str = "127.0.0.1",
         port: int = 0,
         history: int | None = None,
+        embedding_models: Sequence[str] = DEFAULT_EMBEDDING_MODELS,
     ) -> None:
         self.api_key = api_key
         self.models: tuple[str, ...] = tuple(models)
+        self.embedding_models: tuple[str, ...] = tuple(embedding_models)
+        self.embedding_requests: list[Received] = []
+        """Every ``/embeddings`` request, as received (they are not in ``requests``)."""
         self.host = host
         self.port = port
         self.url = ""  # set by start()
@@ -549,6 +565,10 @@ class FakeUpstream:
             if method != "POST":
                 return await self._method_not_allowed(conn, request, "POST")
             return await self._chat(conn, request)
+        if path in ("/embeddings", "/v1/embeddings"):
+            if method != "POST":
+                return await self._method_not_allowed(conn, request, "POST")
+            return await self._embeddings(conn, request)
         if path in ("/models", "/v1/models"):
             if method != "GET":
                 return await self._method_not_allowed(conn, request, "GET")
@@ -643,6 +663,38 @@ class FakeUpstream:
             conn.busy = False
             self.active_streams -= 1
 
+    async def _embeddings(self, conn: _Connection, request: _Request) -> bool:
+        """``POST /embeddings``, OpenAI's shape: deterministic unit vectors, floats or base64.
+
+        It takes the next scenario like a chat request does; only ``status`` (with ``message``,
+        ``retry_after``) and ``delay`` apply.
+        """
+        scenario = self._script.popleft() if self._script else self.scenario
+        body, syntax_error = _decode(request.body)
+        self.embedding_requests.append(
+            Received(
+                request.method, request.path, request.headers, body, request.body, conn.serial, request.at
+            )
+        )
+        conn.busy = True
+        try:
+            await self._pause(conn, scenario.delay)
+            if scenario.status is not None:
+                return await self._send_error(
+                    conn, request, scenario.status, scenario.message, retry_after=scenario.retry_after
+                )
+            if (failure := self._auth_failure(request.headers)) is not None:
+                return await self._send_error(conn, request, 401, failure)
+            if syntax_error is not None:
+                return await self._send_error(conn, request, 400, _PARSE + syntax_error)
+            if isinstance(failure := _embedding_error(body, self.embedding_models), str):
+                return await self._send_error(conn, request, 400, failure)
+            return await self._json(conn, request, 200, _embedding_answer(body))
+        except _ClientGone:
+            return False
+        finally:
+            conn.busy = False
+
     def _auth_failure(self, headers: dict[str, str]) -> str | None:
         value = headers.get("authorization")
         if value is None or not value.startswith("Bearer "):
@@ -665,6 +717,9 @@ class FakeUpstream:
         if thinking and (body.get("logprobs") is True or body.get("top_logprobs") is not None):
             # The rule is documented (§1.10); the message was not captured.
             return "logprobs and top_logprobs are not supported in thinking mode"
+        top = body.get("top_logprobs")
+        if top is not None and not (isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= 20):
+            return "top_logprobs must be an integer from 0 to 20"  # documented bound; message not captured
         if thinking:
             # V4 (§1.11): once an assistant turn has called a tool, it and every later assistant turn
             # must carry reasoning_content back ("" is accepted); before that it is ignored.
@@ -700,16 +755,18 @@ class FakeUpstream:
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": plan.model,
-                "system_fingerprint": _FINGERPRINT,
+                "system_fingerprint": plan.fingerprint,
                 "choices": [
                     {
                         "index": 0,
                         "delta": delta,
-                        "logprobs": None,
+                        "logprobs": _chunk_logprobs(plan, delta, sent),
                         "finish_reason": plan.finish_reason if last else None,
                     }
                 ],
             }
+            if plan.fingerprint is None:
+                del chunk["system_fingerprint"]
             # DeepSeek puts usage on the finish_reason chunk whether or not include_usage was asked for;
             # include_usage only decides whether the other chunks carry "usage": null (research §1.6).
             if last and scenario.usage == "final_chunk":
@@ -724,10 +781,12 @@ class FakeUpstream:
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": plan.model,
-                "system_fingerprint": _FINGERPRINT,
+                "system_fingerprint": plan.fingerprint,
                 "choices": [],
                 "usage": trailer,
             }
+            if plan.fingerprint is None:
+                del chunk["system_fingerprint"]
             await self._write(conn, _chunk(b"data: " + msgspec.json.encode(chunk) + b"\n\n"))
         await self._write(conn, _chunk(DONE_EVENT) + CHUNKED_END)
         return request.keep_alive
@@ -837,6 +896,7 @@ def _plan(scenario: Scenario, body: dict[str, Any], thinking: bool) -> _Plan:
     usage["prompt_cache_miss_tokens"] = prompt_tokens
 
     stream_options = body.get("stream_options")
+    top = body.get("top_logprobs")
     return _Plan(
         model=body["model"],
         thinking=thinking,
@@ -847,6 +907,8 @@ def _plan(scenario: Scenario, body: dict[str, Any], thinking: bool) -> _Plan:
         tool_call=tool_call,
         finish_reason=finish_reason,
         usage=usage,
+        logprobs=(top if isinstance(top, int) else 0) if body.get("logprobs") is True else None,
+        fingerprint=_FINGERPRINT if scenario.fingerprint else None,
     )
 
 
@@ -887,10 +949,35 @@ def _completion(plan: _Plan, *, with_usage: bool) -> dict[str, Any]:
         "model": plan.model,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": plan.finish_reason}],
     }
+    if plan.logprobs is not None:
+        entries = [_logprob_entry(piece, i, plan.logprobs) for i, piece in enumerate(plan.content)]
+        completion["choices"][0]["logprobs"] = {"content": entries, "refusal": None}
     if with_usage:
         completion["usage"] = plan.usage
-    completion["system_fingerprint"] = _FINGERPRINT
+    if plan.fingerprint is not None:
+        completion["system_fingerprint"] = plan.fingerprint
     return completion
+
+
+def _logprob_entry(piece: str, position: int, top: int) -> dict[str, Any]:
+    """A deterministic OpenAI-style logprob entry for the ``position``-th content piece."""
+    digest = hashlib.sha256(f"{position}:{piece}".encode()).digest()
+    logprob = -round(digest[0] / 255 * 2, 6)
+    alternatives = [piece, *(f" alt{k}" for k in range(1, top))][:top]
+    ranked = [
+        {"token": alt, "logprob": round(logprob - 1.5 * rank, 6), "bytes": list(alt.encode())}
+        for rank, alt in enumerate(alternatives)
+    ]
+    return {"token": piece, "logprob": logprob, "bytes": list(piece.encode()), "top_logprobs": ranked}
+
+
+def _chunk_logprobs(plan: _Plan, delta: dict[str, Any], sent: int) -> dict[str, Any] | None:
+    """A streamed chunk's ``logprobs``: its content piece's entry when they were asked for."""
+    if plan.logprobs is None or not delta.get("content"):
+        return None
+    # The content pieces follow the role chunk and the reasoning ones.
+    position = sent - 1 - len(plan.reasoning)
+    return {"content": [_logprob_entry(delta["content"], position, plan.logprobs)], "refusal": None}
 
 
 # Word pieces with their leading spaces, cycled to make a reply or reasoning of any length.
@@ -974,6 +1061,57 @@ def _thinking(scenario: Scenario, body: dict[str, Any]) -> bool:
         return bool(requested["type"] == "enabled")
     # V4 thinks by default; the legacy alias deepseek-chat meant deepseek-v4-flash with thinking off (§0.1).
     return bool(body["model"] != "deepseek-chat")
+
+
+def _embedding_inputs(value: Any) -> list[Any] | None:
+    """The inputs of an embeddings body (a string, strings, a token array, token arrays), or None."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [value]
+        if all(isinstance(v, str) for v in value) or all(
+            isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+            for v in value
+        ):
+            return list(value)
+    return None
+
+
+def _embedding_error(body: Any, models: Sequence[str]) -> str | None:
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return "model is required"
+    if body["model"] not in models:
+        return "Model Not Exist"
+    if _embedding_inputs(body.get("input")) is None:
+        return "input must be a string, an array of strings or an array of token arrays"
+    if body.get("encoding_format", "float") not in ("float", "base64"):
+        return "encoding_format must be float or base64"
+    dimensions = body.get("dimensions")
+    if dimensions is not None and not (
+        isinstance(dimensions, int) and 1 <= dimensions <= EMBEDDING_DIMENSIONS
+    ):
+        return f"dimensions must be an integer from 1 to {EMBEDDING_DIMENSIONS}"
+    return None
+
+
+def _embedding_answer(body: dict[str, Any]) -> dict[str, Any]:
+    inputs = _embedding_inputs(body["input"]) or []
+    size = body.get("dimensions") or EMBEDDING_DIMENSIONS
+    data = []
+    tokens = 0
+    for index, item in enumerate(inputs):
+        digest = hashlib.sha256(json.dumps([body["model"], item]).encode()).digest()
+        values = [(digest[i % 32] - 127.5) * (1 + i % 7) for i in range(size)]
+        norm = math.sqrt(sum(v * v for v in values)) or 1.0
+        vector = [v / norm for v in values]
+        tokens += len(item) if isinstance(item, list) else max(1, math.ceil(len(item) / 4))
+        embedding: Any = vector
+        if body.get("encoding_format") == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {"object": "list", "data": data, "model": body["model"], "usage": usage}
 
 
 # -- request validation --------------------------------------------------------------------------------

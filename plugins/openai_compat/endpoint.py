@@ -21,19 +21,18 @@ from litestar.types import HTTPScope, Receive, Scope, Send
 from core import (
     Answer,
     BodyTooLarge,
+    Caller,
+    ChatRequest,
     ClientGone,
     Completion,
-    ContentDelta,
     ContextTooLong,
-    Finish,
     InsufficientBalance,
     OutOfStanding,
     ProviderError,
-    ProviderEvent,
     RateLimitExceeded,
-    ReasoningDelta,
+    RateLimits,
+    Route,
     Services,
-    ToolCallDelta,
     Unauthenticated,
     UnknownModel,
     UnknownProvider,
@@ -44,8 +43,9 @@ from core import (
     start_stream,
 )
 
-from . import wire
+from . import choices, wire
 from .answers import error, provider_error, rate_headers, rate_limited, stream_error
+from .chunks import cancel_all, opening, render, whole_extras
 
 if TYPE_CHECKING:
     from .options import Options
@@ -62,22 +62,6 @@ def scope_headers(scope: Scope) -> dict[str, str]:
     return request_headers(scope, _READ)
 
 
-def render(reply: wire.Reply, event: ProviderEvent, usage: bool) -> bytes:
-    """One provider event as ``chat.completion.chunk`` events."""
-    match event:
-        case ContentDelta(text=text):
-            return wire.chunk(reply, {"content": text}, usage=usage)
-        case ReasoningDelta(text=text):
-            return wire.chunk(reply, {"reasoning_content": text}, usage=usage)
-        case ToolCallDelta() as part:
-            return wire.chunk(reply, {"tool_calls": [wire.tool_call_delta(part)]}, usage=usage)
-        case Finish(reason=reason, usage=counted):
-            end = wire.chunk(reply, {}, reason, usage=usage)
-            return end + wire.usage_chunk(reply, counted) if usage else end
-    # Unreachable by the types; an event of another kind from a third-party provider is skipped.
-    return b""  # type: ignore[unreachable]
-
-
 def not_post(method: str) -> Answer:
     """OPTIONS says what is allowed (as Litestar answers it on every other route); the rest are 405."""
     allow = {"Allow": "OPTIONS, POST"}
@@ -85,6 +69,55 @@ def not_post(method: str) -> Answer:
         return Answer(204, b"", allow)
     message = f"Method {method} is not allowed on /v1/chat/completions; use POST."
     return error(405, message, "invalid_request_error", None, headers=allow)
+
+
+async def start_completion(
+    services: Services,
+    caller: Caller,
+    route: Route,
+    request: ChatRequest,
+    limits: RateLimits,
+    *,
+    param: str = "messages",
+) -> Completion | Answer:
+    """Reserve and start ``request`` for ``caller``, or the refusal in OpenAI's shape (the limits,
+    the balance, the context; ``param`` names the field that holds the conversation)."""
+    started = await start_completions(services, caller, route, request, limits, param=param)
+    return started if isinstance(started, Answer) else started[0]
+
+
+async def start_completions(
+    services: Services,
+    caller: Caller,
+    route: Route,
+    request: ChatRequest,
+    limits: RateLimits,
+    *,
+    count: int = 1,
+    param: str = "messages",
+) -> list[Completion] | Answer:
+    """Reserve and start ``count`` completions of ``request`` (all or none: see
+    :meth:`~core.services.completions.Completions.start_many`), or the refusal in OpenAI's shape."""
+    try:
+        if count == 1:
+            return [await services.completions.start(caller, route, request, limits)]
+        return await services.completions.start_many(caller, route, request, count, limits)
+    except RateLimitExceeded as exc:
+        return rate_limited(exc, limits)
+    except InsufficientBalance as exc:
+        if count > 1:
+            message = f"{exc} (this request asked for n = {count} choices, each reserved on its own)"
+            return error(403, message, "insufficient_quota", "insufficient_user_quota")
+        return error(403, str(exc), "insufficient_quota", "insufficient_user_quota")
+    except OutOfStanding as exc:  # fail closed; the SDKs retry a 503, and the next may land elsewhere
+        return error(503, str(exc), "server_error", exc.code, headers={"Retry-After": "1"})
+    except ContextTooLong as exc:
+        message = (
+            f"This model's maximum context length is {route.config.context_tokens} tokens. However, "
+            f"your {param} resulted in about {exc.tokens} tokens (tools and other fields included). "
+            f"Please reduce the length of the {param}."
+        )
+        return error(400, message, "invalid_request_error", "context_length_exceeded", param)
 
 
 class ChatCompletions:
@@ -117,21 +150,26 @@ class ChatCompletions:
             return await send_answer(send, error(500, message, "server_error", None))
         if isinstance(started, Answer):
             return await send_answer(send, started)
-        completion, parsed, headers = started
+        completions, parsed, headers = started
         # A pending receive() returns when the client disconnects (or once the answer is complete).
         watch = asyncio.ensure_future(receive())
-        watch.add_done_callback(lambda _: completion.cancel())
+        watch.add_done_callback(lambda _: cancel_all(completions))
         try:
-            if parsed.stream:
-                await self.stream(send, completion, parsed, headers)
+            if len(completions) > 1:
+                if parsed.stream:
+                    await choices.stream(send, completions, parsed, headers, self.options.keepalive_interval)
+                else:
+                    await choices.whole(send, completions, parsed, headers)
+            elif parsed.stream:
+                await self.stream(send, completions[0], parsed, headers)
             else:
-                await self.whole(send, completion, headers)
+                await self.whole(send, completions[0], parsed, headers)
         finally:
             watch.cancel()
 
     async def start(
         self, scope: Scope, receive: Receive
-    ) -> Answer | tuple[Completion, wire.Parsed, dict[str, str]]:
+    ) -> Answer | tuple[list[Completion], wire.Parsed, dict[str, str]]:
         """Authenticate, read, check and route the request, then reserve and start it (or say why not)."""
         services = self.services
         headers = scope_headers(scope)
@@ -162,37 +200,37 @@ class ChatCompletions:
                 f"vision = true); remove the image part at '{image}'."
             )
             return error(400, message, "invalid_request_error", "image_not_supported", image)
-        limits = self.options.limits_for(caller.key)
-        try:
-            completion = await services.completions.start(caller, route, parsed.request, limits)
-        except RateLimitExceeded as exc:
-            return rate_limited(exc, limits)
-        except InsufficientBalance as exc:
-            return error(403, str(exc), "insufficient_quota", "insufficient_user_quota")
-        except OutOfStanding as exc:  # fail closed; the SDKs retry a 503, and the next may land elsewhere
-            return error(503, str(exc), "server_error", exc.code, headers={"Retry-After": "1"})
-        except ContextTooLong as exc:
+        if route.config.kind != "chat":
             message = (
-                f"This model's maximum context length is {route.config.context_tokens} tokens. However, "
-                f"your messages resulted in about {exc.tokens} tokens (tools and other fields included). "
-                "Please reduce the length of the messages."
+                f"The model '{parsed.request.model}' is an embedding model: it answers POST /v1/embeddings, "
+                "not chat completions."
             )
-            return error(400, message, "invalid_request_error", "context_length_exceeded", "messages")
-        return completion, parsed, rate_headers(limits, completion.use)
+            return error(400, message, "invalid_request_error", "model_not_supported", "model")
+        limits = self.options.limits_for(caller.key)
+        completions = await start_completions(services, caller, route, parsed.request, limits, count=parsed.n)
+        if isinstance(completions, Answer):
+            return completions
+        return completions, parsed, rate_headers(limits, completions[-1].use)
 
-    async def whole(self, send: Send, completion: Completion, headers: dict[str, str]) -> None:
+    async def whole(
+        self, send: Send, completion: Completion, parsed: wire.Parsed, headers: dict[str, str]
+    ) -> None:
         try:
             await completion.result()
         except ProviderError as exc:
             return await send_answer(send, provider_error(exc))
         if completion.finish is None:
             return None  # the client left; there is nobody to answer
+        reply = wire.Reply(completion.request.model)
+        fingerprint, logprobs = whole_extras(completion, parsed.logprobs)
+        reply.saw(fingerprint)
         body = wire.completion_body(
-            wire.Reply(completion.request.model),
+            reply,
             completion.content,
             completion.reasoning,
             list(completion.tool_calls),
             completion.finish,
+            logprobs,
         )
         await send_answer(send, json_answer(body, headers=headers))
 
@@ -211,8 +249,10 @@ class ChatCompletions:
             return await send_answer(send, provider_error(exc))
         await start_stream(send, headers)
         reply = wire.Reply(completion.request.model)
-        usage = parsed.include_usage
-        out = wire.chunk(reply, {"role": "assistant", "content": ""}, usage=usage)
+        usage, logprobs = parsed.include_usage, parsed.logprobs
+        # The role chunk goes with the first event, so that it carries the upstream's fingerprint.
+        opened = False
+        out = b""
         try:
             while True:
                 if pending:
@@ -225,11 +265,18 @@ class ChatCompletions:
                     pending = False
                 if event is None:
                     break
+                if not opened:
+                    reply.saw(event.system_fingerprint)
+                    out, opened = opening(reply, parsed), True
                 # Events that arrived together leave together: one write, not one each.
-                out += b"".join([render(reply, e, usage) for e in [event, *completion.ready_events()]])
+                out += b"".join(
+                    [render(reply, e, usage, logprobs=logprobs) for e in [event, *completion.ready_events()]]
+                )
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 out = b""
                 event = await completion.next_event()
         except ProviderError as exc:
             out += stream_error(exc)  # too late for a status code
+        if not opened:
+            out = opening(reply, parsed) + out
         await send({"type": "http.response.body", "body": out + DONE, "more_body": False})

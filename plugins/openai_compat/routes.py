@@ -6,17 +6,15 @@ from typing import Any
 
 from litestar import Controller, Request, get, route
 from litestar.di import NamedDependency
-from litestar.handlers import ASGIRouteHandler, asgi
+from litestar.handlers import HTTPRouteHandler
+from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.response import Response
-from litestar.types import Receive, Scope, Send
 
-from core import Caller, Services, Unauthenticated, format_amount
+from core import Caller, Services, Unauthenticated, documented_route, format_amount, model_list, model_object
 
 from .endpoint import ChatCompletions
 from .options import Options
 from .responses import Refused
-
-CREATED = 1_735_689_600  # 2025-01-01: a fixed, honest "created" for configured models
 
 
 async def key_holder(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Caller:
@@ -46,8 +44,8 @@ class OpenAIController(Controller):
         options: NamedDependency[Options],
         caller: NamedDependency[Caller],
     ) -> Response[Any]:
-        data = [model_object(name, options) for name in services.catalog.models]
-        return Response({"object": "list", "data": data})
+        # One body for both SDK families: Anthropic's clients (Claude Code's model discovery) ask here too.
+        return Response(model_list(services.catalog.models, options.owned_by))
 
     @get(["/v1/models/{model_id:path}", "/models/{model_id:path}"], summary="Retrieve a model")
     async def retrieve_model(
@@ -60,7 +58,7 @@ class OpenAIController(Controller):
         name = model_id.lstrip("/")
         if name not in services.catalog.models:
             raise Refused(404, f"The model '{name}' does not exist", "model_not_found", "model")
-        return Response(model_object(name, options))
+        return Response(model_object(name, services.catalog.models[name], options.owned_by))
 
     @route(
         ["/v1", "/v1/{rest:path}"],
@@ -92,17 +90,25 @@ class OpenAIController(Controller):
         return Response({"is_available": user.balance > 0, "balance_infos": [info]})
 
 
-def model_object(name: str, options: Options) -> dict[str, object]:
-    """A configured model in OpenAI's shape."""
-    return {"id": name, "object": "model", "created": CREATED, "owned_by": options.owned_by}
-
-
-def completions_route(endpoint: ChatCompletions) -> ASGIRouteHandler:
-    """``/v1/chat/completions`` through the router, for the spellings the front door does not
-    take (a trailing slash); the same raw ASGI app answers both."""
-
-    @asgi("/v1/chat/completions", is_mount=False, copy_scope=False)
-    async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
-        await endpoint(scope, receive, send)
-
-    return chat_completions
+def completions_route(endpoint: ChatCompletions) -> list[HTTPRouteHandler]:
+    """``POST /v1/chat/completions`` in the schema, and through the router for the spellings the
+    front door does not take (a trailing slash); the same raw ASGI app answers both."""
+    return documented_route(
+        ["/v1/chat/completions", "/chat/completions"],
+        endpoint,
+        summary="Create a chat completion",
+        description=(
+            "OpenAI's chat completions, streamed (server-sent events) or whole; the official SDKs work "
+            "unchanged. Errors answer OpenAI's error body."
+        ),
+        tags=["openai"],
+        body=Schema(
+            type=OpenAPIType.OBJECT,
+            required=["model", "messages"],
+            properties={
+                "model": Schema(type=OpenAPIType.STRING),
+                "messages": Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.OBJECT)),
+                "stream": Schema(type=OpenAPIType.BOOLEAN),
+            },
+        ),
+    )

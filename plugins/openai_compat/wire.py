@@ -54,12 +54,28 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+MAX_CHOICES = 8
+"""The most choices (``n``) one request may ask for. Each is a request of its own upstream,
+reserved and charged on its own, so ``n`` multiplies the worst case held on the balance and
+the upstream load; OpenAI allows 128, and 8 covers what clients use ``n`` for (a few
+samples to pick from) without letting one request fan out into a burst."""
+
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's bound on ``top_logprobs``."""
+
+
 class Parsed(msgspec.Struct, frozen=True):
-    """A checked request: what goes to the provider, and how the client wants the answer."""
+    """A checked request: what goes to the provider, and how the client wants the answer.
+
+    ``n``: how many choices (each its own upstream request); ``logprobs``: whether the
+    client asked for them (they ride upstream in ``request.extra``, with ``top_logprobs``).
+    """
 
     request: ChatRequest
     stream: bool
     include_usage: bool
+    n: int = 1
+    logprobs: bool = False
 
 
 def parse(raw: bytes) -> Parsed:
@@ -88,8 +104,18 @@ def parse(raw: bytes) -> Parsed:
     if not isinstance(stream, bool):
         raise wrong_type("stream", "a boolean", stream)
     n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise Invalid(f"Invalid 'n': chatgate generates one choice per request (n = 1), got {n!r}.", "n")
+    if n is None:
+        n = 1
+    if not _is_int(n):
+        raise wrong_type("n", "an integer", n)
+    if not 1 <= n <= MAX_CHOICES:
+        raise Invalid(
+            f"Invalid 'n': {n} is outside the allowed range [1, {MAX_CHOICES}] (chatgate makes each "
+            "choice a request of its own upstream, charged on its own).",
+            "n",
+            "invalid_value",
+        )
+    logprobs = _logprobs(body)
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0, low_open=True)
     presence = _number(body, "presence_penalty", -2.0, 2.0)
@@ -142,7 +168,31 @@ def parse(raw: bytes) -> Parsed:
         extra=extra,
         stream=stream,
     )
-    return Parsed(request, stream, include_usage)
+    return Parsed(request, stream, include_usage, n, logprobs)
+
+
+def _logprobs(body: dict[str, Any]) -> bool:
+    """Whether ``logprobs`` were asked for; ``top_logprobs`` checked (0 to 20, and only with them)."""
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise wrong_type("logprobs", "a boolean", logprobs)
+    top = body.get("top_logprobs")
+    if top is not None:
+        if not _is_int(top):
+            raise wrong_type("top_logprobs", "an integer", top)
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise Invalid(
+                f"Invalid 'top_logprobs': {top} is outside the allowed range [0, {MAX_TOP_LOGPROBS}].",
+                "top_logprobs",
+                "invalid_value",
+            )
+        if logprobs is not True:
+            raise Invalid(
+                "Invalid 'top_logprobs': it may only be set when 'logprobs' is true.",
+                "top_logprobs",
+                "invalid_value",
+            )
+    return logprobs is True
 
 
 def _messages(value: Any) -> tuple[ChatMessage, ...]:
@@ -328,35 +378,67 @@ def _kind(value: Any) -> str:
 
 
 class Reply:
-    """The identity of one reply: the same ``id`` and ``created`` on every chunk."""
+    """The identity of one reply: the same ``id``, ``created`` and (once the upstream named
+    one) ``system_fingerprint`` on every chunk."""
 
-    __slots__ = ("created", "head", "id", "model")
+    __slots__ = ("created", "fingerprint", "head", "id", "model")
 
     def __init__(self, model: str) -> None:
         # Unique, not secret: no system call for random bytes on every request.
         self.id = f"chatcmpl-{random.getrandbits(128):032x}"
         self.created = int(time.time())
         self.model = model
-        # Every chunk starts the same way: render it once.
-        self.head = (
+        self.fingerprint: str | None = None
+        self.head = self._head()
+
+    def _head(self) -> bytes:
+        # Every chunk starts the same way: render it once (again when the fingerprint comes).
+        fingerprint = b""
+        if self.fingerprint is not None:
+            fingerprint = b',"system_fingerprint":' + msgspec.json.encode(self.fingerprint)
+        return (
             b'data: {"id":"'
             + self.id.encode()
             + b'","object":"chat.completion.chunk","created":'
             + str(self.created).encode()
             + b',"model":'
-            + msgspec.json.encode(model)
+            + msgspec.json.encode(self.model)
+            + fingerprint
             + b',"choices":['
         )
+
+    def saw(self, fingerprint: str | None) -> None:
+        """Note the upstream's ``system_fingerprint`` (the latest one counts; None changes nothing)."""
+        if fingerprint is not None and fingerprint != self.fingerprint:
+            self.fingerprint = fingerprint
+            self.head = self._head()
 
 
 _encode = msgspec.json.Encoder().encode
 
+NO_LOGPROBS: dict[str, Any] = {"content": [], "refusal": None}
+"""A chunk's ``logprobs`` when they were asked for and it has no content tokens (OpenAI's role chunk)."""
 
-def chunk(reply: Reply, delta: dict[str, Any], finish_reason: str | None = None, *, usage: bool) -> bytes:
-    """One ``chat.completion.chunk`` event; ``usage`` adds ``"usage": null`` (include_usage was asked)."""
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+def chunk(
+    reply: Reply,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    *,
+    usage: bool,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+) -> bytes:
+    """One ``chat.completion.chunk`` event of choice ``index``; ``usage`` adds ``"usage": null``
+    (include_usage was asked); ``logprobs`` is the choice's ``logprobs`` object, or null."""
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     tail = b'],"usage":null}\n\n' if usage else b"]}\n\n"
     return reply.head + _encode(choice) + tail
+
+
+def logprobs_body(entries: list[dict[str, Any]] | tuple[dict[str, Any], ...] | None) -> dict[str, Any]:
+    """A choice's ``logprobs`` object for these content token entries."""
+    return {"content": list(entries or ()), "refusal": None}
 
 
 def usage_chunk(reply: Reply, usage: Usage) -> bytes:
@@ -391,14 +473,15 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     return body
 
 
-def completion_body(
-    reply: Reply,
+def choice_body(
+    index: int,
     content: str,
     reasoning: str,
     tool_calls: list[ToolCallDelta],
     finish: Finish,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A whole ``chat.completion``."""
+    """One choice of a whole ``chat.completion``."""
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if reasoning:
         message["reasoning_content"] = reasoning
@@ -407,11 +490,42 @@ def completion_body(
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
             for c in tool_calls
         ]
-    return {
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish.reason}
+
+
+def choices_body(reply: Reply, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
+    """A whole ``chat.completion`` of ``choices``; ``system_fingerprint`` when the upstream named one."""
+    body = {
         "id": reply.id,
         "object": "chat.completion",
         "created": reply.created,
         "model": reply.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish.reason}],
-        "usage": usage_body(finish.usage),
+        "choices": choices,
+        "usage": usage_body(usage),
     }
+    if reply.fingerprint is not None:
+        body["system_fingerprint"] = reply.fingerprint
+    return body
+
+
+def completion_body(
+    reply: Reply,
+    content: str,
+    reasoning: str,
+    tool_calls: list[ToolCallDelta],
+    finish: Finish,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A whole ``chat.completion`` of one choice."""
+    choice = choice_body(0, content, reasoning, tool_calls, finish, logprobs)
+    return choices_body(reply, [choice], finish.usage)
+
+
+def summed(usages: list[Usage]) -> Usage:
+    """The usage of several choices together (each was a request of its own upstream)."""
+    return Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in usages),
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        reasoning_tokens=sum(u.reasoning_tokens for u in usages),
+        cached_tokens=sum(u.cached_tokens for u in usages),
+    )

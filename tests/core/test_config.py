@@ -27,9 +27,9 @@ def test_default_config_is_valid_and_check_lists_what_it_enables():
         "plugins.toml: OK",
         "store:     sqlite",
         "providers: mock (mock), deepseek (deepseek)",
-        "surfaces:  openai_compat, email_socket, topic_chat",
-        "models:    mock-chat -> mock, mock-reasoner -> mock, deepseek-chat -> deepseek, "
-        "deepseek-reasoner -> deepseek",
+        "surfaces:  openai_compat, email_socket, topic_chat, anthropic_messages",
+        "models:    mock-chat -> mock, mock-reasoner -> mock, mock-embedding -> mock, "
+        "deepseek-chat -> deepseek, deepseek-reasoner -> deepseek",
     ]
 
 

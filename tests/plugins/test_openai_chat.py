@@ -250,7 +250,7 @@ async def test_a_bad_key_is_401_for_the_sdk(client: Client) -> None:
             {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
             "stream",
         ),
-        ({"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "n": 9}, "n"),
     ],
 )
 async def test_bad_fields_answer_400_naming_the_param_and_charge_nothing(
