@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from .errors import NotFound
 from .plugin import Plugin
 from .records import (
     ApiKey,
@@ -211,6 +212,30 @@ class Store(Plugin, abc.ABC):
     @abc.abstractmethod
     async def delete_conversation(self, conversation_id: int) -> Conversation:
         """Delete a conversation and all its messages; return what was deleted."""
+
+    async def delete_stale_conversations(
+        self, kind: str, updated_before: datetime, *, empty_only: bool = False
+    ) -> int:
+        """Delete the conversations of ``kind`` not updated since ``updated_before`` (with
+        ``empty_only``, only those without any message), with their messages, as
+        :meth:`delete_conversation` does; return how many went.
+
+        This default walks every user's conversations of ``kind`` (correct, not fast);
+        stores with a query language should override it with one statement.
+        """
+        deleted = 0
+        for user in await self.list_users():
+            for conversation in await self.list_conversations(user.id, kind):
+                if conversation.updated_at >= updated_before:
+                    continue
+                if empty_only and await self.list_messages(conversation.id):
+                    continue
+                try:
+                    await self.delete_conversation(conversation.id)
+                except NotFound:  # deleted meanwhile by its owner
+                    continue
+                deleted += 1
+        return deleted
 
     # messages
     @abc.abstractmethod

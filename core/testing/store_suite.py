@@ -543,6 +543,46 @@ class StoreConformance(OpensStores):
         with not_found("conversation", doomed.id):
             await store.delete_conversation(doomed.id)
 
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("default", [False, True], ids=["store", "default"])
+    async def test_delete_stale_conversations_of_a_kind_with_their_messages(
+        self, store: Store, default: bool
+    ) -> None:
+        """The store's own statement, and the default built from the other methods (what a store
+        that does not override it runs), delete the same rows."""
+        delete = (
+            (lambda *a, **k: Store.delete_stale_conversations(store, *a, **k))
+            if default
+            else store.delete_stale_conversations
+        )
+        ada = await store.ensure_user("ada@example.com")
+        bob = await store.ensure_user("bob@example.com")
+        old = await store.create_conversation(ada.id, "response")
+        said = await store.append_message(old.id, MessageDraft(role="user", content="old"))
+        empty = await store.create_conversation(bob.id, "response")
+        other_kind = await store.create_conversation(ada.id, "topic")
+        await tick()
+        cutoff = datetime.now(UTC)
+        await tick()
+        fresh = await store.create_conversation(ada.id, "response")
+        fresh_empty = await store.create_conversation(bob.id, "response")
+        await store.append_message(fresh.id, MessageDraft(role="user", content="new"))
+
+        assert await delete("response", cutoff, empty_only=True) == 1  # only the old empty one
+        with not_found("conversation", empty.id):
+            await store.get_conversation(empty.id)
+        assert await delete("response", cutoff) == 1
+        with not_found("conversation", old.id):
+            await store.get_conversation(old.id)
+        with not_found("message", said.id):
+            await store.get_message(said.id)
+        assert await store.list_conversations(ada.id) == [
+            other_kind,
+            await store.get_conversation(fresh.id),
+        ]
+        assert await store.list_conversations(bob.id) == [fresh_empty]
+        assert await delete("response", cutoff) == 0
+
     # messages
 
     @pytest.mark.asyncio

@@ -62,7 +62,13 @@ class OpenAICompatSurface(Surface):
             self.embedder = Embedder(services.billing)
         return self.embedder
 
+    async def open(self) -> None:
+        if self.responses is not None:  # stored responses are swept while the surface is open
+            await self.responses.open()
+
     async def aclose(self) -> None:
+        if self.responses is not None:
+            await self.responses.aclose()
         # Embeddings still running are settled before the store closes.
         if self.embedder is not None:
             await self.embedder.aclose()

@@ -130,6 +130,11 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER messages_stamp BEFORE INSERT OR UPDATE ON messages
         FOR EACH ROW EXECUTE FUNCTION chatgate_stamp_message();
     """,
+    # 2: the sweep of a kind's stale conversations (Store.delete_stale_conversations: stored
+    # Responses past their retention) finds them without reading the whole table.
+    """
+    CREATE INDEX conversations_stale ON conversations (kind, updated_at);
+    """,
 ]
 """Forward migrations; applying ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
 

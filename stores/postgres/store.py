@@ -400,6 +400,20 @@ class PostgresStore(LeaseStore, CopyableStore, ClusterStore):
             )
         )
 
+    async def delete_stale_conversations(
+        self, kind: str, updated_before: datetime, *, empty_only: bool = False
+    ) -> int:
+        # One statement; messages go with their conversations through ON DELETE CASCADE.
+        sql = "DELETE FROM conversations WHERE kind = $1 AND updated_at < $2"
+        if empty_only:
+            sql += " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = conversations.id)"
+
+        async def delete(conn: asyncpg.Connection) -> int:
+            status = await conn.execute(sql, kind, updated_before)  # "DELETE <count>"
+            return int(status.rsplit(" ", 1)[-1])
+
+        return await self._write(delete)
+
     # messages
 
     async def append_message(self, conversation_id: int, draft: MessageDraft) -> Message:

@@ -184,6 +184,11 @@ MIGRATIONS: list[str] = [
             WHERE id = NEW.id;
     END;
     """,
+    # v11: the sweep of a kind's stale conversations (Store.delete_stale_conversations: stored
+    # Responses past their retention) finds them without reading the whole table.
+    """
+    CREATE INDEX conversations_stale ON conversations (kind, updated_at);
+    """,
 ]
 """Forward migrations; applying ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
 

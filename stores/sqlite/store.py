@@ -378,6 +378,17 @@ class SqliteStore(LeaseStore, CopyableStore, ClusterStore):
             write_one, Conversation, sql, (conversation_id,), "conversation", conversation_id
         )
 
+    async def delete_stale_conversations(
+        self, kind: str, updated_before: datetime, *, empty_only: bool = False
+    ) -> int:
+        # One statement; messages go with their conversations through ON DELETE CASCADE.
+        # Stamps are whole milliseconds: stamp < cutoff exactly when stamp < it rounded up.
+        cutoff = -((EPOCH - updated_before) // MS)
+        sql = "DELETE FROM conversations WHERE kind = ? AND updated_at < ?"
+        if empty_only:
+            sql += " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = conversations.id)"
+        return await self._write(lambda db: db.execute(sql, (kind, cutoff)).rowcount)
+
     # messages
 
     async def append_message(self, conversation_id: int, draft: MessageDraft) -> Message:

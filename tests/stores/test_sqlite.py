@@ -85,7 +85,7 @@ async def test_pragmas(store: SqliteStore) -> None:
 
 
 async def test_fresh_database_is_at_latest_version(store: SqliteStore, tmp_path: Path) -> None:
-    assert LATEST_VERSION == len(MIGRATIONS) == 10
+    assert LATEST_VERSION == len(MIGRATIONS) == 11
     assert await user_version(tmp_path / "chatgate.db") == LATEST_VERSION
 
 

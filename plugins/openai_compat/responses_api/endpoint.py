@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+import msgspec
 from litestar.types import HTTPScope, Receive, Scope, Send
 
 from core import (
@@ -22,12 +23,14 @@ from core import (
     BodyTooLarge,
     ClientGone,
     Completion,
+    ContextTooLong,
     Finish,
     ProviderError,
     Services,
     Unauthenticated,
     UnknownModel,
     UnknownProvider,
+    estimate_request_tokens,
     json_answer,
     read_body,
     send_answer,
@@ -40,6 +43,7 @@ from ..wire import Invalid
 from . import wire
 from .events import ResponseEvents
 from .saved import MAX_CHAIN, ChainTooLong, Missing, Saved, Slot, unstored_id
+from .sweep import Sweeper
 
 if TYPE_CHECKING:
     from ..options import Options
@@ -99,7 +103,15 @@ class Responses:
         self.services = services
         self.options = options
         self.limit = services.config.server.max_body_bytes
-        self.saved = Saved(services)
+        self.saved = Saved(services, options.responses_retention_days)
+        self.sweeper = Sweeper(services.conversations.store, self.saved.retention)
+
+    async def open(self) -> None:
+        """Start the periodic sweep of expired and abandoned stored responses."""
+        self.sweeper.start()
+
+    async def aclose(self) -> None:
+        await self.sweeper.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = cast("HTTPScope", scope)["method"]
@@ -168,10 +180,30 @@ class Responses:
                 f"vision = true); remove the image part at '{parsed.image}'."
             )
             return error(400, message, "invalid_request_error", "image_not_supported", parsed.image)
+        if route.config.kind != "chat":
+            message = (
+                f"The model '{parsed.request.model}' is an embedding model: it answers POST /v1/embeddings, "
+                "not responses."
+            )
+            return error(400, message, "invalid_request_error", "model_not_supported", "model")
+        if parsed.store and not self.options.store_responses:  # the operator keeps none
+            echo = {**parsed.echo, "store": False}
+            parsed = msgspec.structs.replace(parsed, store=False, echo=echo)
         context = []
         if parsed.previous_response_id is not None:
+            budget = route.config.context_tokens
             try:
-                context = await self.saved.chain(caller.user.id, parsed.previous_response_id)
+                # What the request adds to the chain counts from the start: the walk stops
+                # as soon as the whole could not fit.
+                spent = estimate_request_tokens(wire.chat_request(parsed, []))
+                context = await self.saved.chain(caller.user.id, parsed.previous_response_id, budget, spent)
+            except ContextTooLong as exc:
+                message = (
+                    f"This model's maximum context length is {budget} tokens. However, your input and "
+                    f"the responses its previous_response_id chains resulted in at least {exc.tokens} "
+                    "tokens. Start a new chain, or reduce the length of the input."
+                )
+                return error(400, message, "invalid_request_error", "context_length_exceeded", "input")
             except Missing as exc:
                 return not_found(exc.response_id)
             except ChainTooLong:
@@ -262,9 +294,10 @@ class Responses:
                 "code": "server_error",
                 "message": f"The model's server could not finish the reply ({finish.reason}).",
             }
-        output = wire.output_items(
-            completion.reasoning, completion.content, list(completion.tool_calls), status, parsed.summary
-        )
+        # The calls from the events (all still waiting: a whole reply takes none), so that an
+        # upstream reusing an index for parallel calls makes the calls a stream shows.
+        calls = wire.gathered_calls(completion.ready_events())
+        output = wire.output_items(completion.reasoning, completion.content, calls, status, parsed.summary)
         return wire.response_body(
             response_id,
             started.created_at,

@@ -84,7 +84,11 @@ class ResponseEvents:
         self.seq = 0
         self.items: list[_Item] = []  # in output order
         self.open: _Item | None = None  # the reasoning or message item open
-        self.calls: dict[int, _Item] = {}  # tool-call index upstream -> its item
+        self.calls: dict[int, _Item] = {}  # tool-call index upstream -> its item (the latest one)
+        self.open_calls: list[_Item] = []  # every call item not closed yet, in output order
+        # Fragments of calls whose name has not come yet, by index: an item is announced
+        # with its name, so they wait (merged) until it comes.
+        self.held: dict[int, ToolCallDelta] = {}
         self.body: dict[str, Any] | None = None
 
     def _event(self, kind: str, fields: dict[str, Any]) -> bytes:
@@ -188,30 +192,61 @@ class ResponseEvents:
         return out + self._event("response.output_item.done", {"output_index": item.index, "item": done})
 
     def _call(self, part: ToolCallDelta) -> bytes:
-        item = self.calls.get(part.index)
+        index = part.index
+        item = self.calls.get(index)
+        if item is not None:
+            assert item.call is not None
+            if not (part.id and item.call.id and part.id != item.call.id):
+                if part.arguments:  # appended; joined once, at the end (no copy per fragment)
+                    item.parts.append(part.arguments)
+                    item.deltas += 1
+                    return self._delta(item, part.arguments)
+                return b""
+            # An upstream that numbers every parallel call 0: a new id on an open index is a
+            # new call (the one before stays open until the calls are closed).
+            del self.calls[index]
         out = b""
-        if item is None:
-            out = self._close_open()
-            item = _Item("function_call", wire.item_id("fc"), len(self.items))
-            item.call = ToolCallDelta(index=part.index, id=part.id or item.id.replace("fc_", "call_", 1))
-            self.items.append(item)
-            self.calls[part.index] = item
-            item.call = merge_tool_call(item.call, ToolCallDelta(index=part.index, name=part.name))
-            added = wire.call_item(item.id, item.call, "in_progress")
-            out += self._event("response.output_item.added", {"output_index": item.index, "item": added})
-        else:
-            item.call = merge_tool_call(item.call, ToolCallDelta(index=part.index, name=part.name))
-        if part.arguments:
-            item.call = merge_tool_call(item.call, ToolCallDelta(index=part.index, arguments=part.arguments))
+        held = self.held.pop(index, None)
+        if held is not None and part.id and held.id and part.id != held.id:
+            out = self._announce(held)  # its name never came; it is not merged into another call
+            held = None
+        call = merge_tool_call(held, part)
+        if not call.name:
+            self.held[index] = call
+            return out
+        return out + self._announce(call)
+
+    def _announce(self, call: ToolCallDelta) -> bytes:
+        """Open a call's item (``output_item.added`` with its name), and stream what came of its
+        arguments so far."""
+        out = self._close_open()
+        item = _Item("function_call", wire.item_id("fc"), len(self.items))
+        # The upstream's id, or None: wire.call_item then derives one from the item's id.
+        item.call = ToolCallDelta(index=call.index, id=call.id, name=call.name)
+        self.items.append(item)
+        self.open_calls.append(item)
+        self.calls[call.index] = item
+        added = wire.call_item(item.id, item.call, "in_progress")
+        out += self._event("response.output_item.added", {"output_index": item.index, "item": added})
+        if call.arguments:
+            item.parts.append(call.arguments)
             item.deltas += 1
-            out += self._delta(item, part.arguments)
+            out += self._delta(item, call.arguments)
         return out
+
+    @staticmethod
+    def _whole_call(item: _Item) -> ToolCallDelta:
+        assert item.call is not None
+        return msgspec.structs.replace(item.call, arguments=item.text)
 
     def _close_calls(self) -> bytes:
         out = b""
-        for item in self.calls.values():
-            call = item.call
-            assert call is not None
+        # Calls whose name never came are still announced (nameless): their arguments were produced.
+        for call in list(self.held.values()):
+            out += self._announce(call)
+        self.held = {}
+        for item in self.open_calls:
+            call = self._whole_call(item)
             if not item.deltas:  # arguments that never came still get their delta (dialects.md B.6 step 4)
                 out += self._delta(item, "")
             where = {"item_id": item.id, "output_index": item.index}
@@ -222,6 +257,7 @@ class ResponseEvents:
             item.done = done = wire.call_item(item.id, call, "completed")
             out += self._event("response.output_item.done", {"output_index": item.index, "item": done})
         self.calls = {}
+        self.open_calls = []
         return out
 
     def output(self, status: str = "completed") -> list[dict[str, Any]]:
@@ -235,10 +271,8 @@ class ResponseEvents:
             elif item.kind == "reasoning":
                 out.append(wire.reasoning_item(item.id, item.text, self.summary))
             else:
-                assert item.call is not None
-                out.append(
-                    wire.call_item(item.id, item.call, "completed" if status == "completed" else status)
-                )
+                call = self._whole_call(item)
+                out.append(wire.call_item(item.id, call, "completed" if status == "completed" else status))
         return out
 
     def finish(self, finish: Finish) -> tuple[bytes, bytes]:
@@ -263,6 +297,8 @@ class ResponseEvents:
         """End a reply that failed after the stream began: ``response.failed`` with what was produced."""
         self.open = None
         self.calls = {}
+        self.open_calls = []
+        self.held = {}
         error = {"code": code, "message": message}
         self.body = self._response("failed", output=self.output("incomplete"), usage=usage, error=error)
         return b"", self._event("response.failed", {"response": self.body})

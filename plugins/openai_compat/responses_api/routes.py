@@ -17,14 +17,19 @@ from litestar.response import Response
 
 from core import Caller, Services, documented_route
 
+from ..options import Options
 from ..responses import Refused
 from .endpoint import Responses
 from .saved import Missing, Saved, Stored
 
 
-async def _stored(services: Services, caller: Caller, response_id: str) -> Stored:
+def _saved(services: Services, options: Options) -> Saved:
+    return Saved(services, options.responses_retention_days)
+
+
+async def _stored(services: Services, options: Options, caller: Caller, response_id: str) -> Stored:
     try:
-        return await Saved(services).load(caller.user.id, response_id)
+        return await _saved(services, options).load(caller.user.id, response_id)
     except Missing:
         raise Refused(404, f"Response with id '{response_id}' not found.", None, "response_id") from None
 
@@ -32,8 +37,8 @@ async def _stored(services: Services, caller: Caller, response_id: str) -> Store
 class ResponsesController(Controller):
     """Stored responses of the caller's key owner.
 
-    Promises: a response that is unknown, deleted, stored with ``store: false``, still
-    being generated, or another user's answers 404 in OpenAI's shape (never its
+    Promises: a response that is unknown, deleted, past its retention, stored with
+    ``store: false``, still being generated, or another user's answers 404 in OpenAI's shape (never its
     content); ``input_items`` lists the response's own input (not its chain's), each
     item with an ``id``, newest first unless ``order=asc``, ``limit`` at a time.
     """
@@ -43,9 +48,13 @@ class ResponsesController(Controller):
 
     @get(["/v1/responses/{response_id:str}", "/responses/{response_id:str}"], summary="Retrieve a response")
     async def retrieve(
-        self, services: NamedDependency[Services], caller: NamedDependency[Caller], response_id: str
+        self,
+        services: NamedDependency[Services],
+        options: NamedDependency[Options],
+        caller: NamedDependency[Caller],
+        response_id: str,
     ) -> Response[Any]:
-        return Response((await _stored(services, caller, response_id)).response)
+        return Response((await _stored(services, options, caller, response_id)).response)
 
     @delete(
         ["/v1/responses/{response_id:str}", "/responses/{response_id:str}"],
@@ -53,10 +62,14 @@ class ResponsesController(Controller):
         status_code=200,
     )
     async def remove(
-        self, services: NamedDependency[Services], caller: NamedDependency[Caller], response_id: str
+        self,
+        services: NamedDependency[Services],
+        options: NamedDependency[Options],
+        caller: NamedDependency[Caller],
+        response_id: str,
     ) -> Response[Any]:
         try:
-            await Saved(services).delete(caller.user.id, response_id)
+            await _saved(services, options).delete(caller.user.id, response_id)
         except Missing:
             raise Refused(404, f"Response with id '{response_id}' not found.", None, "response_id") from None
         return Response({"id": response_id, "object": "response", "deleted": True})
@@ -68,6 +81,7 @@ class ResponsesController(Controller):
     async def input_items(
         self,
         services: NamedDependency[Services],
+        options: NamedDependency[Options],
         caller: NamedDependency[Caller],
         response_id: str,
         after: str | None = None,
@@ -80,7 +94,7 @@ class ResponsesController(Controller):
             )
         if order not in ("asc", "desc"):
             raise Refused(400, f"Invalid 'order': expected 'asc' or 'desc', got {order!r}.", None, "order")
-        items = list((await _stored(services, caller, response_id)).input.items)
+        items = list((await _stored(services, options, caller, response_id)).input.items)
         if order == "desc":
             items.reverse()
         if after is not None:

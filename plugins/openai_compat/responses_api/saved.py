@@ -7,17 +7,32 @@ are one ``user`` message, the JSON of the request's input items and instructions
 as answered. A response id is ``resp_`` + a random nonce + the conversation id in
 hex: the nonce, kept in the input, makes ids not enumerable, and ownership is checked
 on every read (another user's response is as missing as a deleted one).
+
+A response is kept ``responses_retention_days`` after it was answered (its
+conversation's ``updated_at``): older, it is as missing as a deleted one, and
+:mod:`.sweep` deletes it.
 """
 
 from __future__ import annotations
 
 import random
 import secrets
+from datetime import timedelta
 from typing import Any
 
 import msgspec
 
-from core import ChatMessage, Conversation, MessageDraft, NotFound, Services
+from core import (
+    ChatMessage,
+    ContextTooLong,
+    Conversation,
+    MessageDraft,
+    NotFound,
+    Services,
+    estimate_prompt_tokens,
+    utcnow,
+)
+from core.tokens import MESSAGE_OVERHEAD
 
 from . import wire
 
@@ -25,8 +40,14 @@ KIND = "response"
 PREFIX = "resp_"
 NONCE = 24
 """Hex digits of the nonce that starts every stored response's id."""
-MAX_CHAIN = 256
-"""How many responses a ``previous_response_id`` chain may hold; a longer one is refused."""
+MAX_CHAIN = 4096
+"""How many responses a ``previous_response_id`` chain may hold; a longer one is refused.
+
+The walk is bounded first by the model's context (:meth:`Saved.chain` stops once what
+it loaded cannot fit), so this bound only matters for links that carry (next to)
+nothing: 4096 is far past any agent loop that fits a context (LangChain's agents
+chain one response per tool round), and walking it is at most 8192 store reads, which
+only a caller who paid for 4096 requests can make happen."""
 
 _encode = msgspec.json.Encoder().encode
 
@@ -103,8 +124,13 @@ class Saved:
     :data:`MAX_CHAIN`.
     """
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, retention_days: float = 0) -> None:
         self.conversations = services.conversations
+        self.retention = timedelta(days=retention_days) if retention_days > 0 else None
+
+    def expired(self, conversation: Conversation) -> bool:
+        """Whether a stored response is past its retention (and so as missing as a deleted one)."""
+        return self.retention is not None and conversation.updated_at < utcnow() - self.retention
 
     async def slot(self, user_id: int, previous: str | None) -> Slot:
         """A conversation for a response about to be generated (saved later by :meth:`save`)."""
@@ -137,7 +163,7 @@ class Saved:
             conversation = await self.conversations.get(user_id, conversation_id)
         except NotFound:
             raise Missing(response_id) from None
-        if conversation.kind != KIND:
+        if conversation.kind != KIND or self.expired(conversation):
             raise Missing(response_id)
         messages = await self.conversations.messages(conversation)
         if len(messages) < 2:  # still being generated
@@ -155,36 +181,56 @@ class Saved:
         stored = await self.load(user_id, response_id)
         await self.conversations.delete(user_id, stored.conversation.id)
 
-    async def chain(self, user_id: int, response_id: str) -> list[ChatMessage]:
+    async def chain(self, user_id: int, response_id: str, budget: int, spent: int = 0) -> list[ChatMessage]:
         """The context ``previous_response_id`` stands for: every response of the chain it ends,
         oldest first, its input items then its output items (a failed response's partial output
         is left out: the model never finished that turn). Instructions are not carried over.
 
+        The walk stops as soon as the estimated tokens of what it loaded, plus ``spent`` (the
+        rest of the request), reach ``budget`` (the model's context): the request could never
+        fit, so the rest of the chain is not read.
+
         Raises:
             Missing: a response of the chain is not found (the id named in it).
             ChainTooLong: the chain holds more than :data:`MAX_CHAIN` responses.
+            ContextTooLong: the chain and ``spent`` do not fit ``budget`` (at least its tokens).
         """
-        links: list[Stored] = []
+        links: list[list[dict[str, Any]]] = []
         current: str | None = response_id
         while current is not None:
             if len(links) == MAX_CHAIN:
                 raise ChainTooLong(response_id)
             stored = await self.load(user_id, current)
-            links.append(stored)
+            items = _items(stored)
+            links.append(items)
+            # A lower bound of what this link adds to the final estimate (billing's): one
+            # message's overhead less, as a turn may continue across two links.
+            messages, _ = wire.to_messages(items, "previous_response_id")
+            spent += max(0, estimate_prompt_tokens(messages) - MESSAGE_OVERHEAD)
+            if spent >= budget:
+                raise ContextTooLong(spent, budget - 1)
             current = stored.previous
-        items: list[dict[str, Any]] = []
-        for stored in reversed(links):
-            items += stored.input.items
-            if stored.response.get("status") != "failed":
-                output = stored.response.get("output")
-                items += output if isinstance(output, list) else []
-        messages, _ = wire.to_messages(items, "previous_response_id")
+        every = [item for items in reversed(links) for item in items]
+        messages, _ = wire.to_messages(every, "previous_response_id")
         return list(messages)
+
+
+def _items(stored: Stored) -> list[dict[str, Any]]:
+    """A link's part of the context: its input items, then its output unless it failed."""
+    items = list(stored.input.items)
+    if stored.response.get("status") != "failed":
+        output = stored.response.get("output")
+        items += output if isinstance(output, list) else []
+    return items
+
+
+_PREFIXES = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
 def _prefix(item: dict[str, Any]) -> str:
     kind = item.get("type", "message")
-    return {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}.get(kind, "msg")
+    # A string first: a client's list or object is no dict key (checked by wire before, still).
+    return _PREFIXES.get(kind, "msg") if isinstance(kind, str) else "msg"
 
 
 def _listed(item: dict[str, Any]) -> dict[str, Any]:

@@ -14,11 +14,21 @@ upstream would not know.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
 
-from core import ChatMessage, ChatRequest, InvalidBody, ToolCall, ToolCallDelta, Usage, decode_body
+from core import (
+    ChatMessage,
+    ChatRequest,
+    InvalidBody,
+    ProviderEvent,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    decode_body,
+)
 
 from ..wire import Invalid, missing, wrong_type
 
@@ -276,11 +286,14 @@ def to_messages(items: list[dict[str, Any]], where: str) -> tuple[tuple[ChatMess
         message = turn.message()
         if message is not None:
             out.append(message)
-            turn = _Turn()
+        # Always a fresh turn: reasoning that no turn took is dropped, not carried onto a later one.
+        turn = _Turn()
 
     for i, item in enumerate(items):
         at = f"{where}[{i}]"
         kind = item.get("type", "message")
+        if not isinstance(kind, str):
+            raise wrong_type(f"{at}.type", "a string", kind)
         if kind == "message":
             role = item.get("role")
             if role not in MESSAGE_ROLES:
@@ -344,6 +357,8 @@ def _content(value: Any, at: str) -> tuple[str | list[dict[str, Any]], str | Non
         if not isinstance(part, dict):
             raise wrong_type(where, "an object", part)
         kind = part.get("type")
+        if not isinstance(kind, str):  # checked first: a list or an object is no set member
+            raise wrong_type(f"{where}.type", "a string", kind)
         if kind in TEXT_PARTS:
             text = part.get("text")
             if not isinstance(text, str):
@@ -450,15 +465,33 @@ def _tool_choice(value: Any, tools: list[dict[str, Any]]) -> tuple[Any, list[dic
         if kind == "function" and isinstance(value.get("name"), str):
             return {"type": "function", "function": {"name": value["name"]}}, tools
         if kind == "allowed_tools" and isinstance(value.get("tools"), list):
-            names = {t.get("name") for t in value["tools"] if isinstance(t, dict)}
-            mode = value.get("mode", "auto")
-            return ("required" if mode == "required" else "auto"), [t for t in tools if t["name"] in names]
+            return _allowed_tools(value, tools)
     raise Invalid(
         "Invalid 'tool_choice': expected 'none', 'auto', 'required', "
         '{"type": "function", "name": ...} or {"type": "allowed_tools", ...}.',
         "tool_choice",
         "invalid_value",
     )
+
+
+def _allowed_tools(value: dict[str, Any], tools: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """``{"type": "allowed_tools", "mode": ..., "tools": [...]}``: the tools it names, the mode."""
+    names: set[str] = set()
+    for i, tool in enumerate(value["tools"]):
+        if not isinstance(tool, dict):
+            raise wrong_type(f"tool_choice.tools[{i}]", "an object", tool)
+        name = tool.get("name")
+        if not isinstance(name, str):  # checked before it is a set member (a list is unhashable)
+            raise wrong_type(f"tool_choice.tools[{i}].name", "a string", name)
+        names.add(name)
+    mode = value.get("mode", "auto")
+    if mode not in ("auto", "required"):
+        raise Invalid(
+            f"Invalid value for 'tool_choice.mode': expected 'auto' or 'required', got {mode!r}.",
+            "tool_choice.mode",
+            "invalid_value",
+        )
+    return mode, [t for t in tools if t["name"] in names]
 
 
 def _format(value: Any) -> dict[str, Any] | None:
@@ -604,6 +637,29 @@ def call_item(fid: str, call: ToolCallDelta, status: str) -> dict[str, Any]:
     }
 
 
+def gathered_calls(events: Iterable[ProviderEvent]) -> list[ToolCallDelta]:
+    """A whole reply's tool calls from its events, split as a stream renders them
+    (``events.ResponseEvents``): fragments of one ``index`` make one call, except that a new
+    ``id`` on an index starts a new call (an upstream that numbers every parallel call 0)."""
+    calls: list[tuple[ToolCallDelta, list[str]]] = []  # each call's first fields, its argument parts
+    latest: dict[int, int] = {}  # index -> position in calls
+    for event in events:
+        if type(event) is not ToolCallDelta:
+            continue
+        at = latest.get(event.index)
+        if at is not None:
+            call, parts = calls[at]
+            if not (event.id and call.id and event.id != call.id):
+                if not call.name and (event.id or event.name):  # a stream announces it with its name
+                    call = ToolCallDelta(event.index, id=call.id or event.id, name=event.name)
+                    calls[at] = (call, parts)
+                parts.append(event.arguments)
+                continue
+        latest[event.index] = len(calls)
+        calls.append((ToolCallDelta(event.index, id=event.id, name=event.name), [event.arguments]))
+    return [msgspec.structs.replace(call, arguments="".join(parts)) for call, parts in calls]
+
+
 FINISHED = {
     "stop": ("completed", None),
     "tool_calls": ("completed", None),
@@ -617,11 +673,13 @@ other (DeepSeek's ``insufficient_system_resource``) is a failed response."""
 def output_items(
     reasoning: str, content: str, calls: list[ToolCallDelta], status: str, summary: bool
 ) -> list[dict[str, Any]]:
-    """The output of a whole reply: its reasoning, its text, then its calls, in that order."""
+    """The output of a whole reply: its reasoning, its text, then its calls, in that order. A reply
+    with no text has no message item unless it has nothing at all (then one empty message), as a
+    streamed one (``events.ResponseEvents.finish``): reasoning alone is the reasoning item."""
     items = []
     if reasoning:
         items.append(reasoning_item(item_id("rs"), reasoning, summary))
-    if content or not calls:
+    if content or not (calls or reasoning):
         items.append(
             message_item(item_id("msg"), content, "incomplete" if status == "incomplete" else "completed")
         )
