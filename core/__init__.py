@@ -65,6 +65,7 @@ from .money import MAX_BALANCE, MICRO, format_amount, parse_amount
 from .pages import web_page
 from .plugin import NoOptions, Plugin
 from .provider import EmbeddingsUnsupported, Provider, complete
+from .reasoning import reasoning_fields, upstream_plugin
 from .records import (
     ApiKey,
     Conversation,
@@ -233,10 +234,12 @@ __all__ = [
     "normalize_email",
     "parse_amount",
     "read_body",
+    "reasoning_fields",
     "refuse_past",
     "request_headers",
     "send_answer",
     "start_stream",
+    "upstream_plugin",
     "url_credentials",
     "utcnow",
     "web_page",

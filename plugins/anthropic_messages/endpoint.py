@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 from litestar.types import HTTPScope, Receive, Scope, Send
 
 from core import (
     Answer,
+    AuthenticationFailed,
     BodyTooLarge,
     Caller,
     ChatRequest,
@@ -34,16 +36,19 @@ from core import (
     Route,
     Services,
     Timeout,
+    ToolCallDelta,
     Unauthenticated,
     Unavailable,
     UnknownModel,
     UnknownProvider,
+    UpstreamBalanceExhausted,
     estimate_request_tokens,
     json_answer,
     read_body,
     request_headers,
     send_answer,
     start_stream,
+    upstream_plugin,
 )
 
 from . import events, wire
@@ -66,11 +71,16 @@ def error(
     return json_answer(body, status, {"request-id": rid, **(headers or {})})
 
 
-def provider_error(exc: ProviderError) -> Answer:
-    """An upstream failure before anything was sent: the SDKs' retryable statuses stay retryable."""
+def provider_error(exc: ProviderError, charged: bool = False) -> Answer:
+    """An upstream failure before anything was sent to the client: the SDKs' retryable statuses stay
+    retryable, unless retrying cannot help (the operator's upstream key or balance) or the failed
+    reply was ``charged`` (it produced something first): a retry the client did not choose must not
+    make it pay twice, so ``x-should-retry: false``, which the SDKs obey before the status."""
     headers = {}
     if exc.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+    if charged or isinstance(exc, (AuthenticationFailed, UpstreamBalanceExhausted)):
+        headers["x-should-retry"] = "false"
     if isinstance(exc, RateLimited):
         return error(429, exc.message, headers)
     if isinstance(exc, Timeout):
@@ -171,8 +181,6 @@ class Endpoint:
             return error(413, f"The request body is larger than this server's limit of {self.limit} bytes.")
         try:
             body = wire.parse(raw, count=self.count)
-            stream = isinstance(body, wire.MessagesRequest) and body.stream
-            translated = wire.to_chat(body, stream=stream)
         except wire.Invalid as exc:
             return error(400, exc.message)
         try:
@@ -181,6 +189,17 @@ class Endpoint:
             return error(400, str(exc))
         except UnknownModel:
             return error(404, f"model: {body.model}")
+        if route.config.kind != "chat":
+            return error(
+                400,
+                f"model: '{body.model}' is an embedding model: it answers POST /v1/embeddings, not messages",
+            )
+        try:
+            stream = isinstance(body, wire.MessagesRequest) and body.stream
+            # The upstream's dialect decides how `thinking` is asked for (core.reasoning).
+            translated = wire.to_chat(body, stream=stream, plugin=upstream_plugin(route))
+        except wire.Invalid as exc:
+            return error(400, exc.message)
         if translated.image is not None and not route.config.vision:
             return error(
                 400,
@@ -198,7 +217,9 @@ class Messages(Endpoint):
     body and the limits have passed; a client that disconnects cancels the upstream
     request (what was produced is still charged, once); a stream waits for the
     upstream's first event, so a refusal still gets its status, and one that fails
-    after it began ends with an ``event: error``.
+    after it began ends with an ``event: error``; a whole reply that failed after it
+    produced something (charged) answers ``x-should-retry: false``, so no SDK pays
+    for it twice; a reply the upstream cut short but finished is a success.
     """
 
     async def reply(self, receive: Receive, send: Send, started: Started) -> None:
@@ -246,20 +267,19 @@ class Messages(Endpoint):
         try:
             await completion.result()
         except ProviderError as exc:
-            return await send_answer(send, provider_error(exc))
+            return await send_answer(send, provider_error(exc, charged(completion)))
         finish = completion.finish
         if finish is None:
             return None  # the client left; there is nobody to answer
-        if finish.reason == "insufficient_system_resource":
-            message = "The upstream's inference system ran out of resources and cut the reply short."
-            return await send_answer(send, error(529, message))
+        # Whatever the finish: a reply cut short (DeepSeek's insufficient_system_resource) is paid
+        # for, so the client gets it as a success (end_turn), as the chat surface passes it on.
+        calls: Sequence[ToolCallDelta] = completion.tool_calls
+        if calls:
+            # Core gathers calls by index; an upstream that reuses index 0 for every call needs
+            # the events themselves, all still waiting here (nothing took them from the queue).
+            calls = wire.gather_calls(completion.ready_events())
         body = wire.message_body(
-            completion.request.model,
-            completion.content,
-            completion.reasoning,
-            completion.tool_calls,
-            finish,
-            names,
+            completion.request.model, completion.content, completion.reasoning, calls, finish, names
         )
         await send_answer(send, json_answer(body, headers=headers))
 
@@ -275,7 +295,7 @@ class Messages(Endpoint):
         except TimeoutError:
             event, pending = None, True
         except ProviderError as exc:
-            return await send_answer(send, provider_error(exc))
+            return await send_answer(send, provider_error(exc, charged(completion)))
         await start_stream(send, headers)
         blocks = events.Blocks(completion.request.model, names)
         out = blocks.start(completion.prompt_tokens)
@@ -305,6 +325,12 @@ class Messages(Endpoint):
             if not blocks.finished:
                 out += events.error_event("api_error", "the upstream ended the reply without finishing it")
         await send({"type": "http.response.body", "body": out, "more_body": False})
+
+
+def charged(completion: Completion) -> bool:
+    """Whether a completion that failed is charged all the same: it produced something first."""
+    usage = completion.usage()
+    return usage.prompt_tokens > 0 or usage.completion_tokens > 0
 
 
 class CountTokens(Endpoint):

@@ -75,11 +75,13 @@ class Blocks:
     indices 0, 1, 2... and one is open at a time; nothing is lost: what comes
     while a tool_use block is open (another call's fragments, interleaved, or
     text) waits and is sent after it, each call whole, and a call's fragments
-    wait for its name; empty text never opens a block; the :class:`Finish` closes
-    the open block and renders ``message_delta`` (the real usage) and
-    ``message_stop``, or the error event of an upstream that gave up
-    (``insufficient_system_resource``). :attr:`finished` says whether the
-    stream has ended.
+    wait for its name; a fragment that brings a new id at the open call's index
+    is another call (:func:`wire.new_call`), in a block of its own; empty text
+    never opens a block; the :class:`Finish` closes the open block and renders
+    ``message_delta`` (the real usage) and ``message_stop``, whatever the finish
+    (an upstream that ran out of resources ends a reply it was paid for as
+    ``end_turn``, as the chat surface passes its finish on). :attr:`finished`
+    says whether the stream has ended.
     """
 
     __slots__ = (
@@ -107,7 +109,7 @@ class Blocks:
         self._prefix = b""  # the open block's delta event, up to its text
         self._thinking: list[str] = []  # the open thinking block's text, for its signature
         self._open_tool: int | None = None  # the upstream index of the open tool_use block
-        self.tools: set[int] = set()  # upstream indices with a tool_use block
+        self.tools: dict[int, ToolCallDelta] = {}  # the call each upstream index last had a block for
         self._held: list[ProviderEvent] = []  # what came while a tool_use block was open
         self._nameless: dict[int, ToolCallDelta] = {}  # a call's fragments before its name
         self.sent_tools = 0
@@ -138,7 +140,9 @@ class Blocks:
         """The events ``event`` makes."""
         if self._kind == _TOOL and not isinstance(event, Finish):
             if isinstance(event, ToolCallDelta) and event.index == self._open_tool:
-                return self._arguments(event.arguments)
+                if not wire.new_call(event, self.tools[event.index]):
+                    return self._arguments(event.arguments)
+                return self._next_call(event)
             # A tool_use block is open: anything else waits for it to close (at the finish),
             # so neither its arguments nor what came between are lost or interleaved.
             self._held.append(event)
@@ -166,14 +170,25 @@ class Blocks:
         k = part.index
         if k in self._nameless or part.name is None:
             waiting = self._nameless.pop(k, None)
+            if waiting is not None and wire.new_call(part, waiting):
+                log.warning("an upstream tool call never got its name; dropped")
+                waiting = None
             part = part if waiting is None else _merge(waiting, part)
             if part.name is None:
                 self._nameless[k] = part  # arguments before the name: the block needs the name first
                 return b""
-        if k in self.tools:  # cannot happen: a call's block stays open until the finish
+        if k in self.tools and not wire.new_call(part, self.tools[k]):
+            # Cannot happen: a call's block stays open until the finish or the next call at its index.
             log.warning("an upstream tool-call fragment came after its call's block closed; dropped")
             return b""
         return self._open_tool_block(part) + self._arguments(part.arguments)
+
+    def _next_call(self, part: ToolCallDelta) -> bytes:
+        """``part`` starts another call at the open call's index: the open call is whole, so its
+        block ends; what waited behind it came before ``part`` and goes first."""
+        out = self._close()
+        held, self._held = self._held, []
+        return out + b"".join([self.feed(event) for event in held]) + self.feed(part)
 
     def _arguments(self, fragment: str) -> bytes:
         if not fragment:
@@ -185,7 +200,7 @@ class Blocks:
         self.index += 1
         self._kind = _TOOL
         self._open_tool = part.index
-        self.tools.add(part.index)
+        self.tools[part.index] = part
         self.sent_tools += 1
         name = part.name or ""  # a call's block starts once it has its name
         name = self.names.get(name, name)
@@ -227,9 +242,6 @@ class Blocks:
             log.warning("an upstream tool call never got its name; dropped")
             self._nameless = {}
         self.finished = True
-        if finish.reason == "insufficient_system_resource":
-            message = "The upstream's inference system ran out of resources and cut the reply short."
-            return out + error_event("overloaded_error", message)
         stop = wire.stop_reason(finish.reason, self.sent_tools > 0)
         delta = {
             "type": "message_delta",

@@ -17,11 +17,22 @@ import binascii
 import hashlib
 import random
 import re
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-from core import ChatMessage, ChatRequest, Finish, ToolCall, ToolCallDelta, Usage
+from core import (
+    ChatMessage,
+    ChatRequest,
+    Finish,
+    ProviderEvent,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    reasoning_fields,
+)
+from core.reply import merge_tool_call
 
 # --- errors ---
 
@@ -311,9 +322,11 @@ class Translated(msgspec.Struct, frozen=True):
     names: dict[str, str] = {}
 
 
-def to_chat(body: CountRequest, *, stream: bool = False) -> Translated:
-    """``body`` as a :class:`ChatRequest` (research/dialects.md A.16); :class:`Invalid` when it
-    cannot be one (a final assistant turn: chat-completions upstreams have no prefill)."""
+def to_chat(body: CountRequest, *, stream: bool = False, plugin: str | None = None) -> Translated:
+    """``body`` as a :class:`ChatRequest` (research/dialects.md A.16) for an upstream of provider
+    ``plugin`` (:func:`core.reasoning.upstream_plugin`: it decides how ``thinking`` is asked for);
+    :class:`Invalid` when it cannot be one (a final assistant turn: chat-completions upstreams have
+    no prefill)."""
     messages: list[ChatMessage] = []
     image: str | None = None
     system = body.system
@@ -336,7 +349,7 @@ def to_chat(body: CountRequest, *, stream: bool = False) -> Translated:
             continue  # an empty final assistant turn asks for nothing
         messages.append(assistant)
     names = {upstream_tool_name(t.name): t.name for t in body.tools or () if len(t.name) > MAX_TOOL_NAME}
-    return Translated(_request(body, tuple(_merged(messages)), stream), image, names)
+    return Translated(_request(body, tuple(_merged(messages)), stream, plugin), image, names)
 
 
 def _user_turn(i: int, content: str | list[AnyBlock], messages: list[ChatMessage]) -> str | None:
@@ -426,8 +439,37 @@ def _merged(messages: list[ChatMessage]) -> list[ChatMessage]:
 _CHOICES: dict[str, str] = {"auto": "auto", "any": "required", "none": "none"}
 
 
-def _request(body: CountRequest, messages: tuple[ChatMessage, ...], stream: bool) -> ChatRequest:
-    extra: dict[str, Any] = {}
+def budget_effort(budget: int) -> str:
+    """A thinking ``budget_tokens`` as a reasoning effort: ``low`` below 4096, ``medium`` below
+    16384, ``high`` from there. Anthropic's least budget is 1024; Claude Code's three ("think"
+    4000, "think hard" 10000, "ultrathink" 31999) land on one effort each."""
+    if budget < 4096:
+        return "low"
+    return "medium" if budget < 16384 else "high"
+
+
+def thinking_fields(thinking: ThinkingConfig | None, plugin: str | None) -> dict[str, Any]:
+    """``thinking`` as the fields an upstream of provider ``plugin`` takes.
+
+    DeepSeek gets its own ``thinking`` switch (adaptive thinking is thinking), with the effort
+    of an enabled budget (:func:`core.reasoning.reasoning_fields`). Another upstream would
+    refuse that field (400): it gets ``reasoning_effort`` for an enabled budget, and nothing
+    for ``disabled`` or ``adaptive``, since chat-completions servers share no off switch (most
+    refuse ``reasoning_effort: "none"``) and adaptive thinking is what a model does unasked.
+    """
+    if thinking is None:
+        return {}
+    if thinking.type == "enabled" and thinking.budget_tokens is not None:
+        return reasoning_fields(budget_effort(thinking.budget_tokens), plugin)
+    if plugin != "deepseek":
+        return {}
+    return {"thinking": {"type": "disabled" if thinking.type == "disabled" else "enabled"}}
+
+
+def _request(
+    body: CountRequest, messages: tuple[ChatMessage, ...], stream: bool, plugin: str | None
+) -> ChatRequest:
+    extra = thinking_fields(body.thinking, plugin)
     tools = None
     if body.tools is not None:
         converted = []
@@ -452,11 +494,10 @@ def _request(body: CountRequest, messages: tuple[ChatMessage, ...], stream: bool
             tool_choice = {"type": "function", "function": {"name": upstream_tool_name(choice.name)}}
         else:
             tool_choice = _CHOICES[choice.type]
-        if choice.disable_parallel_tool_use:
+        if tools is None:
+            tool_choice = None  # about tools the request has none of: an upstream may refuse it (400)
+        elif choice.disable_parallel_tool_use:
             extra["parallel_tool_calls"] = False
-    if body.thinking is not None:
-        # DeepSeek's switch (no budget there); adaptive thinking is thinking.
-        extra["thinking"] = {"type": "disabled" if body.thinking.type == "disabled" else "enabled"}
     if not isinstance(body, MessagesRequest):
         return ChatRequest(
             model=body.model, messages=messages, tools=tools, tool_choice=tool_choice, extra=extra
@@ -518,11 +559,34 @@ def tool_input(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"raw_input": arguments}
 
 
+def new_call(part: ToolCallDelta, current: ToolCallDelta | None) -> bool:
+    """Whether fragment ``part`` starts another call than ``current``, the call last seen at its
+    index: it brings an id of its own (some OpenAI-compatible servers give every call index 0)."""
+    return current is not None and part.id is not None and current.id not in (None, part.id)
+
+
+def gather_calls(events: Iterable[ProviderEvent]) -> list[ToolCallDelta]:
+    """The whole calls in a reply's ``events``: fragments merged by index, in the order the calls
+    began, a fragment with a new id at a used index starting another call (:func:`new_call`)."""
+    calls: list[ToolCallDelta] = []
+    at: dict[int, int] = {}  # upstream index -> position in calls of the latest call there
+    for event in events:
+        if not isinstance(event, ToolCallDelta):
+            continue
+        i = at.get(event.index)
+        if i is None or new_call(event, calls[i]):
+            at[event.index] = len(calls)
+            calls.append(event)
+        else:
+            calls[i] = merge_tool_call(calls[i], event)
+    return calls
+
+
 def message_body(
     model: str,
     content: str,
     reasoning: str,
-    tool_calls: tuple[ToolCallDelta, ...],
+    tool_calls: Sequence[ToolCallDelta],
     finish: Finish,
     names: dict[str, str],
 ) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from core import (
     read_body,
     send_answer,
     start_stream,
+    upstream_plugin,
 )
 
 from ..answers import error, provider_error, rate_headers
@@ -168,7 +169,7 @@ class Responses:
         except UnknownModel:
             pass  # the body is checked first: a bad field is named before the model is refused
         try:
-            parsed = wire.parse_body(body, model, route.provider.name if route is not None else None)
+            parsed = wire.parse_body(body, model, upstream_plugin(route) if route is not None else None)
         except Invalid as exc:
             return error(400, exc.message, "invalid_request_error", exc.code, exc.param)
         if route is None:

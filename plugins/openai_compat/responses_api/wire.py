@@ -28,6 +28,7 @@ from core import (
     ToolCallDelta,
     Usage,
     decode_body,
+    reasoning_fields,
 )
 
 from ..wire import Invalid, missing, wrong_type
@@ -196,28 +197,6 @@ def parse_body(body: dict[str, Any], model: str, provider: str | None) -> Parsed
         image=image,
         summary=bool(summary),
     )
-
-
-def reasoning_fields(effort: str | None, provider: str | None) -> dict[str, Any]:
-    """``reasoning.effort`` as chat-completions fields.
-
-    OpenAI's chat API takes the same values as ``reasoning_effort``. DeepSeek takes
-    ``high`` and ``max`` (mapping ``low``/``medium`` to ``high`` and ``xhigh`` to ``max``
-    itself) and turns thinking on and off with ``thinking`` instead (wire-formats.md
-    1.2): ``none`` and ``minimal`` ask for (next to) no reasoning, which DeepSeek can
-    only give with thinking off; any other effort turns thinking on. A model alias's
-    ``extra_body`` still wins, as the operator's definition of the model.
-    """
-    if effort is None:
-        return {}
-    if provider != "deepseek":
-        return {"reasoning_effort": effort}
-    if effort in ("none", "minimal"):
-        return {"thinking": {"type": "disabled"}}
-    return {
-        "thinking": {"type": "enabled"},
-        "reasoning_effort": "max" if effort in ("xhigh", "max") else "high",
-    }
 
 
 def chat_request(parsed: Parsed, context: list[ChatMessage]) -> ChatRequest:
