@@ -8,7 +8,7 @@ from contextlib import aclosing
 from typing import Any
 
 from .errors import ProviderError
-from .provider import Provider
+from .provider import EmbeddingsUnsupported, Provider
 from .types import ChatRequest, EmbeddingRequest, Embeddings, ProviderEvent
 
 log = logging.getLogger("chatgate.fallbacks")
@@ -57,16 +57,21 @@ class Fallbacks(Provider):
                 )
 
     async def embed(self, request: EmbeddingRequest) -> Embeddings:
-        # The same rule as replies: the next instance only after a retryable failure.
-        last = len(self.chain) - 1
-        for position, provider in enumerate(self.chain):
+        # The same rule as replies: the next instance only after a retryable failure. A member
+        # without embeddings is skipped: it is a fallback for chat, not for vectors.
+        failure: ProviderError | None = None
+        for provider in self.chain:
             try:
                 return await provider.embed(request)
+            except EmbeddingsUnsupported as exc:
+                failure = failure or exc  # a retryable failure before it says more than this
             except ProviderError as exc:
-                if not exc.retryable or position == last:
+                if not exc.retryable:
                     raise
-                log.warning("provider %r failed to embed (%s); falling back", provider.instance, exc)
-        raise AssertionError("unreachable: the last instance's failure is raised")
+                log.warning("provider %r failed to embed (%s)", provider.instance, exc)
+                failure = exc
+        assert failure is not None  # a chain has at least one member
+        raise failure
 
     def models(self) -> Sequence[str]:
         return self.chain[0].models()

@@ -20,7 +20,9 @@ LedgerKind = Literal["charge", "topup", "reservation", "lease", "released", "adj
 """``reservation``: one request's worst case, held until it settles into a ``charge``.
 ``lease``: the worst case of up to ``requests`` requests of one key, held by one
 process, which admits them without a store call each; their ``charge`` entries
-draw on it, and what is left goes back to the balance when it is ``released``."""
+draw on it, and what is left goes back to the balance when it is ``released``.
+A reservation given back unsent and uncounted (one of OpenAI's ``n`` refused together) is
+``released`` too: the rate window does not count it."""
 
 
 def utcnow() -> datetime:

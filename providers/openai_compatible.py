@@ -484,14 +484,12 @@ class OpenAICompatibleProvider(Provider):
         message = choice.message
         assert message is not None
         events: list[ProviderEvent] = []
-        fingerprint = chunk.system_fingerprint
+        fingerprint = chunk.fingerprint()
         thought = message.reasoning_content or message.reasoning
         if thought:
             events.append(ReasoningDelta(thought, fingerprint))
         if message.content:
-            entries = choice.logprobs.content if choice.logprobs is not None else None
-            logprobs = tuple(entries) if entries is not None else None
-            events.append(ContentDelta(message.content, logprobs, fingerprint))
+            events.append(ContentDelta(message.content, choice.entries(), fingerprint))
         for position, call in enumerate(message.tool_calls or ()):
             function = call.function or FunctionPart()
             events.append(
@@ -689,8 +687,8 @@ class _Reply:
                 return events
             if chunk.usage:
                 self.usage = chunk.usage
-            if chunk.system_fingerprint is not None and chunk.system_fingerprint != self.fingerprint:
-                self.fingerprint = chunk.system_fingerprint  # one string for the reply's events
+            if (sent := chunk.fingerprint()) is not None and sent != self.fingerprint:
+                self.fingerprint = sent  # one string for the reply's events
             if not chunk.choices:
                 self.chunked = self.chunked or chunk.usage is not None
                 continue
@@ -705,9 +703,7 @@ class _Reply:
                     events.append(ReasoningDelta(thought, fingerprint))
                 if delta.content:
                     self._produced.append(delta.content)
-                    entries = choice.logprobs.content if choice.logprobs is not None else None
-                    logprobs = tuple(entries) if entries is not None else None
-                    events.append(ContentDelta(delta.content, logprobs, fingerprint))
+                    events.append(ContentDelta(delta.content, choice.entries(), fingerprint))
                 if delta.tool_calls:
                     for call in delta.tool_calls:
                         function = call.function or FunctionPart()

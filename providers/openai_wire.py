@@ -39,18 +39,21 @@ class Message(msgspec.Struct):
     tool_calls: list[ToolCallPart] | None = None
 
 
-class Logprobs(msgspec.Struct):
-    """A choice's ``logprobs``: the content tokens' entries, kept as the upstream wrote them."""
-
-    content: list[dict[str, Any]] | None = None
-
-
 class Choice(msgspec.Struct):
     index: int = 0
     delta: Message | None = None
     message: Message | None = None
     finish_reason: str | None = None
-    logprobs: Logprobs | None = None
+    # Any: optional extras an upstream may write its own way must not fail the chunk (see entries()).
+    logprobs: Any = None
+
+    def entries(self) -> tuple[dict[str, Any], ...] | None:
+        """The content tokens' logprob entries as the upstream wrote them (only the objects among
+        them); None when it sent none, or sent them in a shape that is not OpenAI's."""
+        content = self.logprobs.get("content") if isinstance(self.logprobs, dict) else None
+        if not isinstance(content, list):
+            return None
+        return tuple(entry for entry in content if isinstance(entry, dict))
 
 
 class Chunk(msgspec.Struct):
@@ -59,7 +62,11 @@ class Chunk(msgspec.Struct):
     choices: list[Choice] | None = None
     usage: dict[str, Any] | None = None
     error: Any = None
-    system_fingerprint: str | None = None
+    system_fingerprint: Any = None  # a string, if anything: see fingerprint()
+
+    def fingerprint(self) -> str | None:
+        """The upstream's ``system_fingerprint`` when it is a string (anything else is ignored)."""
+        return self.system_fingerprint if isinstance(self.system_fingerprint, str) else None
 
 
 class EmbeddingItem(msgspec.Struct):

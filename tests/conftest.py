@@ -89,6 +89,26 @@ async def settled(gateway: RunningGateway, user_id: int) -> list[LedgerEntry]:
             await asyncio.sleep(0.02)
 
 
+async def charges_settled(gateway: RunningGateway, user_id: int, count: int) -> list[LedgerEntry]:
+    """The user's charges once at least ``count`` are posted and no reservation is left unsettled
+    (settlement follows the answer closely, never before it)."""
+    async with asyncio.timeout(30):  # a bound for a stuck settlement, not a timing expectation
+        while True:
+            entries = await gateway.services.billing.store.list_ledger(user_id)
+            if not any(entry.kind == "reservation" for entry in entries):
+                charges = [entry for entry in entries if entry.kind == "charge"]
+                if len(charges) >= count:
+                    return charges
+            await asyncio.sleep(0.01)
+
+
+async def funded_key(gateway: RunningGateway, email: str = "api@example.com") -> tuple[str, int]:
+    """A new API key whose owner has 100 credits: its secret and the owner's id."""
+    key, secret = await gateway.services.accounts.create_key(email)
+    await gateway.services.billing.top_up(key.user_id, 100_000_000)
+    return secret, key.user_id
+
+
 @pytest.fixture
 async def gateway_factory() -> AsyncIterator[Callable[..., object]]:
     """Start gateways for a config file; every one is shut down at the end of the test."""

@@ -21,7 +21,16 @@ import msgspec
 
 from ..config import ModelConfig
 from ..errors import ContextTooLong, OutOfStanding
-from ..records import LedgerDraft, LedgerEntry, LedgerSettlement, Message, RateLimits, RateUse, UsageDay
+from ..records import (
+    LedgerDraft,
+    LedgerEntry,
+    LedgerKind,
+    LedgerSettlement,
+    Message,
+    RateLimits,
+    RateUse,
+    UsageDay,
+)
 from ..store import LeaseStore, Store
 from ..tokens import estimate_request_tokens, estimate_tokens
 from ..types import ChatRequest, Usage
@@ -371,12 +380,24 @@ class Billing:
         settlement = LedgerSettlement(amount=-cost, prompt_tokens=entry.prompt_tokens, outcome="abandoned")
         return await self.store.settle_ledger(entry.id, settlement)
 
-    async def release(self, reservation: Reservation) -> LedgerEntry | None:
-        """Give a reservation back untouched: the request never went upstream."""
+    async def release(self, reservation: Reservation, *, uncount: bool = False) -> LedgerEntry | None:
+        """Give a reservation back untouched: the request never went upstream.
+
+        With ``uncount``, the request stops counting against the key's rate limits too (its
+        entry becomes ``released``, which the rate window does not count; under a lease, its
+        place goes back to the lease): for a request refused before it was sent because
+        another reservation of the same call was (OpenAI's ``n``), which must not use up the
+        key's minute.
+        """
         if reservation.lease is not None:
+            if uncount:
+                assert self.leases is not None
+                self.leases.give_back(reservation.lease, reservation.prompt_tokens, reservation.worst_case)
+                return None
             self._charge_lease(reservation, 0, Usage(), "not_sent", None)
             return None
-        settlement = LedgerSettlement(amount=0, outcome="not_sent")
+        kind: LedgerKind = "released" if uncount else "charge"
+        settlement = LedgerSettlement(amount=0, kind=kind, outcome="not_sent")
         return await self.store.settle_ledger(reservation.entry.id, settlement)
 
     async def usage_by_day(

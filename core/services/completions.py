@@ -22,7 +22,7 @@ from collections import deque
 
 from ..records import LedgerEntry, RateLimits
 from ..reply import ReplyRun
-from ..types import ChatRequest, ProviderEvent
+from ..types import ChatRequest, ProviderEvent, Usage
 from .accounts import Caller
 from .billing import Billing, Reservation
 from .catalog import Route
@@ -38,8 +38,8 @@ class Completion(ReplyRun):
     :meth:`cancel` (a client gone) stops the upstream at once; the
     reservation is settled exactly once, with outcome ``complete``,
     ``error`` or ``cancelled``, charging the tokens produced and nothing for
-    a request that failed before producing any; a reply that passes the
-    output tokens reserved for it stops there, the upstream closed, and
+    a request that failed before producing any or that was waived (:meth:`waive`); a
+    reply that passes the output tokens reserved for it stops there, the upstream closed, and
     finishes as ``length``, charged the reservation. The reply so far is
     :attr:`content`, :attr:`reasoning`, :attr:`tool_calls` and :attr:`finish`.
     """
@@ -49,9 +49,20 @@ class Completion(ReplyRun):
     require_finish = False
 
     def __init__(
-        self, billing: Billing, route: Route, request: ChatRequest, reservation: Reservation
+        self,
+        billing: Billing,
+        route: Route,
+        request: ChatRequest,
+        reservation: Reservation,
+        *,
+        hold_settlement: bool = False,
     ) -> None:
         super().__init__(billing, route, request, reservation, time.monotonic())
+        # With hold_settlement, the reply settles only once charge() or waive() says how
+        # (the choices of one n > 1 reply: a refused reply costs nothing, whichever choice failed).
+        self._verdict: asyncio.Future[bool] | None = (
+            asyncio.get_running_loop().create_future() if hold_settlement else None
+        )
         self.use = reservation.use
         self._entry_id = reservation.entry.id
         self._ready: deque[ProviderEvent] = deque()  # produced, not yet taken by next_event
@@ -112,6 +123,24 @@ class Completion(ReplyRun):
         elif not self._ended:  # once the reply has ended, only its settlement is left: let it finish
             self._task.cancel()
 
+    def charge(self) -> None:
+        """Settle for what the reply produced (a held settlement's usual verdict; no-op otherwise
+        or once decided)."""
+        if self._verdict is not None and not self._verdict.done():
+            self._verdict.set_result(True)
+
+    def waive(self) -> None:
+        """Nothing of this reply reached the client (it got an error status for the request as a
+        whole): stop the reply and settle it at zero, whatever it produced.
+
+        Only a completion started with a held settlement (:meth:`Completions.start_many`) can
+        still be waived: another one may have settled already, and is left as it is. A no-op once
+        :meth:`charge` or :meth:`waive` decided.
+        """
+        if self._verdict is not None and not self._verdict.done():
+            self._verdict.set_result(False)
+            self.cancel()
+
     async def _run(self) -> None:
         self._begun = True
         try:
@@ -123,8 +152,15 @@ class Completion(ReplyRun):
             self._ended = True
             self._wake()
             self._end.set()
+        usage = self.usage()
+        if self._verdict is not None:
+            try:
+                if not await asyncio.shield(self._verdict):
+                    usage = Usage()  # waived: a refused request costs nothing
+            except asyncio.CancelledError:
+                pass  # shutting down before the answer was decided: charged what it produced
         try:
-            await self.settle(self.usage())
+            await self.settle(usage)
         except Exception:
             # The reservation stays held (the balance errs on the safe side); the log says which.
             log.exception("could not settle ledger entry %d", self._entry_id)
@@ -144,6 +180,8 @@ class Completions:
             task.cancel()
         if self._running:
             await asyncio.wait(self._running, timeout=10)
+        if self._releasing:  # reservations of refused n > 1 requests being given back
+            await asyncio.wait(self._releasing, timeout=10)
 
     async def start(
         self, caller: Caller, route: Route, request: ChatRequest, limits: RateLimits | None = None
@@ -165,12 +203,15 @@ class Completions:
         self, caller: Caller, route: Route, request: ChatRequest, count: int, limits: RateLimits | None = None
     ) -> list[Completion]:
         """``count`` completions of the same request (OpenAI's ``n``), each reserved, settled and
-        charged on its own ledger entry; all or none.
+        charged on its own ledger entry; all or none. Each settles only once the caller
+        decides with :meth:`Completion.charge` or :meth:`Completion.waive` (call one of them on
+        every completion, whatever happens: a ``finally``), so a reply refused as a whole costs
+        nothing even when some choices finished.
 
         Every reservation is made before any request goes upstream: when one is refused, the
         ones made before it are released untouched (nothing charged; their entries say
-        ``not_sent``) and its refusal is raised, so a caller whose balance or limits cannot
-        cover all ``count`` never starts some of them.
+        ``not_sent`` and no longer count against the key's limits) and its refusal is raised,
+        so a caller whose balance or limits cannot cover all ``count`` never starts some of them.
 
         Raises: what :meth:`start` raises.
         """
@@ -184,15 +225,17 @@ class Completions:
                 reservations.append(reservation)
         except BaseException:  # a refusal, or the client gone: give back what was held
             if reservations:
-                releases = asyncio.gather(*(self.billing.release(r) for r in reservations))
+                releases = asyncio.gather(*(self.billing.release(r, uncount=True) for r in reservations))
                 self._releasing.add(releases)
                 releases.add_done_callback(self._releasing.discard)
                 await asyncio.shield(releases)
             raise
-        return [self._begin(route, request, reservation) for reservation in reservations]
+        return [self._begin(route, request, r, hold_settlement=True) for r in reservations]
 
-    def _begin(self, route: Route, request: ChatRequest, reservation: Reservation) -> Completion:
-        completion = Completion(self.billing, route, request, reservation)
+    def _begin(
+        self, route: Route, request: ChatRequest, reservation: Reservation, *, hold_settlement: bool = False
+    ) -> Completion:
+        completion = Completion(self.billing, route, request, reservation, hold_settlement=hold_settlement)
         # Tracked until settled: answers no longer wait for the ledger, shutdown does.
         self._running.add(completion._task)
         completion._task.add_done_callback(self._running.discard)

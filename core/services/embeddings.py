@@ -2,7 +2,8 @@
 
 An embeddings request has no reply to stream and no output tokens: it reserves the
 estimated input tokens at the model's ``input_price`` (within the key's limits, as a
-reply is admitted), calls the provider once, and settles to the usage the provider
+reply is admitted; an upper bound: each text's UTF-8 bytes, at most the model's context),
+calls the provider once, and settles to the usage the provider
 reports (never above the reservation). The call and its settlement run in a task of
 their own, so a client that leaves cannot interrupt the bookkeeping.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
+import msgspec
 
 from ..errors import ProviderError, Unavailable
 from ..records import RateLimits, RateUse
@@ -24,9 +27,31 @@ from .catalog import Route
 log = logging.getLogger("chatgate.embeddings")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32: what ``encoding_format = "base64"`` can carry."""
+
+
 def input_tokens(item: str | tuple[int, ...]) -> int:
     """The estimated tokens of one input: a text's estimate, or a token array's length."""
     return len(item) if isinstance(item, tuple) else max(1, estimate_tokens(item))
+
+
+def reserved_tokens(item: str | tuple[int, ...], most: int) -> int:
+    """An upper bound of one input's tokens, to reserve: a token array's length, else the text's
+    UTF-8 bytes (byte-level BPE never makes more tokens than bytes), at most ``most`` (the
+    model's context, past which the upstream cannot take it)."""
+    if isinstance(item, tuple):
+        return len(item)
+    return max(1, min(len(item.encode("utf-8", "surrogatepass")), most))
+
+
+def _check(vectors: tuple[tuple[float, ...], ...], instance: str) -> None:
+    """Refuse a vector with a value no client can read (NaN, infinite, beyond float32)."""
+    for i, vector in enumerate(vectors):
+        if not all(-FLOAT32_MAX <= value <= FLOAT32_MAX for value in vector):  # False for NaN too
+            raise ProviderError(
+                f"provider {instance!r} answered vector {i} with a value that is not a finite float32"
+            )
 
 
 class Embedder:
@@ -35,7 +60,8 @@ class Embedder:
     Promises: nothing goes upstream before the key's limits and the balance admitted the
     request; every admitted request is settled exactly once: ``complete`` at the
     provider's usage (an estimate when it reports none, so no request is free),
-    ``error`` at nothing when the provider failed, ``cancelled`` at the input when the
+    ``error`` at nothing when the provider failed (or answered a vector with a value that is
+    not a finite float32), ``cancelled`` at the input when the
     gateway shut down mid-call.
     """
 
@@ -56,7 +82,8 @@ class Embedder:
             InsufficientBalance: the balance cannot cover the input; nothing went upstream.
             ProviderError: the provider failed; nothing was charged.
         """
-        prompt = sum(input_tokens(item) for item in request.inputs)
+        most = route.config.context_tokens
+        prompt = sum(reserved_tokens(item, most) for item in request.inputs)
         key_id = caller.key.id if caller.key is not None else None
         reservation = await self.billing.reserve_input(
             caller.user.id, route, prompt, key_id=key_id, limits=limits, balance=caller.user.balance
@@ -70,6 +97,8 @@ class Embedder:
     async def _run(self, route: Route, request: EmbeddingRequest, reservation: Reservation) -> Embeddings:
         started = time.monotonic()
         usage, outcome = Usage(), "error"
+        # What a call the upstream does not count is charged: the estimate, within the reservation.
+        estimated = min(reservation.prompt_tokens, sum(input_tokens(item) for item in request.inputs))
         try:
             result = await route.provider.embed(request)
             if len(result.vectors) != len(request.inputs):
@@ -77,9 +106,11 @@ class Embedder:
                     f"provider {route.provider.instance!r} answered {len(result.vectors)} vectors "
                     f"for {len(request.inputs)} inputs"
                 )
+            _check(result.vectors, route.provider.instance)
             usage, outcome = result.usage, "complete"
             if usage.prompt_tokens <= 0:  # an upstream that counts nothing must not make it free
-                usage = Usage(prompt_tokens=reservation.prompt_tokens, extra={"estimated": True})
+                usage = Usage(prompt_tokens=estimated, extra={"estimated": True})
+                result = msgspec.structs.replace(result, usage=usage)  # the client sees what it paid for
             return result
         except asyncio.CancelledError:
             usage, outcome = Usage(prompt_tokens=reservation.prompt_tokens), "cancelled"
@@ -97,6 +128,11 @@ class Embedder:
                 log.exception("could not settle ledger entry %d", reservation.entry.id)
 
     async def aclose(self) -> None:
-        """Wait (briefly) for the calls still running, so each is settled."""
+        """Wait (briefly) for the calls still running, then cancel what is left; each is settled
+        (a cancelled call at its input)."""
         if self._running:
             await asyncio.wait(self._running, timeout=10)
+        if running := set(self._running):
+            for task in running:
+                task.cancel()
+            await asyncio.wait(running, timeout=5)

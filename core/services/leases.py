@@ -98,8 +98,9 @@ class Leases:
     Promises: a request is admitted only within a lease the store admitted
     (or, when there is none to be had, by the store itself, one by one, with
     the store's own refusals); every admitted request ends in exactly one
-    charge entry; a lease is released only after all its charges are posted,
-    and every lease is released by :meth:`aclose`.
+    charge entry, or gives its place back to the lease (:meth:`give_back`, never sent);
+    a lease is released only after all its charges are posted, and every lease is
+    released by :meth:`aclose`.
     """
 
     def __init__(
@@ -260,6 +261,19 @@ class Leases:
         lease.pending.append(charge)
         lease.pending_tokens += counted_tokens
         self._dirty.add(lease)
+        if lease.in_flight == 0 and not lease.retired:
+            lease.idle_timer = asyncio.get_running_loop().call_later(self.idle, self._idle, lease)
+        self._flush_soon()
+
+    def give_back(self, lease: Lease, prompt_tokens: int, worst_case: int) -> None:
+        """A request admitted under ``lease`` never went upstream: its place (one request, its
+        prompt's tokens, its worst case) goes back to the lease, to admit another request or to be
+        taken out of the key's rate window when the lease is released. No charge is posted for it."""
+        lease.in_flight -= 1
+        lease.requests += 1
+        lease.tokens += prompt_tokens
+        lease.amount += worst_case
+        self._dirty.add(lease)  # a retired lease is released once nothing runs under it
         if lease.in_flight == 0 and not lease.retired:
             lease.idle_timer = asyncio.get_running_loop().call_later(self.idle, self._idle, lease)
         self._flush_soon()

@@ -913,6 +913,19 @@ class StoreConformance(OpensStores):
         await store.admit(reservation(user, key_id), limits)
 
     @pytest.mark.asyncio
+    async def test_a_reservation_released_unsent_leaves_the_minute(self, store: Store) -> None:
+        # Billing.release(uncount=True): one of OpenAI's n given back because a sibling was refused.
+        user, key_id = await self.keyed_user(store)
+        limits = RateLimits(requests_per_minute=1, tokens_per_minute=20)
+        entry, _ = await store.admit(reservation(user, key_id, prompt_tokens=20), limits)
+        released = await store.settle_ledger(
+            entry.id, LedgerSettlement(amount=0, kind="released", outcome="not_sent")
+        )
+        assert (released.kind, released.amount, released.outcome) == ("released", 0, "not_sent")
+        _, use = await store.admit(reservation(user, key_id, prompt_tokens=20), limits)
+        assert (use.requests, use.tokens) == (1, 20)  # only the one just admitted
+
+    @pytest.mark.asyncio
     async def test_admit_still_checks_the_balance(self, store: Store) -> None:
         user, key_id = await self.keyed_user(store, balance=15)
         await store.admit(reservation(user, key_id, amount=10), RateLimits())

@@ -93,6 +93,17 @@ class EmailSocketSurface(Surface):
                     )
                 ]
             )
+        if config.models[options.model].kind != "chat":
+            raise ConfigError(
+                [
+                    Problem(
+                        file=str(config.path),
+                        key="surfaces.email_socket.model",
+                        expected='a chat model (its [models] table sets kind = "chat")',
+                        found=f"{options.model!r}, an embedding model",
+                    )
+                ]
+            )
         chats = Chats(services, options)
         return [
             Router(

@@ -8,7 +8,9 @@ documents no ``n`` at all. Streamed, the choices' chunks interleave as they come
 ``index``, after every choice's role chunk in ascending order (the openai SDK's stream helper
 appends a choice at its first chunk); ``include_usage`` gets one usage chunk, summed over the
 choices, after all of them finished. A choice that fails ends the whole reply (a status code
-before the stream began, an error event after) and stops the others; each is charged what it
+before the stream began, an error event after) and stops the others. Answered with an error
+status, no choice is charged (a refused request costs nothing, even its choices that finished:
+they settle only once the answer is decided); after the stream began, each is charged what it
 produced, as a single reply would be.
 """
 
@@ -32,7 +34,7 @@ from core import (
 
 from . import wire
 from .answers import provider_error, stream_error
-from .chunks import cancel_all, opening, render, whole_extras
+from .chunks import cancel_all, charge_all, opening, render, waive_all, whole_extras
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -44,7 +46,16 @@ Item = tuple[int, ProviderEvent | ProviderError | None]
 async def whole(
     send: Send, completions: list[Completion], parsed: wire.Parsed, headers: dict[str, str]
 ) -> None:
-    """Answer every choice in one ``chat.completion``, or the first failure's status."""
+    """Answer every choice in one ``chat.completion``, or the first failure's status (all free)."""
+    try:
+        await _whole(send, completions, parsed, headers)
+    finally:
+        charge_all(completions)  # every choice not waived: it was answered, or the client left
+
+
+async def _whole(
+    send: Send, completions: list[Completion], parsed: wire.Parsed, headers: dict[str, str]
+) -> None:
     waits = [asyncio.ensure_future(c.result()) for c in completions]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
@@ -53,7 +64,7 @@ async def whole(
             wait.cancel()
     for wait in waits:
         if wait.done() and not wait.cancelled() and isinstance(failure := wait.exception(), ProviderError):
-            cancel_all(completions)
+            waive_all(completions)  # a refused request costs nothing, even its choices that finished
             return await send_answer(send, provider_error(failure))
     if any(c.finish is None for c in completions):
         return None  # the client left; there is nobody to answer
@@ -106,6 +117,7 @@ async def stream(
     finally:
         for reader in readers:
             reader.cancel()
+        charge_all(completions)  # every choice not waived: the stream began, or the client left
 
 
 async def _stream(
@@ -130,7 +142,7 @@ async def _stream(
             break  # slow to start: answer now, and keep the connection alive meanwhile
         index, what = item
         if isinstance(what, ProviderError):
-            cancel_all(completions)
+            waive_all(completions)  # answered with a status: nothing delivered, nothing charged
             return await send_answer(send, provider_error(what))
         items.append(item)
         heard.add(index)

@@ -70,3 +70,16 @@ def cancel_all(completions: list[Completion]) -> None:
     """Stop every choice (the client is gone); what each produced is still charged."""
     for completion in completions:
         completion.cancel()
+
+
+def waive_all(completions: list[Completion]) -> None:
+    """The client gets an error status for the whole reply: stop every choice, none charged."""
+    for completion in completions:
+        completion.waive()
+
+
+def charge_all(completions: list[Completion]) -> None:
+    """Settle every choice not waived for what it produced (something of the reply was delivered,
+    or the client left)."""
+    for completion in completions:
+        completion.charge()

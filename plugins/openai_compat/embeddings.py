@@ -11,6 +11,7 @@ go back as floats, or as base64 of little-endian float32 when ``encoding_format`
 from __future__ import annotations
 
 import base64
+import logging
 import struct
 from typing import Any
 
@@ -39,6 +40,8 @@ from .answers import error, provider_error, rate_headers, rate_limited
 from .options import Options
 from .responses import respond
 from .wire import Invalid, missing, wrong_type
+
+log = logging.getLogger("chatgate.openai_compat")
 
 MAX_INPUTS = 2048
 """The most inputs one request may embed (OpenAI's bound)."""
@@ -169,6 +172,16 @@ def embeddings_route(embedder: Embedder) -> HTTPRouteHandler:
         services: NamedDependency[Services],
         options: NamedDependency[Options],
         caller: NamedDependency[Caller],
+    ) -> Response[bytes]:
+        try:
+            return await answer(request, services, options, caller)
+        except Exception as exc:  # OpenAI's error body even for what nobody foresaw
+            log.exception("POST /v1/embeddings failed")
+            message = f"chatgate failed to answer ({type(exc).__name__}); see its log."
+            return respond(error(500, message, "server_error", None))
+
+    async def answer(
+        request: Request[Any, Any, Any], services: Services, options: Options, caller: Caller
     ) -> Response[bytes]:
         try:
             parsed = parse(await request.body())

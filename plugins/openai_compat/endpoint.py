@@ -45,7 +45,7 @@ from core import (
 
 from . import choices, wire
 from .answers import error, provider_error, rate_headers, rate_limited, stream_error
-from .chunks import cancel_all, opening, render, whole_extras
+from .chunks import cancel_all, charge_all, opening, render, whole_extras
 
 if TYPE_CHECKING:
     from .options import Options
@@ -97,10 +97,19 @@ async def start_completions(
     param: str = "messages",
 ) -> list[Completion] | Answer:
     """Reserve and start ``count`` completions of ``request`` (all or none: see
-    :meth:`~core.services.completions.Completions.start_many`), or the refusal in OpenAI's shape."""
+    :meth:`~core.services.completions.Completions.start_many`), or the refusal in OpenAI's shape
+    (an embedding model's too: every surface that starts completions here chats)."""
+    if route.config.kind != "chat":
+        message = (
+            f"The model '{request.model}' is an embedding model: it answers POST /v1/embeddings, "
+            "not chat completions."
+        )
+        return error(400, message, "invalid_request_error", "model_not_supported", "model")
     try:
         if count == 1:
             return [await services.completions.start(caller, route, request, limits)]
+        if (never := never_admitted(services, route, request, limits, count)) is not None:
+            return never
         return await services.completions.start_many(caller, route, request, count, limits)
     except RateLimitExceeded as exc:
         return rate_limited(exc, limits)
@@ -118,6 +127,30 @@ async def start_completions(
             f"Please reduce the length of the {param}."
         )
         return error(400, message, "invalid_request_error", "context_length_exceeded", param)
+
+
+def never_admitted(
+    services: Services, route: Route, request: ChatRequest, limits: RateLimits, count: int
+) -> Answer | None:
+    """A 400 naming ``n`` and the limit when ``count`` choices could never be admitted together
+    under the key's ``limits`` (retrying would not help, so it is no 429); else None.
+
+    Raises: ContextTooLong (the prompt cannot fit the model).
+    """
+    prompt = services.billing.prompt_tokens(route, request)
+    for name, limit, each in (
+        ("concurrent_requests", limits.concurrent_requests, 1),
+        ("requests_per_minute", limits.requests_per_minute, 1),
+        ("tokens_per_minute", limits.tokens_per_minute, prompt),
+    ):
+        if limit is not None and count * each > limit:
+            per = "" if each == 1 else f" of about {each} tokens each"
+            message = (
+                f"n = {count} choices{per} can never be admitted together: this API key's "
+                f"{name} is {limit}. Ask for fewer choices."
+            )
+            return error(400, message, "invalid_request_error", "n_above_limit", "n")
+    return None
 
 
 class ChatCompletions:
@@ -166,6 +199,7 @@ class ChatCompletions:
                 await self.whole(send, completions[0], parsed, headers)
         finally:
             watch.cancel()
+            charge_all(completions)  # n > 1: a settlement no one decided (a failure here) is charged
 
     async def start(
         self, scope: Scope, receive: Receive
@@ -200,12 +234,6 @@ class ChatCompletions:
                 f"vision = true); remove the image part at '{image}'."
             )
             return error(400, message, "invalid_request_error", "image_not_supported", image)
-        if route.config.kind != "chat":
-            message = (
-                f"The model '{parsed.request.model}' is an embedding model: it answers POST /v1/embeddings, "
-                "not chat completions."
-            )
-            return error(400, message, "invalid_request_error", "model_not_supported", "model")
         limits = self.options.limits_for(caller.key)
         completions = await start_completions(services, caller, route, parsed.request, limits, count=parsed.n)
         if isinstance(completions, Answer):

@@ -85,6 +85,9 @@ def _problems(options: Options, services: Services) -> list[Problem]:
             if entry.model not in config.models:
                 known = ", ".join(sorted(config.models)) or "none configured"
                 problem(f"series.{i}.models.{j}.model", f"a model of [models] ({known})", repr(entry.model))
+            elif config.models[entry.model].kind != "chat":
+                expected = 'a chat model (its [models] table sets kind = "chat")'
+                problem(f"series.{i}.models.{j}.model", expected, f"{entry.model!r}, an embedding model")
             if entry.provider is not None and entry.provider not in providers:
                 known = ", ".join(sorted(providers))
                 problem(

@@ -142,3 +142,22 @@ async def test_a_lease_retired_with_requests_running_holds_only_those(store: Sql
     assert [e.kind for e in entries].count("lease") == 0
     assert [e.kind for e in entries].count("released") == 2
     assert sum(e.amount for e in entries) == 10**9 - 2 * 7 - 10  # and the reservation
+
+
+async def test_a_request_given_back_unsent_leaves_the_keys_minute(store: SqliteStore) -> None:
+    # One of OpenAI's n choices admitted under a lease, then given back because a sibling was
+    # refused: once the lease is released, the key's minute must not count it.
+    user, key_id = await keyed(store)
+    leases = Leases(store, idle=0.05, batch_delay=0.0)
+    leased = await leases.admit(request(user, key_id, 10), RateLimits(requests_per_minute=32), 10)
+    assert leased is not None
+    lease, _ = leased
+    leases.give_back(lease, prompt_tokens=5, worst_case=10)
+    async with asyncio.timeout(5):
+        while [e.kind for e in await ledger(store, user) if e.kind != "topup"] != ["released"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    assert (await store.get_user(user.id)).balance == 10**9  # nothing charged, no charge entry
+    # The window is empty: a limit of one request a minute still admits one.
+    entry, _ = await store.admit(request(user, key_id, 10), RateLimits(requests_per_minute=1))
+    assert entry.kind == "reservation"
+    await leases.aclose()

@@ -35,7 +35,7 @@ from core import (
 )
 from core.testing.fake_upstream import FakeUpstream, Scenario, ToolCallSpec
 from plugins.anthropic_messages import events, wire
-from tests.conftest import PRICED_MODELS, RunningGateway, deepseek_config
+from tests.conftest import PRICED_MODELS, RunningGateway, charges_settled, deepseek_config, funded_key
 
 # deepseek-v4-flash is not an alias: the request's own `thinking` reaches the upstream.
 V4 = """
@@ -83,9 +83,7 @@ class Client:
 
 async def start_client(gateway_factory: Callable[..., Any], config: Path) -> Client:
     gateway: RunningGateway = await gateway_factory(config)
-    key, secret = await gateway.services.accounts.create_key("claude@example.com")
-    await gateway.services.billing.top_up(key.user_id, 100_000_000)
-    return Client(gateway, secret, key.user_id)
+    return Client(gateway, *await funded_key(gateway, "claude@example.com"))
 
 
 @pytest.fixture
@@ -101,15 +99,8 @@ async def client(
 
 
 async def settled(client: Client, count: int) -> list[LedgerEntry]:
-    """The charges once ``count`` requests have settled (settlement follows the answer closely)."""
-    async with asyncio.timeout(10):  # a bound for a stuck settlement, not a timing expectation
-        while True:
-            entries = await client.ledger()
-            if not any(e.kind == "reservation" for e in entries):
-                charges = [e for e in entries if e.kind == "charge"]
-                if len(charges) >= count:
-                    return charges
-            await asyncio.sleep(0.01)
+    """The charges once ``count`` requests have settled."""
+    return await charges_settled(client.gateway, client.user_id, count)
 
 
 def sse(text: str) -> list[tuple[str | None, dict[str, Any]]]:

@@ -11,7 +11,7 @@ import math
 import shutil
 import struct
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,10 @@ import httpx
 import openai
 import pytest
 
-from core import RateLimits
+from core import EmbeddingRequest, Embeddings, RateLimits, Usage
+from core.app import create_app
+from core.config import load_config
+from core.errors import ConfigError
 from core.testing.fake_upstream import FakeUpstream, Scenario
 from tests.conftest import FAKE_DEEPSEEK_KEY, PRICED_MODELS, RunningGateway, deepseek_config
 from tests.conftest import settled as settled_ledger
@@ -349,3 +352,152 @@ async def test_langchain_openai_embeddings(caller: Caller) -> None:
     assert len(vectors) == 2
     assert len(vectors[0]) == 256
     assert all(abs(a - b) < 1e-6 for a, b in zip(vectors[0], query, strict=True))
+
+
+# --- the reservation, the provider's answer, the client leaving (a provider replaced in-process) ---
+
+
+def replace_embed(caller: Caller, embed: Callable[[EmbeddingRequest], Awaitable[Embeddings]]) -> None:
+    route = caller.gateway.services.catalog.route("mock-embedding", None)
+    route.provider.embed = embed  # type: ignore[method-assign]
+
+
+async def test_the_reservation_is_an_upper_bound_and_caps_an_over_reporting_upstream(caller: Caller) -> None:
+    async def embed(request: EmbeddingRequest) -> Embeddings:
+        return Embeddings(tuple((1.0, 0.0) for _ in request.inputs), Usage(prompt_tokens=1_000_000))
+
+    replace_embed(caller, embed)
+    before = await caller.balance()
+    response = await caller.post(
+        {"model": "mock-embedding", "input": "héllo world", "encoding_format": "float"}
+    )
+    assert response.status_code == 200
+    (charge,) = await caller.charges(1)
+    # Reserved: the text's 12 UTF-8 bytes (no more tokens than bytes); charged no more than that.
+    assert charge.amount == -12 * 1000
+    assert await caller.balance() == before - 12 * 1000
+
+
+async def test_an_upstream_counting_nothing_shows_the_client_what_it_paid_for(caller: Caller) -> None:
+    async def embed(request: EmbeddingRequest) -> Embeddings:
+        return Embeddings(tuple((1.0, 0.0) for _ in request.inputs), Usage())
+
+    replace_embed(caller, embed)
+    response = await caller.post(
+        {"model": "mock-embedding", "input": "some words here", "encoding_format": "float"}
+    )
+    (charge,) = await caller.charges(1)
+    assert charge.prompt_tokens > 0
+    assert response.json()["usage"]["prompt_tokens"] == charge.prompt_tokens
+    assert charge.amount == -1000 * charge.prompt_tokens
+
+
+@pytest.mark.parametrize("value", [1e300, math.inf, math.nan])
+async def test_a_vector_no_client_can_read_is_a_502_charged_nothing(caller: Caller, value: float) -> None:
+    async def embed(request: EmbeddingRequest) -> Embeddings:
+        return Embeddings(tuple((value, 0.0) for _ in request.inputs), Usage(prompt_tokens=3))
+
+    replace_embed(caller, embed)
+    before = await caller.balance()
+    response = await caller.post({"model": "mock-embedding", "input": "hello", "encoding_format": "base64"})
+    assert response.status_code == 502
+    assert "finite float32" in response.json()["error"]["message"]
+    (entry,) = await caller.charges(1)
+    assert (entry.amount, entry.outcome) == (0, "error")
+    assert await caller.balance() == before
+
+
+async def test_an_unexpected_failure_answers_openais_error_body(caller: Caller) -> None:
+    services = caller.gateway.services
+    original = services.catalog.route
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom")
+
+    services.catalog.route = broken  # type: ignore[method-assign]
+    try:
+        response = await caller.post({"model": "mock-embedding", "input": "hello"})
+    finally:
+        services.catalog.route = original  # type: ignore[method-assign]
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error"
+
+
+class Held:
+    """A provider call that waits until the test lets it answer."""
+
+    def __init__(self, caller: Caller) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls = 0
+        replace_embed(caller, self.embed)
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        self.calls += 1
+        self.started.set()
+        await self.release.wait()
+        return Embeddings(tuple((1.0, 0.0) for _ in request.inputs), Usage(prompt_tokens=2))
+
+
+async def test_a_client_leaving_mid_call_still_settles_it_once(caller: Caller) -> None:
+    held = Held(caller)
+    call = asyncio.ensure_future(caller.post({"model": "mock-embedding", "input": "hello"}))
+    async with asyncio.timeout(5):
+        await held.started.wait()
+    call.cancel()  # the client hangs up
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    held.release.set()
+    (charge,) = await caller.charges(1)
+    assert (charge.outcome, charge.amount, charge.prompt_tokens) == ("complete", -2000, 2)
+
+
+async def test_concurrent_requests_and_tokens_per_minute_hold_for_embeddings(caller: Caller) -> None:
+    key = await caller.gateway.services.accounts.authenticate_headers(
+        {"authorization": f"Bearer {caller.key}"}
+    )
+    assert key.key is not None
+    services = caller.gateway.services
+    await services.accounts.set_limits(key.key.id, RateLimits(concurrent_requests=1))
+    held = Held(caller)
+    first = asyncio.ensure_future(caller.post({"model": "mock-embedding", "input": "one"}))
+    async with asyncio.timeout(5):
+        await held.started.wait()
+    second = await caller.post({"model": "mock-embedding", "input": "two"})
+    assert second.status_code == 429
+    assert "concurrent" in second.json()["error"]["message"]
+    held.release.set()
+    assert (await first).status_code == 200
+    assert held.calls == 1
+    # 15 bytes reserve 15 tokens (settled at the 2 the provider counts); then 19 more pass 20.
+    await services.accounts.set_limits(key.key.id, RateLimits(tokens_per_minute=20))
+    assert (await caller.post({"model": "mock-embedding", "input": "x" * 15})).status_code == 200
+    refused = await caller.post({"model": "mock-embedding", "input": "y" * 19})
+    assert refused.status_code == 429
+    assert held.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("surface", "key"),
+    [
+        ('[surfaces.email_socket]\nmodel = "mock-embedding"\n', "surfaces.email_socket.model"),
+        (
+            '[surfaces.topic_chat]\n[[surfaces.topic_chat.series]]\nid = 1\nname = "Vectors"\n'
+            '[[surfaces.topic_chat.series.models]]\nid = 1\nmodel = "mock-embedding"\n',
+            "surfaces.topic_chat.series.0.models.0.model",
+        ),
+    ],
+)
+async def test_a_surface_that_would_chat_with_an_embedding_model_is_a_configuration_error(
+    fake_deepseek: FakeUpstream, write_config: Callable[..., Path], surface: str, key: str
+) -> None:
+    head = surface.split("\n", 1)[0] + "\n"
+    config = write_config(
+        deepseek_config(fake_deepseek.url) + PRICED_MODELS + EMBEDDINGS.format(url=fake_deepseek.url),
+        replace={head: surface},
+    )
+    with pytest.raises(ConfigError) as caught:
+        create_app(load_config(config))
+    (problem,) = caught.value.problems
+    assert problem.key == key
+    assert "embedding model" in problem.found

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from core.testing.fake_upstream import FINGERPRINT, FakeUpstream, Scenario
+from providers.openai_wire import decode_chunk
 from tests.conftest import PRICED_MODELS, RunningGateway, deepseek_config
 from tests.plugins.test_openai_chat import Client, settled
 
@@ -219,3 +220,33 @@ async def _mock_logprobs(client: Client) -> None:
         for t in (choice["logprobs"] or {}).get("content", [])
     ]
     assert "".join(tokens) == first["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("logprobs", "fingerprint", "entries", "kept"),
+    [
+        (
+            {"content": [{"token": "Hi", "logprob": -0.1}, "junk", 3]},
+            "fp_1",
+            ({"token": "Hi", "logprob": -0.1},),
+            "fp_1",
+        ),
+        ({"content": None, "refusal": None}, 42, None, None),
+        ([1, 2], {"not": "a string"}, None, None),
+        ("nonsense", None, None, None),
+        ({"content": "not a list"}, ["fp"], None, None),
+    ],
+)
+def test_an_upstreams_nonconforming_logprobs_or_fingerprint_do_not_fail_the_chunk(
+    logprobs: Any, fingerprint: Any, entries: Any, kept: Any
+) -> None:
+    # Before, a chunk whose optional extras were not OpenAI's shape failed to decode (the whole
+    # reply failed); now only the parts that are OpenAI's shape are kept.
+    raw = {
+        "choices": [{"index": 0, "delta": {"content": "Hi"}, "logprobs": logprobs}],
+        "system_fingerprint": fingerprint,
+    }
+    chunk = decode_chunk(json.dumps(raw).encode())
+    assert chunk.choices is not None
+    assert chunk.choices[0].entries() == entries
+    assert chunk.fingerprint() == kept

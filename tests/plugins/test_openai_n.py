@@ -123,7 +123,10 @@ async def _refused_then_one_fits(
     assert "n = 2" in str(caught.value)
     assert fake_deepseek.requests == []
     ledger = await settled_ledger(client.gateway, user_id)
-    assert [(e.kind, e.amount, e.outcome) for e in ledger if e.kind != "topup"] == [("charge", 0, "not_sent")]
+    # Given back unsent and uncounted: "released" does not count in the key's rate window.
+    assert [(e.kind, e.amount, e.outcome) for e in ledger if e.kind != "topup"] == [
+        ("released", 0, "not_sent")
+    ]
     assert (await client.gateway.services.accounts.get_user(user_id)).balance == 300_000
     # One choice fits.
     answer = await poor.sdk.chat.completions.create(model="deepseek-chat", messages=HI, n=1, max_tokens=100)
@@ -138,9 +141,14 @@ async def test_a_concurrency_limit_below_n_refuses_before_anything_goes_upstream
     )
     assert key.key is not None
     await client.gateway.services.accounts.set_limits(key.key.id, RateLimits(concurrent_requests=2))
-    with pytest.raises(openai.RateLimitError):
+    # It could never be admitted: a 400 naming n and the limit (a 429 would be retried for ever).
+    with pytest.raises(openai.BadRequestError) as caught:
         await client.sdk.chat.completions.create(model="deepseek-chat", messages=HI, n=3)
+    assert caught.value.code == "n_above_limit"
+    assert "concurrent_requests is 2" in str(caught.value)
+    assert (caught.value.body or {}).get("param") == "n"  # type: ignore[union-attr]
     assert fake_deepseek.requests == []
+    assert [e for e in await client.ledger() if e.kind != "topup"] == []  # nothing reserved
     before = await client.balance()
     answer = await client.sdk.chat.completions.create(model="deepseek-chat", messages=HI, n=2)
     assert len(answer.choices) == 2
@@ -160,6 +168,62 @@ async def test_a_choice_refused_upstream_fails_the_reply_and_stops_the_others(
     assert len(charges) == 2
     assert {c.outcome for c in charges} <= {"error", "cancelled"}
     assert all(c.completion_tokens < 200 for c in charges)
+    assert [c.amount for c in charges] == [0, 0]  # a refused request costs nothing
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_refused_reply_charges_nothing_for_a_choice_that_finished(
+    client: Client, fake_deepseek: FakeUpstream, stream: bool
+) -> None:
+    # The first choice finishes (5 tokens) well before the second is refused: the client gets a 429
+    # all the same, so neither is charged (before the fix the finished one was).
+    fake_deepseek.script(Scenario(tokens=5), Scenario(status=429, retry_after="1", delay=0.3))
+    response = await client.post({"model": "deepseek-chat", "messages": HI, "n": 2, "stream": stream})
+    assert response.status_code == 429
+    charges = await settled(client, 2)
+    # Whether the first had finished (outcome "complete") or was stopped by the refusal, it is free.
+    assert [c.amount for c in charges] == [0, 0]
+    assert await client.balance() == 100_000_000
+
+
+async def test_n_above_requests_per_minute_or_tokens_per_minute_is_a_400_naming_n(
+    client: Client, fake_deepseek: FakeUpstream
+) -> None:
+    key = await client.gateway.services.accounts.authenticate_headers(
+        {"authorization": f"Bearer {client.key}"}
+    )
+    assert key.key is not None
+    for limits, named in (
+        (RateLimits(requests_per_minute=2), "requests_per_minute is 2"),
+        (RateLimits(tokens_per_minute=20), "tokens_per_minute is 20"),
+    ):
+        await client.gateway.services.accounts.set_limits(key.key.id, limits)
+        response = await client.post({"model": "deepseek-chat", "messages": HI, "n": 3})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "n"
+        assert named in response.json()["error"]["message"]
+    assert fake_deepseek.requests == []
+    assert [e for e in await client.ledger() if e.kind != "topup"] == []
+
+
+async def test_reservations_given_back_for_a_refused_n_do_not_use_up_the_minute(
+    client: Client, fake_deepseek: FakeUpstream
+) -> None:
+    key, secret = await client.gateway.services.accounts.create_key("tight@example.com")
+    await client.gateway.services.accounts.set_limits(key.id, RateLimits(requests_per_minute=3))
+    await client.gateway.services.billing.top_up(key.user_id, 300_000)  # covers one choice of 100 tokens
+    tight = Client(client.gateway, secret, key.user_id)
+    try:
+        with pytest.raises(openai.PermissionDeniedError):
+            await tight.sdk.chat.completions.create(model="deepseek-chat", messages=HI, n=2, max_tokens=100)
+        await client.gateway.services.billing.top_up(key.user_id, 10_000_000)
+        # The first choice reserved and given back no longer counts: all three of the minute are left.
+        answer = await tight.sdk.chat.completions.create(
+            model="deepseek-chat", messages=HI, n=3, max_tokens=100
+        )
+        assert len(answer.choices) == 3
+    finally:
+        await tight.sdk.close()
 
 
 async def test_a_choice_failing_mid_stream_ends_the_stream_with_an_error(
@@ -168,13 +232,26 @@ async def test_a_choice_failing_mid_stream_ends_the_stream_with_an_error(
     fake_deepseek.script(
         Scenario(tokens=20, token_delay=0.01, disconnect_after=4), Scenario(tokens=200, token_delay=0.02)
     )
-    stream = await client.sdk.chat.completions.create(model="deepseek-chat", messages=HI, n=2, stream=True)
-    with pytest.raises(openai.APIError):
+
+    # Whether the failure comes before every choice's first event (a status code) or after (an
+    # error event in the stream) is the upstream's timing: both outcomes are checked for what they
+    # promise, so the test holds either way.
+    async def read_all() -> None:
+        stream = await client.sdk.chat.completions.create(
+            model="deepseek-chat", messages=HI, n=2, stream=True
+        )
         async for _ in stream:
             pass
+
+    with pytest.raises(openai.APIError) as caught:
+        await read_all()
     charges = await settled(client, 2)
     assert len(charges) == 2
     assert all(c.completion_tokens < 200 for c in charges)
+    if isinstance(caught.value, openai.APIStatusError):  # answered with a status: nothing charged
+        assert [c.amount for c in charges] == [0, 0]
+    else:  # the stream began: each choice is charged what it produced
+        assert all(c.amount < 0 for c in charges if c.completion_tokens > 0)
 
 
 async def test_a_client_leaving_cancels_every_choice(client: Client, fake_deepseek: FakeUpstream) -> None:

@@ -30,7 +30,7 @@ from core import (
 )
 from core.testing.fake_upstream import FakeUpstream, Scenario, ToolCallSpec
 from providers.mock import MockProvider
-from tests.conftest import PRICED_MODELS, RunningGateway, deepseek_config
+from tests.conftest import PRICED_MODELS, RunningGateway, charges_settled, deepseek_config, funded_key
 
 NODE = Path(__file__).parents[1] / "node"
 WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
@@ -60,23 +60,14 @@ async def client(
 ) -> AsyncIterator[Client]:
     config = write_config(deepseek_config(fake_deepseek.url, extra="max_retries = 0") + PRICED_MODELS)
     gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
-    key, secret = await gateway.services.accounts.create_key("api@example.com")
-    await gateway.services.billing.top_up(key.user_id, 100_000_000)
-    client = Client(gateway, secret, key.user_id)
+    client = Client(gateway, *await funded_key(gateway))
     yield client
     await client.sdk.close()
 
 
 async def settled(client: Client, count: int) -> list[LedgerEntry]:
-    """The charges once ``count`` requests have settled (settlement follows the answer closely)."""
-    async with asyncio.timeout(5):
-        while True:
-            entries = await client.ledger()
-            if not any(e.kind == "reservation" for e in entries):
-                charges = [e for e in entries if e.kind == "charge"]
-                if len(charges) >= count:
-                    return charges
-            await asyncio.sleep(0.01)
+    """The charges once ``count`` requests have settled."""
+    return await charges_settled(client.gateway, client.user_id, count)
 
 
 async def nothing_kept(client: Client) -> None:

@@ -71,6 +71,19 @@ async def test_fallbacks_embed_with_the_next_instance_after_a_retryable_failure(
         await Fallbacks([refused, up]).embed(EmbeddingRequest("mock-embedding", ("x",)))
 
 
+async def test_fallbacks_skip_a_member_without_embeddings() -> None:
+    plain = ChatOnly("plain", None)
+    up = MockProvider("up", MockOptions(first_token_delay=0))
+    result = await Fallbacks([plain, up]).embed(EmbeddingRequest("mock-embedding", ("x",)))
+    assert len(result.vectors) == 1
+    # After a retryable failure, a member without embeddings last: the failure is what is raised.
+    down = MockProvider("down", MockOptions(first_token_delay=0, fail="unavailable"))
+    with pytest.raises(Unavailable):
+        await Fallbacks([down, plain]).embed(EmbeddingRequest("mock-embedding", ("x",)))
+    with pytest.raises(EmbeddingsUnsupported, match="'plain'"):
+        await Fallbacks([plain, ChatOnly("other", None)]).embed(EmbeddingRequest("m", ("x",)))
+
+
 def test_vectors_decode_from_floats_and_little_endian_float32_base64() -> None:
     assert vector_of([0.5, -1.0]) == (0.5, -1.0)
     packed = base64.b64encode(struct.pack("<3f", 1.0, 2.0, -0.25)).decode()
