@@ -152,6 +152,11 @@ async def test_openapi_schema_lists_the_mounted_routes(gateway):
     assert response.status_code == 200
     paths = response.json()["paths"]
     assert {"/healthz", "/v1/models", "/api/record", "/chat/topic"} <= set(paths)
+    # The dialects' hot paths are raw ASGI apps answered before the router (core.documented_route
+    # lists them); their operations say what they take.
+    assert {"/v1/chat/completions", "/v1/responses", "/v1/embeddings"} <= set(paths)
+    chat = paths["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["required"] == ["model", "messages"]
 
 
 async def test_the_schema_is_served_as_json_and_no_page_loads_a_cdn_script(gateway):
