@@ -86,6 +86,25 @@ async def start_completion(
     return started if isinstance(started, Answer) else started[0]
 
 
+async def receive_request(
+    services: Services, scope: Scope, receive: Receive, limit: int
+) -> Answer | tuple[Caller, dict[str, str], bytes]:
+    """A raw endpoint's first steps, in OpenAI's shape: who the caller is (401 otherwise), before
+    its body is read (413 past ``limit``); the caller, the headers read and the body."""
+    headers = scope_headers(scope)
+    try:
+        caller = await services.accounts.authenticate_headers(headers)
+    except Unauthenticated as exc:
+        code = "missing_api_key" if exc.missing else "invalid_api_key"
+        return error(401, str(exc), "invalid_request_error", code)
+    try:
+        raw = await read_body(receive, limit, headers.get("content-length"))
+    except BodyTooLarge:
+        message = f"The request body is larger than this server's limit of {limit} bytes."
+        return error(413, message, "invalid_request_error", "request_too_large")
+    return caller, headers, raw
+
+
 async def start_completions(
     services: Services,
     caller: Caller,
@@ -206,17 +225,10 @@ class ChatCompletions:
     ) -> Answer | tuple[list[Completion], wire.Parsed, dict[str, str]]:
         """Authenticate, read, check and route the request, then reserve and start it (or say why not)."""
         services = self.services
-        headers = scope_headers(scope)
-        try:
-            caller = await services.accounts.authenticate_headers(headers)
-        except Unauthenticated as exc:
-            code = "missing_api_key" if exc.missing else "invalid_api_key"
-            return error(401, str(exc), "invalid_request_error", code)
-        try:
-            raw = await read_body(receive, self.limit, headers.get("content-length"))
-        except BodyTooLarge:
-            message = f"The request body is larger than this server's limit of {self.limit} bytes."
-            return error(413, message, "invalid_request_error", "request_too_large")
+        received = await receive_request(services, scope, receive, self.limit)
+        if isinstance(received, Answer):
+            return received
+        caller, headers, raw = received
         try:
             parsed = wire.parse(raw)
         except wire.Invalid as exc:

@@ -20,26 +20,23 @@ from litestar.types import HTTPScope, Receive, Scope, Send
 
 from core import (
     Answer,
-    BodyTooLarge,
     ClientGone,
     Completion,
     ContextTooLong,
     Finish,
     ProviderError,
     Services,
-    Unauthenticated,
     UnknownModel,
     UnknownProvider,
     estimate_request_tokens,
     json_answer,
-    read_body,
     send_answer,
     start_stream,
     upstream_plugin,
 )
 
 from ..answers import error, provider_error, rate_headers
-from ..endpoint import KEEPALIVE, scope_headers, start_completion
+from ..endpoint import KEEPALIVE, receive_request, start_completion
 from ..wire import Invalid
 from . import wire
 from .events import ResponseEvents
@@ -146,17 +143,10 @@ class Responses:
     async def start(self, scope: Scope, receive: Receive) -> Answer | Started:
         """Authenticate, read, check, load the context and route, then reserve and start (or say why not)."""
         services = self.services
-        headers = scope_headers(scope)
-        try:
-            caller = await services.accounts.authenticate_headers(headers)
-        except Unauthenticated as exc:
-            code = "missing_api_key" if exc.missing else "invalid_api_key"
-            return error(401, str(exc), "invalid_request_error", code)
-        try:
-            raw = await read_body(receive, self.limit, headers.get("content-length"))
-        except BodyTooLarge:
-            message = f"The request body is larger than this server's limit of {self.limit} bytes."
-            return error(413, message, "invalid_request_error", "request_too_large")
+        received = await receive_request(services, scope, receive, self.limit)
+        if isinstance(received, Answer):
+            return received
+        caller, headers, raw = received
         try:
             body, model = wire.load(raw)
         except Invalid as exc:
