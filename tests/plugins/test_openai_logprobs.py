@@ -12,7 +12,7 @@ import pytest
 
 from core.testing.fake_upstream import FINGERPRINT, FakeUpstream, Scenario
 from providers.openai_wire import decode_chunk
-from tests.conftest import PRICED_MODELS, RunningGateway, deepseek_config
+from tests.conftest import PRICED_MODELS, RunningGateway, deepseek_config, funded_key
 from tests.plugins.test_openai_chat import Client, settled
 
 HI = [{"role": "user", "content": "Say hello to the world"}]
@@ -24,9 +24,7 @@ async def client(
 ) -> AsyncIterator[Client]:
     config = write_config(deepseek_config(fake_deepseek.url, extra="max_retries = 0") + PRICED_MODELS)
     gateway: RunningGateway = await gateway_factory(config)  # type: ignore[assignment,misc]
-    key, secret = await gateway.services.accounts.create_key("api@example.com")
-    await gateway.services.billing.top_up(key.user_id, 100_000_000)
-    client = Client(gateway, secret, key.user_id)
+    client = Client(gateway, *await funded_key(gateway))
     yield client
     await client.sdk.close()
 
